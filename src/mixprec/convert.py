@@ -1,0 +1,133 @@
+"""Converting models and batches between fp32 and half precision (fp16 or bf16)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = [
+    "HALF_DTYPES",
+    "NORM_TYPES",
+    "cast_floats",
+    "check_half_dtype",
+    "model_to_float",
+    "model_to_half",
+]
+
+HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+"""The dtypes a model can be trained in under mixprec."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*
+        nn.modules.instancenorm._InstanceNorm,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+    )
+    if t is not None
+)
+"""Norm layers: kept in fp32 by default, since their statistics lose too much in half."""
+
+_HOOKS_ATTR = "_mixprec_fp32_hooks"
+
+
+def check_half_dtype(dtype: Any) -> torch.dtype:
+    """Return `dtype` if it is a supported half dtype, else raise a TypeError/ValueError."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype must be a torch.dtype, one of {_dtype_names()}; got {dtype!r} "
+            f"({type(dtype).__name__}). Pass e.g. dtype=torch.float16."
+        )
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"dtype must be one of {_dtype_names()}; got {dtype}.")
+    return dtype
+
+
+def _dtype_names() -> str:
+    return ", ".join(str(d) for d in HALF_DTYPES)
+
+
+def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating-point tensor in a (nested) tuple/list/dict to `dtype`; leave the rest."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, Mapping):
+        return type(obj)({k: cast_floats(v, dtype) for k, v in obj.items()})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(cast_floats(v, dtype) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def _cast_tensor_(t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.is_floating_point() and t.dtype != dtype:
+        t.data = t.data.to(dtype)
+        if t.grad is not None:
+            t.grad = t.grad.to(dtype)
+
+
+def _convert_own_tensors_(module: nn.Module, dtype: torch.dtype) -> None:
+    for p in module.parameters(recurse=False):
+        _cast_tensor_(p, dtype)
+    for name, b in module.named_buffers(recurse=False):
+        if b is not None and b.is_floating_point() and b.dtype != dtype:
+            setattr(module, name, b.to(dtype))
+
+
+def _to_fp32_inputs(module: nn.Module, args: tuple) -> tuple:
+    return cast_floats(args, torch.float32)
+
+
+def _output_caster(dtype: torch.dtype):
+    def cast_output(module: nn.Module, args: tuple, output: Any) -> Any:
+        return cast_floats(output, dtype)
+
+    return cast_output
+
+
+def _remove_fp32_hooks(module: nn.Module) -> None:
+    handles: list[RemovableHandle] = module.__dict__.pop(_HOOKS_ATTR, [])
+    for h in handles:
+        h.remove()
+
+
+def model_to_half(
+    model: nn.Module,
+    dtype: torch.dtype = torch.float16,
+    keep_fp32: tuple[type[nn.Module], ...] = NORM_TYPES,
+) -> nn.Module:
+    """Convert `model` in place to `dtype`, keeping modules of the `keep_fp32` types in fp32.
+
+    A module kept in fp32 receives its floating inputs cast to fp32 and returns its
+    floating outputs cast back to `dtype`, so the half model takes and returns `dtype`.
+    Returns the same module.
+    """
+    check_half_dtype(dtype)
+    keep_fp32 = tuple(keep_fp32)
+    for module in model.modules():
+        _remove_fp32_hooks(module)
+        if keep_fp32 and isinstance(module, keep_fp32):
+            _convert_own_tensors_(module, torch.float32)
+            module.__dict__[_HOOKS_ATTR] = [
+                module.register_forward_pre_hook(_to_fp32_inputs),
+                module.register_forward_hook(_output_caster(dtype)),
+            ]
+        else:
+            _convert_own_tensors_(module, dtype)
+    return model
+
+
+def model_to_float(model: nn.Module) -> nn.Module:
+    """Convert `model` in place back to fp32 and remove the hooks `model_to_half` added."""
+    for module in model.modules():
+        _remove_fp32_hooks(module)
+        _convert_own_tensors_(module, torch.float32)
+    return model

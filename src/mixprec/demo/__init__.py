@@ -1,0 +1,1 @@
+"""The digits demo: a small CNN on scikit-learn's bundled handwritten digits."""

@@ -1,0 +1,214 @@
+"""fp32 master copies of a half model's parameters, and the copies between the two.
+
+These are the documented fastai v1 primitives (`get_master`, `model_g2master_g`,
+`master2model`) plus `FlatGroup`, which lays a group's model parameters and gradients out
+as views into contiguous buffers so each copy is one kernel per buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FlatGroup",
+    "get_master",
+    "make_masters",
+    "master2model",
+    "model_g2master_g",
+    "trainable_params",
+]
+
+ParamGroups = list[list[torch.Tensor]]
+
+
+def trainable_params(layer_groups: Iterable[nn.Module | Iterable[torch.Tensor]]) -> ParamGroups:
+    """One list per group of its parameters with requires_grad, each tensor once overall."""
+    seen: set[int] = set()
+    groups = []
+    for group in layer_groups:
+        params = group.parameters() if isinstance(group, nn.Module) else group
+        kept = []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                kept.append(p)
+        groups.append(kept)
+    return groups
+
+
+def _flat_master(params: Sequence[torch.Tensor]) -> nn.Parameter:
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(
+            "flat_master=True needs every parameter of a layer group on one device; got "
+            f"{sorted(str(d) for d in devices)}. Move the model to one device or use "
+            "flat_master=False."
+        )
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    master = nn.Parameter(flat)
+    master.grad = torch.zeros_like(flat)
+    return master
+
+
+def make_masters(model_params: ParamGroups, flat_master: bool = False) -> ParamGroups:
+    """fp32 copies of `model_params`, per group (one flat fp32 Parameter if `flat_master`)."""
+    if flat_master:
+        return [[_flat_master(group)] if group else [] for group in model_params]
+    return [
+        [p.detach().clone().float().requires_grad_(True) for p in group] for group in model_params
+    ]
+
+
+def get_master(
+    layer_groups: Collection[nn.Module], flat_master: bool = False
+) -> tuple[ParamGroups, ParamGroups]:
+    """Return `(model_params, master_params)`: per layer group, the trainable parameters and
+    their fp32 copies (one flat fp32 Parameter per non-empty group if `flat_master`)."""
+    model_params = trainable_params(layer_groups)
+    return model_params, make_masters(model_params, flat_master)
+
+
+def _flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped like `params`, in order."""
+    views, offset = [], 0
+    for p in params:
+        n = p.numel()
+        views.append(flat[offset : offset + n].view_as(p))
+        offset += n
+    return views
+
+
+def model_g2master_g(
+    model_params: ParamGroups,
+    master_params: ParamGroups,
+    flat_master: bool = False,
+    *,
+    accumulate: bool = False,
+) -> None:
+    """Copy (or with `accumulate`, add) the model's gradients into the fp32 master gradients.
+
+    Non-flat: a model gradient that is None leaves its master gradient None. Flat: the flat
+    master gradient gets every gradient in order, zeros where a model gradient is None.
+    """
+    dst, src = [], []
+    with torch.no_grad():
+        for model_group, master_group in zip(model_params, master_params):
+            if flat_master:
+                if not master_group:
+                    continue
+                (master,) = master_group
+                if master.grad is None:
+                    master.grad = torch.zeros_like(master)
+                for view, p in zip(_flat_views(master.grad, model_group), model_group):
+                    if p.grad is not None:
+                        dst.append(view)
+                        src.append(p.grad)
+                    elif not accumulate:
+                        view.zero_()
+                continue
+            for master, p in zip(master_group, model_group):
+                if p.grad is None:
+                    if not accumulate:
+                        master.grad = None
+                elif master.grad is None:
+                    master.grad = p.grad.detach().float()
+                else:
+                    dst.append(master.grad)
+                    src.append(p.grad)
+        if dst:
+            (torch._foreach_add_ if accumulate else torch._foreach_copy_)(dst, src)
+
+
+def master2model(
+    model_params: ParamGroups, master_params: ParamGroups, flat_master: bool = False
+) -> None:
+    """Copy the master values into the model parameters, rounding to each one's dtype."""
+    dst, src = [], []
+    for model_group, master_group in zip(model_params, master_params):
+        if not model_group:
+            continue
+        dst.extend(model_group)
+        if flat_master:
+            src.extend(_flat_views(master_group[0].detach(), model_group))
+        else:
+            src.extend(m.detach() for m in master_group)
+    if dst:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+
+
+class FlatGroup:
+    """A layer group whose model parameters and gradients are views into contiguous buffers.
+
+    Consecutive parameters of one dtype share a buffer (a half model with fp32 norm layers
+    has a few; an all-half group has one), so gradients to master and master to model are
+    one copy kernel per buffer, with nothing allocated per step. `master` is the group's
+    flat fp32 master, in the order of `params`.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], master: nn.Parameter) -> None:
+        self.params = list(params)
+        self.master = master
+        self.data: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self._slices: list[tuple[int, int]] = []
+        self._grad_views: list[torch.Tensor] = []
+        start = 0
+        while start < len(self.params):
+            end = start
+            while end < len(self.params) and self.params[end].dtype == self.params[start].dtype:
+                end += 1
+            self._add_buffer(self.params[start:end])
+            start = end
+        self._master_grad: torch.Tensor | None = None
+
+    def _add_buffer(self, run: Sequence[nn.Parameter]) -> None:
+        offset = sum(d.numel() for d in self.data)
+        n = sum(p.numel() for p in run)
+        data = torch.empty(n, dtype=run[0].dtype, device=run[0].device)
+        grad = torch.zeros_like(data)
+        with torch.no_grad():
+            for p, view, grad_view in zip(run, _flat_views(data, run), _flat_views(grad, run)):
+                view.copy_(p)
+                if p.grad is not None:
+                    grad_view.copy_(p.grad)
+                p.data = view
+                p.grad = grad_view
+                self._grad_views.append(grad_view)
+        self.data.append(data)
+        self.grads.append(grad)
+        self._slices.append((offset, offset + n))
+
+    def repair_grads(self) -> None:
+        """Re-point any gradient that was replaced or removed (`set_to_none`) at its view."""
+        with torch.no_grad():
+            for p, view in zip(self.params, self._grad_views):
+                g = p.grad
+                if g is view:
+                    continue
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
+                p.grad = view
+
+    def master_grad_slices(self) -> list[torch.Tensor]:
+        """Views of the master's gradient matching `grads`, made once per gradient tensor."""
+        if self.master.grad is None:
+            self.master.grad = torch.zeros_like(self.master)
+        if self._master_grad is not self.master.grad:
+            self._master_grad = self.master.grad
+            self._master_grad_slices = [self.master.grad[a:b] for a, b in self._slices]
+        return self._master_grad_slices
+
+    def master_slices(self) -> list[torch.Tensor]:
+        """Views of the master's values matching `data`."""
+        master = self.master.detach()
+        return [master[a:b] for a, b in self._slices]
+
+    def zero_grad_(self) -> None:
+        """Zero the model gradients, one fill per buffer."""
+        torch._foreach_zero_(self.grads)

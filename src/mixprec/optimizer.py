@@ -1,0 +1,325 @@
+"""MixedPrecisionOptimizer: any torch optimizer stepping fp32 masters of a half model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .convert import HALF_DTYPES
+from .master import FlatGroup, make_masters, master2model, model_g2master_g
+from .scaler import LossScale, LossScaler, unscale_and_check_
+
+__all__ = ["MixedPrecisionOptimizer"]
+
+
+class MixedPrecisionOptimizer(torch.optim.Optimizer):
+    """Wraps an optimizer built on a half model so that it steps fp32 master weights.
+
+    The loop::
+
+        model = model_to_half(model)                      # fp16 (or bf16), norm layers fp32
+        opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "dynamic")
+        for x, y in data:
+            loss = loss_fn(model(x.half()).float(), y)
+            opt.backward(loss)                            # scaled backward
+            if opt.step():                                # False: overflow, step skipped
+                scheduler.step()                          # advance only on applied steps
+            opt.zero_grad()
+
+    `backward` may be called several times before `step`: gradients accumulate in fp32.
+    `step` moves the half gradients into the fp32 masters, unscales them and checks them for
+    inf/nan in one fused pass (one host sync per step), clips them to the global norm
+    `clip`, steps the wrapped optimizer and copies the masters back into the model.
+    An overflowing step changes no weight and no optimizer state. The keyword options are
+    those of `LossScaler`.
+
+    Under `torch.distributed` the overflow flag is all-reduced, so every rank steps or
+    skips together.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss_scale: LossScale = "dynamic",
+        *,
+        flat_master: bool = False,
+        clip: float | None = None,
+        **scaler_options: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"expected a torch.optim.Optimizer built on the half model's parameters; got "
+                f"{type(optimizer).__name__}."
+            )
+        if isinstance(optimizer, MixedPrecisionOptimizer):
+            raise TypeError("the optimizer is already a MixedPrecisionOptimizer; wrap it once.")
+        if clip is not None and (
+            isinstance(clip, bool)
+            or not isinstance(clip, (int, float))
+            or not math.isfinite(clip)
+            or clip <= 0
+        ):
+            raise ValueError(f"clip must be None or a positive finite max norm; got {clip!r}.")
+        model_params = [list(group["params"]) for group in optimizer.param_groups]
+        dtypes = {p.dtype for group in model_params for p in group}
+        if not dtypes & set(HALF_DTYPES):
+            raise ValueError(
+                "the optimizer holds no fp16/bf16 parameters (dtypes: "
+                f"{sorted(str(d) for d in dtypes)}). Convert the model first and build the "
+                "optimizer on it: model_to_half(model); opt = torch.optim.AdamW(model.parameters())."
+            )
+        self.scaler = LossScaler(loss_scale, **scaler_options)
+        self.optimizer = optimizer
+        self.flat_master = bool(flat_master)
+        self.clip = None if clip is None else float(clip)
+        self.model_params = model_params
+        self.master_params = make_masters(model_params, self.flat_master)
+        self._flat_groups = (
+            [FlatGroup(ps, ms[0]) for ps, ms in zip(model_params, self.master_params) if ps]
+            if self.flat_master
+            else []
+        )
+        self._move_state_to_masters()
+        for group, masters in zip(optimizer.param_groups, self.master_params):
+            group["params"] = masters
+        self.last_grad_norm: torch.Tensor | None = None
+        self._pending = False  # model grads hold gradients not yet moved to the masters
+        self._accumulated = False  # master grads hold gradients of this step
+        self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    # -- the torch.optim.Optimizer surface ----------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of overflow, since the start of training."""
+        return self.scaler.skipped_steps
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale."""
+        return self.scaler.scale
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        (masters,) = make_masters([params], self.flat_master)
+        if self.flat_master and params:
+            self._flat_groups.append(FlatGroup(params, masters[0]))
+        self.optimizer.add_param_group({**param_group, "params": masters})
+        self.model_params.append(params)
+        self.master_params.append(masters)
+
+    # -- the mixed-precision loop -----------------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return the fp32 loss times the loss scale, ready for `.backward()`."""
+        if self._found_inf is not None:
+            raise RuntimeError(
+                "unscale_() was already called for this step; call step() before the next "
+                "backward. Expected order: backward(loss) [x N], unscale_() (optional), step()."
+            )
+        if self._pending:  # accumulating: keep the earlier micro-batches' sum in fp32
+            self._move_grads_to_masters()
+        self._pending = True
+        return self.scaler.scale_loss(loss)
+
+    def backward(self, loss: torch.Tensor, **backward_kwargs: Any) -> None:
+        """Backward of the scaled loss; several calls before `step()` accumulate in fp32."""
+        self.scale_loss(loss).backward(**backward_kwargs)
+
+    def unscale_(self) -> None:
+        """Move the gradients into the fp32 masters, unscale them, check them for inf/nan and
+        clip them; `step()` does this itself when it was not called. No host sync."""
+        if self._found_inf is not None:
+            raise RuntimeError(
+                "unscale_() has already been called since the last step(); call step() next."
+            )
+        if not (self._pending or self._accumulated):
+            raise RuntimeError(
+                "no gradients to step on: call backward(loss) (or .backward() on "
+                "scale_loss(loss)) before unscale_() or step()."
+            )
+        if self._pending:
+            self._move_grads_to_masters()
+        grads = [m.grad for group in self.master_params for m in group if m.grad is not None]
+        found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
+        if found_inf is None:
+            found_inf = torch.zeros(1, device=self._device())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        if self.clip is not None:
+            masters = [m for group in self.master_params for m in group]
+            self.last_grad_norm = nn.utils.clip_grad_norm_(masters, self.clip, foreach=True)
+        self._found_inf = found_inf
+
+    def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
+        """Apply the step unless the gradients overflowed; return whether it was applied."""
+        if closure is not None:
+            raise TypeError(
+                "MixedPrecisionOptimizer.step() takes no closure: compute the loss, call "
+                "backward(loss), then step()."
+            )
+        if self._found_inf is None:
+            self.unscale_()
+        assert self._found_inf is not None
+        overflow = bool(self._found_inf.item())  # the one host sync of the step
+        self._found_inf = None
+        if not overflow:
+            self.optimizer.step()
+            self._copy_masters_to_model()
+        self._zero_model_grads()
+        self._pending = self._accumulated = False
+        self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
+        return not overflow
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of the current step, in the model and the masters."""
+        self._zero_model_grads(set_to_none)
+        self._pending = self._accumulated = False
+        self._found_inf = None
+
+    # -- internals ----------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for group in self.master_params:
+            for m in group:
+                return m.device
+        return torch.device("cpu")
+
+    def _move_grads_to_masters(self) -> None:
+        """Model grads -> master grads (copy on the first micro-batch, add after), then zero
+        the model grads."""
+        if self.flat_master:
+            dst, src = [], []
+            for fg in self._flat_groups:
+                fg.repair_grads()
+                dst.extend(fg.master_grad_slices())
+                src.extend(fg.grads)
+            with torch.no_grad():
+                if dst:
+                    (torch._foreach_add_ if self._accumulated else torch._foreach_copy_)(dst, src)
+        else:
+            model_g2master_g(self.model_params, self.master_params, accumulate=self._accumulated)
+        self._zero_model_grads()
+        self._pending = False
+        self._accumulated = True
+
+    def _copy_masters_to_model(self) -> None:
+        if self.flat_master:
+            dst = [d for fg in self._flat_groups for d in fg.data]
+            src = [s for fg in self._flat_groups for s in fg.master_slices()]
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        else:
+            master2model(self.model_params, self.master_params)
+
+    def _zero_model_grads(self, set_to_none: bool = True) -> None:
+        if self.flat_master:  # the grads are views into the flat buffers: keep them
+            for fg in self._flat_groups:
+                fg.repair_grads()
+            torch._foreach_zero_([g for fg in self._flat_groups for g in fg.grads])
+            return
+        for group in self.model_params:
+            for p in group:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def _move_state_to_masters(self) -> None:
+        """Re-key optimizer state (from steps taken on the half model) to the fp32 masters."""
+        state = self.optimizer.state
+        if not any(p in state for group in self.model_params for p in group):
+            return
+        if self.flat_master:
+            raise ValueError(
+                "the optimizer already holds per-parameter state, which cannot be carried into "
+                "flat masters; wrap the optimizer before its first step or use flat_master=False."
+            )
+        for model_group, master_group in zip(self.model_params, self.master_params):
+            for p, m in zip(model_group, master_group):
+                if p in state:
+                    state[m] = {
+                        k: v.float()
+                        if torch.is_tensor(v) and v.is_floating_point() and v.dim()
+                        else v
+                        for k, v in state.pop(p).items()
+                    }
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """fp32 masters, the wrapped optimizer's state and the scaler's state (references)."""
+        return {
+            "masters": [[m.detach() for m in group] for group in self.master_params],
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "flat_master": self.flat_master,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore masters, optimizer and scaler state, and copy the masters into the model."""
+        missing = {"masters", "optimizer", "scaler"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"not a MixedPrecisionOptimizer state_dict: missing {sorted(missing)}; got keys "
+                f"{sorted(state_dict)}."
+            )
+        flat = bool(state_dict.get("flat_master", self.flat_master))
+        if flat != self.flat_master:
+            raise ValueError(
+                f"state_dict was saved with flat_master={flat} but this optimizer has "
+                f"flat_master={self.flat_master}; build it with the same flat_master."
+            )
+        saved = state_dict["masters"]
+        expected = [[tuple(m.shape) for m in group] for group in self.master_params]
+        got = [[tuple(m.shape) for m in group] for group in saved]
+        if expected != got:
+            raise ValueError(
+                "state_dict holds masters of another model: expected shapes per group "
+                f"{_shapes_summary(expected)}, got {_shapes_summary(got)}."
+            )
+        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.scaler.load_state_dict(state_dict["scaler"])
+        with torch.no_grad():
+            torch._foreach_copy_(
+                [m for group in self.master_params for m in group],
+                [m for group in saved for m in group],
+            )
+        self._copy_masters_to_model()
+        self.zero_grad()
+
+    def __repr__(self) -> str:
+        return (
+            f"MixedPrecisionOptimizer({self.optimizer.__class__.__name__}, "
+            f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip})"
+        )
+
+
+def _shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
+    parts = []
+    for group in groups:
+        shown = ", ".join(str(s) for s in group[:limit])
+        more = f", ... ({len(group)} tensors)" if len(group) > limit else ""
+        parts.append(f"[{shown}{more}]")
+    return "[" + ", ".join(parts) + "]"

@@ -1,0 +1,220 @@
+"""Loss scaling: static or dynamic, with the fused overflow check and unscale."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["LossScaler", "unscale_and_check_"]
+
+LossScale = float | Literal["dynamic"]
+
+
+def unscale_and_check_(grads: Iterable[torch.Tensor], inv_scale: float) -> torch.Tensor | None:
+    """Multiply `grads` in place by `inv_scale` and return a 1-element float tensor, 1.0 if any
+    value was inf or nan; None if there were no grads.
+
+    One fused kernel per device; no host synchronisation.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[g.device].append(g)
+    if not by_device:
+        return None
+    found = []
+    for device, tensors in by_device.items():
+        found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_inf, inv)
+        found.append(found_inf)
+    if len(found) == 1:
+        return found[0]
+    first = found[0]
+    return torch.stack([f.to(first.device) for f in found]).amax().reshape(1)
+
+
+def _check_positive_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive finite number; got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
+    return float(value)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+    return value
+
+
+class LossScaler:
+    """Scales the loss so that small half-precision gradients do not flush to zero.
+
+    The loop it drives::
+
+        scaler = LossScaler("dynamic")
+        (loss.float() * scaler.scale).backward()
+        found_inf = unscale_and_check_(grads, 1.0 / scaler.scale)   # no host sync
+        overflow = bool(found_inf.item())                           # the one sync per step
+        if not overflow:
+            optimizer.step()
+        scaler.update(overflow)
+
+    `loss_scale` is a positive finite number (static scaling at that value) or "dynamic".
+    Dynamic: an overflow skips the step and, once `hysteresis` overflows have been seen,
+    multiplies the scale by `backoff_factor` (never below `min_scale`); `growth_interval`
+    clean steps in a row multiply it by `growth_factor` (never above `max_scale`).
+    Static scaling skips overflowing steps too, but keeps the scale.
+    `floor_patience` consecutive overflows at the minimum scale (under static scaling: at
+    the fixed scale) raise a FloatingPointError rather than training on nothing.
+    """
+
+    def __init__(
+        self,
+        loss_scale: LossScale = "dynamic",
+        *,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 1000,
+        hysteresis: int = 1,
+        min_scale: float = 1.0,
+        max_scale: float = 2.0**24,
+        floor_patience: int = 20,
+    ) -> None:
+        if isinstance(loss_scale, str):
+            if loss_scale != "dynamic":
+                raise ValueError(
+                    f'loss_scale must be a positive finite number or "dynamic"; got {loss_scale!r}.'
+                )
+            self.dynamic = True
+        else:
+            _check_positive_finite("loss_scale", loss_scale)
+            self.dynamic = False
+        self.init_scale = _check_positive_finite("init_scale", init_scale)
+        self.growth_factor = _check_positive_finite("growth_factor", growth_factor)
+        if self.growth_factor < 1.0:
+            raise ValueError(f"growth_factor must be >= 1; got {growth_factor!r}.")
+        self.backoff_factor = _check_positive_finite("backoff_factor", backoff_factor)
+        if self.backoff_factor >= 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1); got {backoff_factor!r}.")
+        self.growth_interval = _check_count("growth_interval", growth_interval)
+        self.hysteresis = _check_count("hysteresis", hysteresis)
+        self.floor_patience = _check_count("floor_patience", floor_patience)
+        self.min_scale = _check_positive_finite("min_scale", min_scale)
+        self.max_scale = _check_positive_finite("max_scale", max_scale)
+        if self.min_scale > self.max_scale:
+            raise ValueError(
+                f"min_scale must be <= max_scale; got min_scale={min_scale!r}, "
+                f"max_scale={max_scale!r}."
+            )
+        if self.dynamic and not self.min_scale <= self.init_scale <= self.max_scale:
+            raise ValueError(
+                f"init_scale must lie in [min_scale, max_scale] = [{min_scale}, {max_scale}]; "
+                f"got {init_scale!r}."
+            )
+        self._scale = self.init_scale if self.dynamic else float(loss_scale)
+        self._growth_tracker = 0
+        self._hysteresis_left = self.hysteresis
+        self.steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._floor_overflows = 0
+
+    @property
+    def scale(self) -> float:
+        """The current loss scale."""
+        return self._scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return `loss` in fp32 times the current scale."""
+        return loss.float() * self._scale
+
+    def update(self, found_inf: bool) -> None:
+        """Record one step: `found_inf` True means its gradients overflowed and it was skipped.
+
+        Raises FloatingPointError after `floor_patience` consecutive overflows at the floor.
+        """
+        self.steps += 1
+        if not found_inf:
+            self.consecutive_skips = 0
+            self._floor_overflows = 0
+            if self.dynamic:
+                self._growth_tracker += 1
+                if self._growth_tracker >= self.growth_interval:
+                    self._scale = min(self._scale * self.growth_factor, self.max_scale)
+                    self._growth_tracker = 0
+                    self._hysteresis_left = self.hysteresis
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        at_floor = not self.dynamic or self._scale <= self.min_scale
+        self._floor_overflows = self._floor_overflows + 1 if at_floor else 0
+        if self.dynamic:
+            self._growth_tracker = 0
+            self._hysteresis_left -= 1
+            if self._hysteresis_left <= 0:
+                self._scale = max(self._scale * self.backoff_factor, self.min_scale)
+                self._hysteresis_left = self.hysteresis
+        if self._floor_overflows >= self.floor_patience:
+            raise FloatingPointError(self._floor_message())
+
+    def _floor_message(self) -> str:
+        where = (
+            f"at the minimum loss scale {self.min_scale}"
+            if self.dynamic
+            else f"at the static loss scale {self._scale}"
+        )
+        return (
+            f"gradients overflowed (inf/nan) on {self._floor_overflows} consecutive steps {where} "
+            f"(step {self.steps}, {self.skipped_steps} skipped in all): nothing is being trained. "
+            "Try: bf16 (dtype=torch.bfloat16), a lower learning rate, gradient clipping (clip=1.0), "
+            "a smaller or dynamic loss scale, keeping more layers in fp32, or checking the data "
+            "and loss for inf/nan."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scaler's state as plain numbers."""
+        return {
+            "dynamic": self.dynamic,
+            "scale": self._scale,
+            "growth_tracker": self._growth_tracker,
+            "hysteresis_left": self._hysteresis_left,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "floor_overflows": self._floor_overflows,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state from `state_dict()`; keys added by newer versions are ignored."""
+        if not isinstance(state, Mapping) or "scale" not in state:
+            raise ValueError(
+                "expected a LossScaler state_dict (a mapping with at least 'scale'); "
+                f"got {type(state).__name__}."
+            )
+        dynamic = bool(state.get("dynamic", self.dynamic))
+        if dynamic != self.dynamic:
+            raise ValueError(
+                f"state_dict is from a {'dynamic' if dynamic else 'static'} scaler but this one "
+                f"is {'dynamic' if self.dynamic else 'static'}; build the scaler with the same "
+                "loss_scale mode as the one that was saved."
+            )
+        self._scale = _check_positive_finite("scale", float(state["scale"]))
+        self._growth_tracker = int(state.get("growth_tracker", 0))
+        self._hysteresis_left = int(state.get("hysteresis_left", self.hysteresis))
+        self.steps = int(state.get("steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._floor_overflows = int(state.get("floor_overflows", 0))
+
+    def __repr__(self) -> str:
+        mode = "dynamic" if self.dynamic else "static"
+        return (
+            f"LossScaler({mode}, scale={self._scale}, steps={self.steps}, "
+            f"skipped_steps={self.skipped_steps})"
+        )
