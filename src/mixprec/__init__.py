@@ -4,14 +4,33 @@ Forward and backward in fp16 (or bf16), fp32 master weights stepped by any torch
 and loss scaling against gradient underflow.
 """
 
+from .callback import EVENTS, Callback, CallbackHandler
+from .callbacks.fp16 import MixedPrecision
+from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import HALF_DTYPES, NORM_TYPES, cast_floats, model_to_float, model_to_half
+from .data import DataBunch, DeviceDataLoader
+from .learner import Learner
 from .master import get_master, master2model, model_g2master_g
+from .metrics import accuracy
 from .optimizer import MixedPrecisionOptimizer
+from .recorder import Recorder, plot_runs
 from .scaler import LossScaler, unscale_and_check_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EVENTS",
+    "Callback",
+    "CallbackHandler",
+    "DataBunch",
+    "DeviceDataLoader",
+    "Learner",
+    "MixedPrecision",
+    "Recorder",
+    "accuracy",
+    "load_checkpoint",
+    "plot_runs",
+    "save_checkpoint",
     "HALF_DTYPES",
     "NORM_TYPES",
     "LossScaler",

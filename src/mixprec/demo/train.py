@@ -1,4 +1,5 @@
-"""`mixprec train`: the digits CNN in fp32, fp16 and bf16 from one seed, side by side."""
+"""`mixprec train`: the digits CNN in fp32, fp16 and bf16 from one seed, side by side, trained
+by a `Learner` (`to_fp16()` for the half precisions)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
-from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
-from ..convert import model_to_half
-from ..optimizer import MixedPrecisionOptimizer
+from ..data import DataBunch
+from ..learner import Learner
+from ..metrics import accuracy
+from ..recorder import Recorder, plot_runs
 from .data import digits_cnn, digits_tensors
 
-__all__ = ["PRECISIONS", "RunResult", "TrainConfig", "train_digits"]
+__all__ = ["PRECISIONS", "RunResult", "TrainConfig", "format_table", "train_digits"]
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -48,50 +50,39 @@ def _loss_scale(text: str) -> float | str:
     return text if text == "dynamic" else float(text)
 
 
-def train_digits(precision: str, config: TrainConfig) -> RunResult:
-    """Train the digits CNN in `precision` with a plain loop; return its validation figures."""
+def train_digits(
+    precision: str, config: TrainConfig, progress: bool = False
+) -> tuple[RunResult, Recorder]:
+    """Train the digits CNN in `precision` with a Learner; return its figures and history."""
     dtype = PRECISIONS[precision]
     x_train, y_train, x_valid, y_valid = digits_tensors(config.seed)
     torch.manual_seed(config.seed)
-    model = digits_cnn()
-    mixed = dtype != torch.float32
-    if mixed:
-        model_to_half(model, dtype)
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    if mixed:
-        optimizer = MixedPrecisionOptimizer(
-            optimizer, _loss_scale(config.loss_scale), flat_master=config.flat_master
-        )
-    generator = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
-    loss = torch.zeros(())
-    for _ in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(y_train), generator=generator)
-        for batch in order.split(config.batch_size):
-            output = model(x_train[batch].to(dtype))
-            loss = F.cross_entropy(output.float(), y_train[batch])
-            if isinstance(optimizer, MixedPrecisionOptimizer):
-                optimizer.backward(loss)
-            else:
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    seconds = time.perf_counter() - start
-    return RunResult(
-        precision=precision,
-        accuracy=_accuracy(model, x_valid.to(dtype), y_valid),
-        seconds=round(seconds, 3),
-        skipped_steps=getattr(optimizer, "skipped_steps", 0),
-        loss_scale=getattr(optimizer, "loss_scale", None),
-        final_loss=round(loss.item(), 5),
+    shuffle = torch.Generator().manual_seed(config.seed)
+    data = DataBunch(
+        DataLoader(
+            TensorDataset(x_train, y_train),
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=shuffle,
+        ),
+        DataLoader(TensorDataset(x_valid, y_valid), batch_size=512),
     )
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return (model(x).argmax(dim=1) == y).float().mean().item()
+    learn = Learner(data, digits_cnn(), metrics=[accuracy], progress=progress)
+    if dtype != torch.float32:
+        learn.to_fp16(_loss_scale(config.loss_scale), flat_master=config.flat_master, dtype=dtype)
+    start = time.perf_counter()
+    learn.fit(config.epochs, config.lr)
+    seconds = time.perf_counter() - start
+    _, valid_accuracy = learn.validate()
+    result = RunResult(
+        precision=precision,
+        accuracy=round(valid_accuracy, 4),
+        seconds=round(seconds, 3),
+        skipped_steps=learn.recorder.skipped_steps,
+        loss_scale=getattr(learn.opt, "loss_scale", None),
+        final_loss=round(learn.recorder.losses[-1], 5),
+    )
+    return result, learn.recorder
 
 
 def format_table(results: list[RunResult]) -> str:
@@ -121,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {', '.join(PRECISIONS)}",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write a PNG of the loss and loss scale per step here"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +132,11 @@ def run(args: argparse.Namespace) -> int:
         loss_scale=args.loss_scale,
     )
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    results = [train_digits(p, config) for p in precisions]
+    runs = {p: train_digits(p, config, progress=not args.json) for p in precisions}
+    results = [result for result, _ in runs.values()]
+    if args.plot:
+        title = f"digits CNN, {config.epochs} epochs, loss scale {config.loss_scale}"
+        plot_runs({p: recorder for p, (_, recorder) in runs.items()}, args.plot, title=title)
     if args.json:
         print(json.dumps({"runs": [asdict(r) for r in results]}))
     else:

@@ -1,0 +1,219 @@
+"""The documented `MixedPrecision` callback, as thin glue over `MixedPrecisionOptimizer`.
+
+Also re-exports the documented primitives, so that
+`from mixprec.callbacks.fp16 import get_master, model_g2master_g, master2model, MixedPrecision`
+works as it did in fastai v1.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..callback import Callback
+from ..convert import cast_floats, check_half_dtype, model_to_float, model_to_half
+from ..master import get_master, master2model, model_g2master_g
+from ..optimizer import MixedPrecisionOptimizer
+from ..scaler import LossScale, LossScaler
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["MixedPrecision", "get_master", "master2model", "model_g2master_g"]
+
+
+def batch_to_half(batch: Any, dtype: torch.dtype) -> Any:
+    """The batch with the floating tensors of its input (first element) cast to `dtype`."""
+    x, *rest = batch
+    return (cast_floats(x, dtype), *rest)
+
+
+class MixedPrecision(Callback):
+    """Train the learner's model in half precision with fp32 master weights.
+
+    `loss_scale`: a positive number (static scaling, default 512) or "dynamic". Keyword
+    options: `dtype` (torch.float16 or torch.bfloat16), `clip` (max global norm of the
+    unscaled fp32 master gradients) and the `LossScaler` keywords (`init_scale`,
+    `growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, `min_scale`,
+    `max_scale`, `floor_patience`). `Learner.to_fp16(**options)` builds and adds one.
+
+    The work is done by one `MixedPrecisionOptimizer` (`self.opt`), built once and kept
+    across `fit()` calls, so masters, optimizer moments and the scaler carry on.
+    """
+
+    order = 99  # last: earlier callbacks see the unscaled loss and the half model's grads
+
+    def __init__(
+        self,
+        learn: Learner,
+        loss_scale: LossScale = 512.0,
+        flat_master: bool = False,
+        *,
+        dtype: torch.dtype = torch.float16,
+        clip: float | None = None,
+        **scaler_options: Any,
+    ) -> None:
+        LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
+        self.learn = learn
+        self.loss_scale = loss_scale
+        self.flat_master = bool(flat_master)
+        self.dtype = check_half_dtype(dtype)
+        self.clip = clip
+        self.scaler_options = scaler_options
+        self.opt: MixedPrecisionOptimizer | None = None
+        self._tfm = partial(batch_to_half, dtype=self.dtype)
+        self._frozen_flat: list[torch.Tensor] = []
+
+    def prepare(self) -> MixedPrecisionOptimizer:
+        """Convert the model to half and wrap the learner's optimizer (once; later calls only
+        convert and add parameters new to the optimizer). Masters take the fp32 values the
+        model had before conversion, not their rounded half copies."""
+        learn = self.learn
+        exact = {
+            id(p): p.detach().clone() for p in learn.model.parameters() if p.dtype == torch.float32
+        }
+        model_to_half(learn.model, self.dtype)
+        if self.opt is None or learn.opt is not self.opt:
+            if isinstance(learn.opt, MixedPrecisionOptimizer):
+                raise ValueError(
+                    "learn.opt is already a MixedPrecisionOptimizer of another callback; use one "
+                    "MixedPrecision per Learner (learn.to_fp16() adds it)."
+                )
+            inner = learn.opt if learn.opt is not None else learn.create_opt()
+            self.opt = MixedPrecisionOptimizer(
+                inner,
+                self.loss_scale,
+                flat_master=self.flat_master,
+                clip=self.clip,
+                **self.scaler_options,
+            )
+            learn.opt = self.opt
+        learn.add_new_params()
+        _load_masters_(self.opt, exact)
+        return self.opt
+
+    def release(self) -> None:
+        """Back to fp32: the model takes the master values and the optimizer, with its state,
+        steps the model's parameters again."""
+        learn = self.learn
+        learn.data.remove_tfm(self._tfm)
+        opt, self.opt = self.opt, None
+        if opt is None or learn.opt is not opt:
+            model_to_float(learn.model)
+            return
+        learn.opt = _unwrap(opt, learn.model)
+
+    # -- the documented events ------------------------------------------------------------
+    def on_train_begin(self, **kwargs: Any) -> None:
+        """Model in half (norm layers fp32), inputs cast to half by a data transform, the
+        optimizer stepping fp32 masters (kept from a previous fit)."""
+        opt = self.prepare()
+        self._frozen_flat = _frozen_flat_masters(opt)
+        if self._tfm not in self.learn.data.tfms:
+            self.learn.data.add_tfm(self._tfm)
+
+    def on_loss_begin(self, last_output: Any, **kwargs: Any) -> Any:
+        """The output in fp32, so the loss reduction cannot overflow."""
+        return cast_floats(last_output, torch.float32)
+
+    def on_backward_begin(self, last_loss: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The loss times the loss scale, for backward only."""
+        return self.opt.scale_loss(last_loss)
+
+    def on_backward_end(self, **kwargs: Any) -> None:
+        """Model grads to fp32 master grads, divided by the scale, checked for inf/nan."""
+        self.opt.unscale_()
+        for master in self._frozen_flat:  # no grad: the optimizer leaves frozen groups alone
+            master.grad = None
+
+    def on_step_end(self, **kwargs: Any) -> None:
+        """Nothing left to do: the optimizer's step copied the masters into the model and
+        zeroed the model grads (a skipped step changed neither)."""
+
+    def on_train_end(self, **kwargs: Any) -> None:
+        """Remove the input transform added at `on_train_begin`."""
+        self.learn.data.remove_tfm(self._tfm)
+
+    def __repr__(self) -> str:
+        return (
+            f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
+            f"dtype={self.dtype}, clip={self.clip})"
+        )
+
+
+def _master_views(
+    params: list[torch.Tensor], masters: list[torch.Tensor], flat: bool
+) -> list[torch.Tensor]:
+    """Per model parameter, the (detached) master tensor or flat-master slice holding it."""
+    if not flat:
+        return [m.detach() for m in masters]
+    flat_master = masters[0].detach()
+    sizes = [p.numel() for p in params]
+    return [v.view_as(p) for v, p in zip(flat_master.split(sizes), params)]
+
+
+@torch.no_grad()
+def _load_masters_(opt: MixedPrecisionOptimizer, exact: dict[int, torch.Tensor]) -> None:
+    """Copy the fp32 values in `exact` (by parameter id) into their masters."""
+    for params, masters in zip(opt.model_params, opt.master_params):
+        if params:
+            for p, view in zip(params, _master_views(params, masters, opt.flat_master)):
+                if id(p) in exact:
+                    view.copy_(exact[id(p)])
+
+
+def _frozen_flat_masters(opt: MixedPrecisionOptimizer) -> list[torch.Tensor]:
+    """The flat masters whose parameters are all frozen (a flat master is stepped whole)."""
+    if not opt.flat_master:
+        return []  # per-parameter masters of frozen params get no grad and are not stepped
+    frozen = []
+    for params, masters in zip(opt.model_params, opt.master_params):
+        flags = {p.requires_grad for p in params}
+        if flags == {True, False}:
+            raise ValueError(
+                "flat_master=True steps each optimizer param group as one tensor, so a group "
+                f"cannot mix frozen and trainable parameters; got {len(params)} parameters of "
+                f"which {sum(not p.requires_grad for p in params)} are frozen. Freeze whole "
+                "layer groups with learn.freeze_to(n), or use flat_master=False."
+            )
+        if flags == {False}:
+            frozen.extend(masters)
+    return frozen
+
+
+def _unwrap(opt: MixedPrecisionOptimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Convert `model` to fp32 holding the master values, and re-point the wrapped optimizer
+    (and its per-parameter state) from the masters to the model's parameters."""
+    model_to_float(model)
+    master2model(opt.model_params, opt.master_params, opt.flat_master)
+    inner = opt.optimizer
+    for group, params, masters in zip(inner.param_groups, opt.model_params, opt.master_params):
+        if opt.flat_master and masters:
+            saved = inner.state.pop(masters[0], None)
+            if saved:
+                sizes = [p.numel() for p in params]
+                for i, p in enumerate(params):
+                    inner.state[p] = {
+                        k: _slice_state(v, masters[0], sizes, i, p) for k, v in saved.items()
+                    }
+        elif not opt.flat_master:
+            for p, m in zip(params, masters):
+                if m in inner.state:
+                    inner.state[p] = inner.state.pop(m)
+        group["params"] = list(params)
+        for p in params:
+            p.grad = None
+    return inner
+
+
+def _slice_state(
+    value: Any, master: torch.Tensor, sizes: list[int], i: int, p: torch.Tensor
+) -> Any:
+    """Parameter `i`'s part of one entry of a flat master's optimizer state."""
+    if not torch.is_tensor(value):
+        return value
+    if value.shape == master.shape:  # per-element (moments): the parameter's slice
+        return value.split(sizes)[i].view_as(p).clone()
+    return value.clone()  # per-tensor (e.g. Adam's step count): shared by every parameter

@@ -1,0 +1,401 @@
+"""`Learner`: a small fastai-v1-style training loop over a model, a `DataBunch` and callbacks."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .callback import Callback, CallbackHandler
+from .callbacks.fp16 import MixedPrecision
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .convert import HALF_DTYPES, NORM_TYPES, cast_floats, model_to_float
+from .data import DataBunch, to_device
+from .optimizer import MixedPrecisionOptimizer
+from .recorder import Recorder
+from .scaler import LossScale
+
+__all__ = ["DEFAULT_LR", "Learner"]
+
+DEFAULT_LR = 3e-3
+CHECKPOINT_FORMAT = "mixprec.learner"
+
+OptFunc = Callable[..., torch.optim.Optimizer]
+Metric = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+class Learner:
+    """Trains `model` on `data` with `opt_func(param_groups, lr=lr)`, `loss_func` and callbacks.
+
+    The optimizer is built once (at the first `fit`, or by `to_fp16`) over every parameter of
+    `layer_groups` (default `[model]`), frozen or not, and kept: its state carries across
+    `fit()` calls and frozen parameters (no grad) are left alone. Each layer group gives three
+    param groups, in order: weights, biases and norm-layer parameters; the last two get no
+    weight decay unless `bn_wd`. `wd` (if not None) sets the weights' decay.
+
+    Checkpoints go to `path / model_dir / f"{name}.pth"`.
+    """
+
+    def __init__(
+        self,
+        data: DataBunch,
+        model: nn.Module,
+        opt_func: OptFunc = torch.optim.AdamW,
+        loss_func: Callable[..., torch.Tensor] = F.cross_entropy,
+        metrics: Sequence[Metric] = (),
+        layer_groups: Sequence[nn.Module] | None = None,
+        callbacks: Iterable[Callback] = (),
+        *,
+        wd: float | None = None,
+        bn_wd: bool = False,
+        path: str | os.PathLike = ".",
+        model_dir: str = "models",
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(data, DataBunch):
+            raise TypeError(
+                f"data must be a DataBunch; got {type(data).__name__}. "
+                "Wrap your loaders: DataBunch(train_dl, valid_dl)."
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+        self.data = data
+        self.model = model.to(data.device)
+        self.opt_func = opt_func
+        self.loss_func = loss_func
+        self.metrics = list(metrics)
+        self.layer_groups = list(layer_groups) if layer_groups is not None else [model]
+        for group in self.layer_groups:
+            if not isinstance(group, nn.Module):
+                raise TypeError(f"layer_groups must hold nn.Modules; got {type(group).__name__}.")
+        self.callbacks: list[Callback] = []
+        for cb in callbacks:
+            self.add_cb(cb)
+        self.wd = wd
+        self.bn_wd = bool(bn_wd)
+        self.path = Path(path)
+        self.model_dir = model_dir
+        self.progress = bool(progress)
+        self.opt: torch.optim.Optimizer | None = None
+        self.recorder = Recorder()
+        self.epoch = 0  # epochs trained, over every fit()
+        self.iteration = 0  # steps trained (applied or skipped), over every fit()
+
+    # -- the optimizer -------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Three param groups per layer group: weights, biases, norm-layer parameters."""
+        no_decay = {} if self.bn_wd else {"weight_decay": 0.0}
+        decay = {} if self.wd is None else {"weight_decay": float(self.wd)}
+        groups = []
+        for weights, biases, norms in _split_params(self.layer_groups):
+            groups.append({"params": weights, **decay})
+            groups.append({"params": biases, **(decay if self.bn_wd else no_decay)})
+            groups.append({"params": norms, **(decay if self.bn_wd else no_decay)})
+        return groups
+
+    def create_opt(self, lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
+        """Build `self.opt` afresh with `opt_func(self.param_groups(), lr=lr)`."""
+        opt = self.opt_func(self.param_groups(), lr=lr)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                "opt_func(param_groups, lr=lr) must return a torch.optim.Optimizer; got "
+                f"{type(opt).__name__}."
+            )
+        self.opt = opt
+        return opt
+
+    def add_new_params(self) -> int:
+        """Add the layer groups' parameters the optimizer does not hold yet (under mixed
+        precision they get masters); return how many were added."""
+        if self.opt is None:
+            return 0
+        held = (
+            self.opt.model_params
+            if isinstance(self.opt, MixedPrecisionOptimizer)
+            else [g["params"] for g in self.opt.param_groups]
+        )
+        held_ids = {id(p) for group in held for p in group}
+        added = 0
+        for group in self.param_groups():
+            fresh = [p for p in group["params"] if id(p) not in held_ids]
+            if fresh:
+                self.opt.add_param_group({**group, "params": fresh})
+                added += len(fresh)
+        return added
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, epochs: int, lr: float = DEFAULT_LR) -> None:
+        """Train for `epochs` epochs at learning rate `lr`, validating after each."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1; got {epochs!r}.")
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr <= 0
+        ):
+            raise ValueError(f"lr must be a positive finite number; got {lr!r}.")
+        if self.opt is None:
+            self.create_opt(lr)
+        self._set_lr(lr)
+        handler = CallbackHandler([self.recorder, *self.callbacks], learn=self, n_epochs=epochs)
+        exception: BaseException | None = None
+        try:
+            handler("on_train_begin")
+            self.add_new_params()
+            self._set_lr(lr)
+            for k in range(epochs):
+                self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
+        except BaseException as e:  # KeyboardInterrupt too: on_train_end must still run
+            exception = e
+            raise
+        finally:
+            handler("on_train_end", exception=exception)
+
+    def _fit_epoch(self, handler: CallbackHandler, desc: str) -> None:
+        self.model.train()
+        handler("on_epoch_begin", epoch=self.epoch, train=True)
+        dl = self.data.train_dl
+        with tqdm(
+            total=len(dl), desc=desc, leave=False, disable=None if self.progress else True
+        ) as pbar:
+            for i, (x, y) in enumerate(dl):
+                x, y = handler(
+                    "on_batch_begin",
+                    last_input=x,
+                    last_target=y,
+                    num_batch=i,
+                    iteration=self.iteration,
+                    step_applied=None,
+                    pbar=pbar,
+                )
+                output = handler("on_loss_begin", last_output=self.model(x))
+                loss = handler("on_backward_begin", last_loss=self.loss_func(output, y))
+                loss.backward()
+                handler("on_backward_end")
+                applied = self.opt.step() is not False  # plain optimizers return None
+                handler("on_step_end", step_applied=applied)
+                self.opt.zero_grad()
+                handler("on_batch_end")
+                self.iteration += 1
+                pbar.update()
+        metrics = self.validate() if self.data.valid_dl is not None else None
+        handler("on_epoch_end", last_metrics=metrics, train=False)
+        self.epoch += 1
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, dl: Iterable | None = None) -> list[float]:
+        """`[valid_loss, *metrics]` over `dl` (default: the validation loader), averaged
+        over samples. Inputs are cast to the model's dtype, outputs to fp32."""
+        dl = self.data.valid_dl if dl is None else dl
+        if dl is None:
+            raise ValueError(
+                "no validation data: build the DataBunch with a valid_dl or pass validate(dl)."
+            )
+        dtype = _input_dtype(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        totals, count = None, 0
+        try:
+            for x, y in dl:
+                x, y = to_device((x, y), self.data.device)
+                output = cast_floats(self.model(cast_floats(x, dtype)), torch.float32)
+                n = y.shape[0] if isinstance(y, torch.Tensor) else len(y)
+                values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
+                batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n
+                totals = batch if totals is None else totals + batch
+                count += n
+        finally:
+            self.model.train(was_training)
+        if totals is None:
+            raise ValueError("the validation loader yielded no batches.")
+        return (totals / count).tolist()  # one host sync for the whole pass
+
+    @torch.no_grad()
+    def predict(self, x: Any) -> Any:
+        """The model's output (fp32) for a batch `x`, in eval mode; `x` is moved to the data's
+        device and cast to the model's dtype."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            x = cast_floats(to_device(x, self.data.device), _input_dtype(self.model))
+            return cast_floats(self.model(x), torch.float32)
+        finally:
+            self.model.train(was_training)
+
+    # -- freezing ------------------------------------------------------------------------
+    def freeze_to(self, n: int) -> None:
+        """Freeze the layer groups before index `n` (their norm layers stay trainable) and
+        unfreeze the others."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int (a layer-group index); got {n!r}.")
+        groups = _split_params(self.layer_groups)
+        start = n if n >= 0 else max(len(groups) + n, 0)
+        for i, (weights, biases, norms) in enumerate(groups):
+            for p in (*weights, *biases):
+                p.requires_grad_(i >= start)
+            for p in norms:
+                p.requires_grad_(True)
+
+    def freeze(self) -> None:
+        """Freeze every layer group but the last, keeping norm layers trainable."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Make every layer group trainable."""
+        self.freeze_to(0)
+
+    # -- precision -----------------------------------------------------------------------
+    @property
+    def mixed_precision(self) -> MixedPrecision | None:
+        """The `MixedPrecision` callback, if this learner trains in mixed precision."""
+        return next((cb for cb in self.callbacks if isinstance(cb, MixedPrecision)), None)
+
+    def to_fp16(
+        self, loss_scale: LossScale = 512.0, flat_master: bool = False, **options: Any
+    ) -> Learner:
+        """Convert the model to half now and train it with a `MixedPrecision` callback built
+        with these options (`dtype`, `clip`, the `LossScaler` keywords); returns self."""
+        if self.mixed_precision is not None:
+            raise ValueError(
+                "this learner is already in mixed precision; call learn.to_fp32() first to "
+                "change the options."
+            )
+        cb = MixedPrecision(self, loss_scale, flat_master, **options)
+        cb.prepare()
+        self.callbacks.append(cb)
+        return self
+
+    def to_fp32(self) -> Learner:
+        """Back to fp32: the model takes the fp32 master weights and the optimizer, with
+        its state, steps the model again; returns self."""
+        for cb in [cb for cb in self.callbacks if isinstance(cb, MixedPrecision)]:
+            cb.release()
+            self.callbacks.remove(cb)
+        if _input_dtype(self.model) in HALF_DTYPES:  # converted by hand
+            model_to_float(self.model)
+        return self
+
+    def add_cb(self, cb: Callback) -> None:
+        """Add a callback for the next `fit()` calls."""
+        if not isinstance(cb, Callback):
+            raise TypeError(
+                f"callbacks must be Callback instances; got {type(cb).__name__}. "
+                "Subclass mixprec.Callback and pass an instance."
+            )
+        self.callbacks.append(cb)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, name: str) -> Path:
+        """Write the model, the optimizer (fp32 masters, state, loss scaler), the epoch and
+        step counts, the history and the random state to `path/model_dir/{name}.pth`,
+        atomically; return that path."""
+        mp = self.mixed_precision
+        if mp is not None:
+            mp.prepare()
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "mixed_precision": mp is not None,
+            "model": self.model.state_dict(),
+            "opt": None if self.opt is None else self.opt.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "recorder": self.recorder.state_dict(),
+            "rng": rng_state(self._generators()),
+        }
+        return save_checkpoint(checkpoint, self._checkpoint_path(name))
+
+    def load(self, name: str) -> Learner:
+        """Restore what `save(name)` wrote, random state included, so training resumes as if
+        it had never stopped; returns self."""
+        path = self._checkpoint_path(name)
+        checkpoint = load_checkpoint(path, map_location=self.data.device)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a Learner checkpoint (written by learn.save).")
+        mp = self.mixed_precision
+        if bool(checkpoint.get("mixed_precision")) != (mp is not None):
+            fix = "learn.to_fp16(...)" if mp is None else "learn.to_fp32()"
+            saved = "in mixed precision" if mp is None else "in fp32"
+            raise ValueError(f"{path} was saved {saved}; call {fix} before learn.load().")
+        if mp is not None:
+            mp.prepare()
+        self.model.load_state_dict(checkpoint["model"])
+        if checkpoint.get("opt") is not None:
+            if self.opt is None:
+                self.create_opt()
+            self.opt.load_state_dict(checkpoint["opt"])  # masters -> model, under mixed precision
+        self.epoch = int(checkpoint.get("epoch", 0))
+        self.iteration = int(checkpoint.get("iteration", 0))
+        self.recorder.load_state_dict(checkpoint.get("recorder", {}))
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"], self._generators())
+        return self
+
+    def _checkpoint_path(self, name: str) -> Path:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string; got {name!r}.")
+        return self.path / self.model_dir / f"{name}.pth"
+
+    def _generators(self) -> list[torch.Generator]:
+        """The training loader's own random generators (its sampler's, its loader's)."""
+        dl = self.data.train_dl.dl
+        found: list[torch.Generator] = []
+        for g in (
+            getattr(dl, "generator", None),
+            getattr(getattr(dl, "sampler", None), "generator", None),
+        ):
+            if isinstance(g, torch.Generator) and all(g is not h for h in found):
+                found.append(g)
+        return found
+
+    def __repr__(self) -> str:
+        return (
+            f"Learner(model={type(self.model).__name__}, opt={type(self.opt).__name__}, "
+            f"epoch={self.epoch}, callbacks={self.callbacks})"
+        )
+
+
+def _split_params(
+    layer_groups: Sequence[nn.Module],
+) -> list[tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]]:
+    """Per layer group, its (weights, biases, norm-layer params), in `.parameters()` order; a
+    parameter shared between groups belongs to the first."""
+    seen: set[int] = set()
+    split = []
+    for group in layer_groups:
+        weights, biases, norms = [], [], []
+        for module in group.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if isinstance(module, NORM_TYPES):
+                    norms.append(p)
+                elif name == "bias":
+                    biases.append(p)
+                else:
+                    weights.append(p)
+        split.append((weights, biases, norms))
+    return split
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype inputs should have: the model's half dtype if it has one, else its float one."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype in HALF_DTYPES:
+        if dtype in dtypes:
+            return dtype
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32

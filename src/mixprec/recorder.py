@@ -1,0 +1,148 @@
+"""`Recorder`: the per-step and per-epoch history of a `Learner`, and its plot."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callback import Callback
+
+__all__ = ["Recorder", "plot_runs"]
+
+
+class Recorder(Callback):
+    """Keeps what training did, across `fit()` calls.
+
+    Per step: `losses` (the loss function's value, never the scaled loss), `lrs` (of the last
+    param group), `loss_scales` (after the step's scaler update; None without mixed
+    precision) and `skipped` (True where an overflow skipped the step). Per epoch:
+    `val_losses` and `metrics` (one list of metric values per epoch).
+    """
+
+    order = -10  # first, so later callbacks can read what this step recorded
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.loss_scales: list[float | None] = []
+        self.skipped: list[bool] = []
+        self.val_losses: list[float] = []
+        self.metrics: list[list[float]] = []
+        self.epoch_ends: list[int] = []  # number of steps done at each epoch end
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because the gradients overflowed."""
+        return sum(self.skipped)
+
+    def on_batch_end(
+        self,
+        learn: Any,
+        last_loss: torch.Tensor,
+        step_applied: bool = True,
+        pbar: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Record the step's loss, lr, loss scale and whether it was skipped."""
+        loss = float(last_loss.detach())  # the one host sync the record costs
+        self.losses.append(loss)
+        self.lrs.append(float(learn.opt.param_groups[-1]["lr"]))
+        scale = getattr(learn.opt, "loss_scale", None)
+        self.loss_scales.append(None if scale is None else float(scale))
+        self.skipped.append(not step_applied)
+        if pbar is not None:
+            pbar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+
+    def on_epoch_end(self, last_metrics: list[float] | None = None, **kwargs: Any) -> None:
+        """Record the validation loss and metrics."""
+        self.epoch_ends.append(len(self.losses))
+        if last_metrics:
+            self.val_losses.append(float(last_metrics[0]))
+            self.metrics.append([float(m) for m in last_metrics[1:]])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history as plain lists."""
+        return {k: list(v) for k, v in vars(self).items() if isinstance(v, list)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the history from `state_dict()`; unknown keys are ignored."""
+        for key, value in vars(self).items():
+            if isinstance(value, list) and key in state:
+                setattr(self, key, list(state[key]))
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Write a PNG of the training loss (validation loss per epoch) and the loss scale."""
+        return plot_runs({"train": self}, path, title=title)
+
+    def __repr__(self) -> str:
+        return (
+            f"Recorder(steps={len(self.losses)}, epochs={len(self.epoch_ends)}, "
+            f"skipped_steps={self.skipped_steps})"
+        )
+
+
+def plot_runs(
+    runs: Mapping[str, Recorder], path: str | os.PathLike, title: str | None = None
+) -> Path:
+    """Write one PNG comparing runs: loss per step (top) and loss scale per step (bottom, log
+    scale, skipped steps marked). Needs matplotlib (`pip install 'mixprec[plot]'`)."""
+    try:
+        from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend
+    except ImportError as e:
+        raise ImportError(
+            "plotting needs matplotlib: pip install 'mixprec[plot]' (or matplotlib)."
+        ) from e
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax_loss, ax_scale = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    any_scale = False
+    for name, rec in runs.items():
+        steps = range(1, len(rec.losses) + 1)
+        (line,) = ax_loss.plot(steps, rec.losses, lw=1, alpha=0.8, label=f"{name} train")
+        if rec.val_losses:
+            ends = rec.epoch_ends[-len(rec.val_losses) :]
+            ax_loss.plot(
+                ends, rec.val_losses, "o--", color=line.get_color(), ms=4, label=f"{name} valid"
+            )
+        scaled = [(s, v) for s, v in zip(steps, rec.loss_scales) if v is not None]
+        if scaled:
+            any_scale = True
+            xs, ys = zip(*scaled)
+            ax_scale.step(xs, ys, where="post", color=line.get_color(), label=name)
+            skips = [
+                (s, v)
+                for s, v, k in zip(steps, rec.loss_scales, rec.skipped)
+                if k and v is not None
+            ]
+            if skips:
+                ax_scale.plot(
+                    *zip(*skips), "x", color=line.get_color(), ms=6, label=f"{name} skipped"
+                )
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize="small")
+    ax_loss.grid(alpha=0.3)
+    ax_scale.set_xlabel("step")
+    ax_scale.set_ylabel("loss scale")
+    if any_scale:
+        ax_scale.set_yscale("log", base=2)
+        ax_scale.legend(fontsize="small")
+    else:
+        ax_scale.text(
+            0.5,
+            0.5,
+            "no loss scaling (fp32)",
+            ha="center",
+            va="center",
+            transform=ax_scale.transAxes,
+        )
+    ax_scale.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,120 @@
+"""Learner.save / load: contents, atomic writes, safe loads and exact resume in a fresh process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixprec.checkpoint
+from learner_helpers import assert_identical, make_learner, snapshot
+from mixprec.checkpoint import rng_state, set_rng_state
+
+TESTS = Path(__file__).parent
+SRC = TESTS.parent / "src"
+DYNAMIC = {"loss_scale": "dynamic", "init_scale": 2.0**20, "growth_interval": 3}
+# (name, to_fp16 options or None for fp32): the configurations the resume test covers
+CONFIGS = [("fp32", None), ("fp16", DYNAMIC), ("fp16_flat", {**DYNAMIC, "flat_master": True})]
+
+RESUME = """
+import sys
+import torch
+torch.set_num_threads(1)
+from learner_helpers import make_learner
+from test_checkpoint import CONFIGS
+for name, options in CONFIGS:
+    learn = make_learner(sys.argv[1], seed=123)  # another init: load must replace it
+    if options is not None:
+        learn.to_fp16(**options)
+    learn.load(name + "_epoch1").fit(1)
+    learn.save(name + "_resumed")
+"""
+
+
+def _learner(path, options):
+    learn = make_learner(path)
+    return learn if options is None else learn.to_fp16(**options)
+
+
+def test_save_writes_the_masters_optimizer_scaler_and_step(tmp_path):
+    learn = _learner(tmp_path, DYNAMIC)
+    learn.fit(1)
+    path = learn.save("ckpt")
+    assert path == tmp_path / "models" / "ckpt.pth" and path.is_file()
+    ckpt = torch.load(path, weights_only=True)
+    opt = learn.opt
+    masters = [m for group in ckpt["opt"]["masters"] for m in group]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert_identical(masters, [m.detach() for g in opt.master_params for m in g])
+    assert ckpt["opt"]["scaler"] == opt.scaler.state_dict()
+    assert ckpt["opt"]["optimizer"]["state"]  # AdamW moments of the masters
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, len(learn.data.train_dl))
+    assert ckpt["mixed_precision"] is True
+    assert list(tmp_path.joinpath("models").iterdir()) == [path]  # no temporary file left
+
+
+def test_saving_is_atomic(tmp_path, monkeypatch):
+    learn = make_learner(tmp_path)
+    path = learn.save("ckpt")
+    good = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mixprec.checkpoint.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        learn.save("ckpt")
+    assert path.read_bytes() == good
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_two_epochs_equal_one_then_save_load_in_a_fresh_process_then_one(tmp_path):
+    straight = {}
+    for name, options in CONFIGS:
+        learn = _learner(tmp_path, options)
+        learn.fit(2)
+        straight[name] = snapshot(learn)
+        learn = _learner(tmp_path, options)
+        learn.fit(1)
+        learn.save(f"{name}_epoch1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(RESUME), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for name, options in CONFIGS:
+        learn = make_learner(tmp_path, seed=7)
+        if options is not None:
+            learn.to_fp16(**options)
+        learn.load(f"{name}_resumed")
+        assert_identical(snapshot(learn), straight[name], name)
+        assert learn.iteration == 2 * len(learn.data.train_dl) and learn.epoch == 2
+
+
+def test_load_refuses_a_checkpoint_of_the_other_precision(tmp_path):
+    _learner(tmp_path, DYNAMIC).save("mixed")
+    with pytest.raises(ValueError, match=r"saved in mixed precision; call learn\.to_fp16"):
+        make_learner(tmp_path).load("mixed")
+    make_learner(tmp_path).save("fp32")
+    with pytest.raises(ValueError, match=r"saved in fp32; call learn\.to_fp32\(\)"):
+        make_learner(tmp_path).to_fp16().load("fp32")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        make_learner(tmp_path).load("missing")
+
+
+def test_rng_state_round_trips_with_loader_generators():
+    g = torch.Generator().manual_seed(1)
+    state = rng_state([g])
+    first = torch.rand(3), torch.rand(2, generator=g)
+    set_rng_state(state, [g])
+    assert_identical((torch.rand(3), torch.rand(2, generator=g)), first)
+    with pytest.raises(ValueError, match="holds 1 data-loader generator states"):
+        set_rng_state(state, [])
