@@ -13,6 +13,8 @@ from .callback import Callback
 
 __all__ = ["Recorder", "plot_runs"]
 
+_LINE_STYLES = ("-", "--", ":", "-.")
+
 
 class Recorder(Callback):
     """Keeps what training did, across `fit()` calls.
@@ -99,9 +101,10 @@ def plot_runs(
     fig = Figure(figsize=(8, 6), layout="constrained")
     ax_loss, ax_scale = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     any_scale = False
-    for name, rec in runs.items():
+    for i, (name, rec) in enumerate(runs.items()):
+        style = _LINE_STYLES[i % len(_LINE_STYLES)]  # runs that agree would hide each other
         steps = range(1, len(rec.losses) + 1)
-        (line,) = ax_loss.plot(steps, rec.losses, lw=1, alpha=0.8, label=f"{name} train")
+        (line,) = ax_loss.plot(steps, rec.losses, style, lw=1, alpha=0.8, label=f"{name} train")
         if rec.val_losses:
             ends = rec.epoch_ends[-len(rec.val_losses) :]
             ax_loss.plot(
@@ -111,7 +114,7 @@ def plot_runs(
         if scaled:
             any_scale = True
             xs, ys = zip(*scaled)
-            ax_scale.step(xs, ys, where="post", color=line.get_color(), label=name)
+            ax_scale.step(xs, ys, style, where="post", color=line.get_color(), label=name)
             skips = [
                 (s, v)
                 for s, v, k in zip(steps, rec.loss_scales, rec.skipped)

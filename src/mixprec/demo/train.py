@@ -33,6 +33,7 @@ class TrainConfig:
     lr: float = 3e-3
     seed: int = 0
     loss_scale: str = "dynamic"
+    growth_interval: int = 50  # short, so 8 epochs (184 steps) show the scale move
     flat_master: bool = True
 
 
@@ -69,7 +70,12 @@ def train_digits(
     )
     learn = Learner(data, digits_cnn(), metrics=[accuracy], progress=progress)
     if dtype != torch.float32:
-        learn.to_fp16(_loss_scale(config.loss_scale), flat_master=config.flat_master, dtype=dtype)
+        learn.to_fp16(
+            _loss_scale(config.loss_scale),
+            flat_master=config.flat_master,
+            dtype=dtype,
+            growth_interval=config.growth_interval,
+        )
     start = time.perf_counter()
     learn.fit(config.epochs, config.lr)
     seconds = time.perf_counter() - start
@@ -107,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--loss-scale", default=defaults.loss_scale, help='"dynamic" or a number (static)'
     )
     parser.add_argument(
+        "--growth-interval",
+        type=int,
+        default=defaults.growth_interval,
+        help="clean steps before a dynamic loss scale doubles",
+    )
+    parser.add_argument(
         "--precisions",
         default="fp32,fp16,bf16",
         help=f"comma-separated, from {', '.join(PRECISIONS)}",
@@ -130,12 +142,15 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         loss_scale=args.loss_scale,
+        growth_interval=args.growth_interval,
     )
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     runs = {p: train_digits(p, config, progress=not args.json) for p in precisions}
     results = [result for result, _ in runs.values()]
     if args.plot:
         title = f"digits CNN, {config.epochs} epochs, loss scale {config.loss_scale}"
+        if config.loss_scale == "dynamic":
+            title += f" (growth interval {config.growth_interval})"
         plot_runs({p: recorder for p, (_, recorder) in runs.items()}, args.plot, title=title)
     if args.json:
         print(json.dumps({"runs": [asdict(r) for r in results]}))
