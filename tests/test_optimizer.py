@@ -180,7 +180,7 @@ def test_state_dict_round_trip_resumes_exactly(flat):
 
 
 def test_loading_another_models_state_is_refused_and_changes_nothing():
-    model, opt = _mixed()
+    _, opt = _mixed()
     other = model_to_half(nn.Linear(4, 2))
     other_opt = MixedPrecisionOptimizer(torch.optim.AdamW(other.parameters()))
     before = _snapshot(opt)
@@ -268,6 +268,6 @@ def test_bad_clip_is_refused(clip):
 
 
 def test_closures_are_refused():
-    model, opt = _mixed()
+    _, opt = _mixed()
     with pytest.raises(TypeError, match="takes no closure"):
         opt.step(lambda: 0.0)
