@@ -7,7 +7,10 @@ and loss scaling against gradient underflow.
 from .convert import HALF_DTYPES, NORM_TYPES, cast_floats, model_to_float, model_to_half
 from .master import get_master, master2model, model_g2master_g
 from .optimizer import MixedPrecisionOptimizer
+from .planning import ModulePlan, Plan, plan
+from .policy import PrecisionPolicy
 from .scaler import LossScaler, unscale_and_check_
+from .stepper import Stepper
 
 __version__ = "0.1.0"
 
@@ -16,11 +19,16 @@ __all__ = [
     "NORM_TYPES",
     "LossScaler",
     "MixedPrecisionOptimizer",
+    "ModulePlan",
+    "Plan",
+    "PrecisionPolicy",
+    "Stepper",
     "cast_floats",
     "get_master",
     "master2model",
     "model_g2master_g",
     "model_to_float",
     "model_to_half",
+    "plan",
     "unscale_and_check_",
 ]

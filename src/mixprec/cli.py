@@ -12,6 +12,7 @@ __all__ = ["COMMANDS", "main"]
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixprec.demo.train", "train the digits CNN in fp32, fp16 and bf16 and compare"),
+    "plan": ("mixprec.plan_command", "show each module's dtype, bytes and risks before training"),
 }
 
 
