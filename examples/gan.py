@@ -3,7 +3,9 @@
 The generator learns to turn noise into samples of a 1-D Gaussian. At step
 `--inject-inf-at` the discriminator's loss is multiplied by inf: the discriminator skips
 that step (its scale backs off, its LR schedule stays put) while the generator steps as
-usual. Run:  PYTHONPATH=src python examples/gan.py
+usual. With --dtype fp32 nothing checks for overflow and the inf poisons the discriminator
+(its weights turn nan): the loss scaler's check is what makes the skip possible.
+Run:  PYTHONPATH=src python examples/gan.py
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ __all__ = ["PrecisionPolicy", "Rule"]
 Rule = type[nn.Module] | str
 """A module type (kept with its subclasses) or an fnmatch pattern over qualified module names."""
 
-# Characters that cannot appear in a qualified module name or a glob over one.
+# Never in a glob over qualified module names: whitespace, an empty part (leading, trailing or
+# doubled dots).
 _BAD_PATTERN = re.compile(r"\s|^\.|\.$|\.\.")
 
 
