@@ -119,6 +119,10 @@ def test_printing_and_json():
     text = str(result)
     assert text.startswith("plan: TinyTransformer to float16; fp32 kept for norm layers, 'head'")
     assert "blocks.0.attn.qkv" in text and "name 'head'" in text and "warnings: none" in text
+    assert str(plan(digits_cnn(), PrecisionPolicy((nn.BatchNorm2d, "8")))).startswith(
+        "plan: Sequential to float16; fp32 kept for BatchNorm2d, '8'\n"
+    )
+    assert "fp32 kept for nothing" in str(plan(digits_cnn(), PrecisionPolicy(())))
     data = json.loads(json.dumps(result.to_dict()))
     assert data["dtype"] == "float16" and data["bytes_after"] == result.bytes_after
     assert {m["name"]: m["dtype"] for m in data["modules"]}["head"] == "float32"

@@ -250,10 +250,10 @@ def _smallest_subnormal(dtype: torch.dtype) -> float:
 
 
 def _describe(policy: PrecisionPolicy) -> str:
-    rules = [r for r in policy.rules if r not in NORM_TYPES]
-    names = [repr(r) if isinstance(r, str) else r.__name__ for r in rules]
-    if set(NORM_TYPES) <= set(policy.rules):
-        names.insert(0, "norm layers")
+    all_norms = set(NORM_TYPES) <= set(policy.rules)
+    rules = [r for r in policy.rules if not (all_norms and r in NORM_TYPES)]
+    names = ["norm layers"] if all_norms else []
+    names += [repr(r) if isinstance(r, str) else r.__name__ for r in rules]
     return ", ".join(names) or "nothing"
 
 
