@@ -29,3 +29,10 @@ def test_train_prints_a_table(capsys):
 def test_unknown_precision_is_refused():
     with pytest.raises(SystemExit, match="unknown precision"):
         main(["train", "--precisions", "fp8"])
+
+
+def test_subcommand_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert "--epochs" in capsys.readouterr().out
