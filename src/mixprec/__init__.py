@@ -13,8 +13,11 @@ from .learner import Learner
 from .master import get_master, master2model, model_g2master_g
 from .metrics import accuracy
 from .optimizer import MixedPrecisionOptimizer
+from .planning import ModulePlan, Plan, plan
+from .policy import PrecisionPolicy
 from .recorder import Recorder, plot_runs
 from .scaler import LossScaler, unscale_and_check_
+from .stepper import Stepper
 
 __version__ = "0.1.0"
 
@@ -35,11 +38,16 @@ __all__ = [
     "NORM_TYPES",
     "LossScaler",
     "MixedPrecisionOptimizer",
+    "ModulePlan",
+    "Plan",
+    "PrecisionPolicy",
+    "Stepper",
     "cast_floats",
     "get_master",
     "master2model",
     "model_g2master_g",
     "model_to_float",
     "model_to_half",
+    "plan",
     "unscale_and_check_",
 ]

@@ -12,6 +12,7 @@ __all__ = ["COMMANDS", "main"]
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixprec.demo.train", "train the digits CNN in fp32, fp16 and bf16 and compare"),
+    "plan": ("mixprec.plan_command", "show each module's dtype, bytes and risks before training"),
 }
 
 
@@ -20,17 +21,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mixprec", description="Mixed-precision training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        sub_parser.set_defaults(_module=module_name)
-        # Arguments are added lazily below, so importing one command never costs the others.
-    args, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(args._module)
-    command_parser = argparse.ArgumentParser(
-        prog=f"mixprec {args.command}", description=COMMANDS[args.command][1]
-    )
-    module.add_arguments(command_parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return int(module.run(command_parser.parse_args(argv[argv.index(args.command) + 1 :])) or 0)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from .policy import PrecisionPolicy
 
 __all__ = [
     "HALF_DTYPES",
@@ -102,24 +105,31 @@ def _remove_fp32_hooks(module: nn.Module) -> None:
 def model_to_half(
     model: nn.Module,
     dtype: torch.dtype = torch.float16,
-    keep_fp32: tuple[type[nn.Module], ...] = NORM_TYPES,
+    keep_fp32: tuple[type[nn.Module], ...] | PrecisionPolicy = NORM_TYPES,
 ) -> nn.Module:
     """Convert `model` in place to `dtype`, keeping modules of the `keep_fp32` types in fp32.
 
-    A module kept in fp32 receives its floating inputs cast to fp32 and returns its
-    floating outputs cast back to `dtype`, so the half model takes and returns `dtype`.
-    Returns the same module.
+    `keep_fp32` is a tuple of module types or a `PrecisionPolicy` (rules by type or by name
+    pattern). A kept module stays fp32 with everything inside it, receives its floating
+    inputs cast to fp32 and returns its floating outputs cast back to `dtype`, so the half
+    model takes and returns `dtype`. Returns the same module.
     """
+    from .policy import PrecisionPolicy  # policy.py imports this module
+
     check_half_dtype(dtype)
-    keep_fp32 = tuple(keep_fp32)
+    policy = keep_fp32 if isinstance(keep_fp32, PrecisionPolicy) else PrecisionPolicy(keep_fp32)
+    roots = [m for m, _ in policy.fp32_roots(model).values()]
+    root_ids = {id(m) for m in roots}
+    kept = {id(m) for r in roots for m in r.modules()}
     for module in model.modules():
         _remove_fp32_hooks(module)
-        if keep_fp32 and isinstance(module, keep_fp32):
+        if id(module) in kept:
             _convert_own_tensors_(module, torch.float32)
-            module.__dict__[_HOOKS_ATTR] = [
-                module.register_forward_pre_hook(_to_fp32_inputs),
-                module.register_forward_hook(_output_caster(dtype)),
-            ]
+            if id(module) in root_ids:  # casts at the boundary only: fp32 all the way inside
+                module.__dict__[_HOOKS_ATTR] = [
+                    module.register_forward_pre_hook(_to_fp32_inputs),
+                    module.register_forward_hook(_output_caster(dtype)),
+                ]
         else:
             _convert_own_tensors_(module, dtype)
     return model
