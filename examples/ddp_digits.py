@@ -78,10 +78,10 @@ def main(config: Config) -> None:
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     if env.is_main:
+        wire = f"; gradients all-reduced per step: {grad_bytes} bytes (fp32: {fp32_bytes})"
         print(
             f"{env.world_size} process(es), {config.dtype}, batch {config.batch_size} per rank "
-            f"in {config.accumulate} micro-batch(es); gradients all-reduced per step: "
-            f"{grad_bytes} bytes (fp32: {fp32_bytes})"
+            f"in {config.accumulate} micro-batch(es){wire if env.is_distributed else ''}"
         )
 
     global_batch = config.batch_size * env.world_size
@@ -107,13 +107,12 @@ def main(config: Config) -> None:
                 f"{time.perf_counter() - start:.1f}s"
             )
 
-    checksum = torch.cat([m.detach().reshape(-1) for g in opt.master_params for m in g]).sum()
-    sums = [checksum.item()]
     if env.is_distributed:
+        masters = torch.cat([m.detach().reshape(-1) for g in opt.master_params for m in g])
         sums = [None] * env.world_size
-        dist.all_gather_object(sums, checksum.item())
-    if env.is_main:
-        print(f"fp32 masters identical on every rank: {len(set(sums)) == 1}")
+        dist.all_gather_object(sums, masters.sum().item())
+        if env.is_main:
+            print(f"fp32 masters identical on every rank: {len(set(sums)) == 1}")
     if config.save:
         state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
         path = save_on_rank0(state, config.save)
