@@ -116,13 +116,19 @@ def recording_hook(record: list[tuple[str, int]]) -> Callable:
 
 # -- scenarios: each returns plain values (loaded with weights_only=True) ---------------------
 def identical(env: DistEnv, out: Path) -> dict[str, Any]:
-    """Different initial weights per rank (DDP broadcasts rank 0's); AdamW, scale growing."""
+    """Different initial weights per rank (DDP broadcasts rank 0's); AdamW, scale growing;
+    flat masters and DDP's gradient_as_bucket_view, each on and off."""
     result = {}
-    for flat in (False, True):
-        model = wrap_ddp(model_to_half(make_net(INIT_SEED + env.rank)))
+    for flat, bucket_view in ((False, False), (True, False), (False, True), (True, True)):
+        net = model_to_half(make_net(INIT_SEED + env.rank))
+        model = wrap_ddp(net, gradient_as_bucket_view=bucket_view)
         opt = adamw_run(model, flat_master=flat, growth_interval=2)
         log = train(model, opt, range(6), env=env)
-        result[f"flat={flat}"] = {"masters": masters(opt), "model": model_values(model), "log": log}
+        result[f"flat={flat},bucket_view={bucket_view}"] = {
+            "masters": masters(opt),
+            "model": model_values(model),
+            "log": log,
+        }
     return result
 
 

@@ -97,9 +97,12 @@ def single_process(steps: int, *, world_size: int = 1, **options: Any) -> torch.
     return masters(opt)
 
 
+@pytest.mark.parametrize("bucket_view", [False, True])
 @pytest.mark.parametrize("flat", [False, True])
-def test_every_rank_holds_identical_masters_and_model(ranks: list, flat: bool) -> None:
-    rank0, rank1 = (r["identical"][f"flat={flat}"] for r in ranks)
+def test_every_rank_holds_identical_masters_and_model(
+    ranks: list, flat: bool, bucket_view: bool
+) -> None:
+    rank0, rank1 = (r["identical"][f"flat={flat},bucket_view={bucket_view}"] for r in ranks)
     assert rank0["log"] == rank1["log"]
     assert [applied for applied, _ in rank0["log"]] == [True] * 6
     assert rank0["log"][-1][1] > rank0["log"][0][1]  # the scale grew: the step count agreed
@@ -181,3 +184,11 @@ def test_fsdp2_with_mixprec_policy_and_scaler_matches_ddp(ranks: list) -> None:
     assert [applied for applied, _ in rank0["log"]] == [True, True, False, True, True]
     assert torch.equal(rank0["params"], rank1["params"])
     torch.testing.assert_close(rank0["params"], rank0["ddp_masters"], rtol=0, atol=FP16_ROUNDING)
+
+
+def test_flat_masters_and_bucket_views_do_not_change_the_numbers(ranks: list) -> None:
+    # DDP copies the reduced buckets into the flat masters' gradient views in place (or,
+    # with gradient_as_bucket_view, re-points them and the optimizer copies them back)
+    runs = list(ranks[0]["identical"].values())
+    for run in runs[1:]:
+        assert torch.equal(run["masters"], runs[0]["masters"])
