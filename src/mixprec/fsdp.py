@@ -42,14 +42,13 @@ __all__ = ["fully_shard_half", "scaled_step"]
 
 
 def _fp32_units(module: nn.Module, keep_fp32: tuple[type[nn.Module], ...]) -> list[nn.Module]:
-    """The `keep_fp32` submodules with parameters, outside submodules already sharded."""
+    """The `keep_fp32` submodules, outside submodules already sharded."""
     found = []
     for child in module.children():
         if isinstance(child, FSDPModule):
             continue
         if isinstance(child, keep_fp32):
-            if any(True for _ in child.parameters()):
-                found.append(child)
+            found.append(child)
         else:
             found.extend(_fp32_units(child, keep_fp32))
     return found
