@@ -9,6 +9,14 @@ from .callbacks.fp16 import MixedPrecision
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import HALF_DTYPES, NORM_TYPES, cast_floats, model_to_float, model_to_half
 from .data import DataBunch, DeviceDataLoader
+from .distributed import (
+    DistEnv,
+    accumulate,
+    cleanup_distributed,
+    init_distributed,
+    save_on_rank0,
+    wrap_ddp,
+)
 from .learner import Learner
 from .master import get_master, master2model, model_g2master_g
 from .metrics import accuracy
@@ -34,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "plot_runs",
     "save_checkpoint",
+    "DistEnv",
     "HALF_DTYPES",
     "NORM_TYPES",
     "LossScaler",
@@ -42,12 +51,17 @@ __all__ = [
     "Plan",
     "PrecisionPolicy",
     "Stepper",
+    "accumulate",
     "cast_floats",
+    "cleanup_distributed",
     "get_master",
+    "init_distributed",
     "master2model",
     "model_g2master_g",
     "model_to_float",
     "model_to_half",
     "plan",
+    "save_on_rank0",
     "unscale_and_check_",
+    "wrap_ddp",
 ]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .convert import HALF_DTYPES
+from .distributed import all_reduce_overflow_, is_data_parallel
 from .master import FlatGroup, make_masters, master2model, model_g2master_g
 from .scaler import LossScale, LossScaler, unscale_and_check_
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["MixedPrecisionOptimizer"]
 
@@ -39,8 +42,13 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     An overflowing step changes no weight and no optimizer state. The keyword options are
     those of `LossScaler`.
 
-    Under `torch.distributed` the overflow flag is all-reduced, so every rank steps or
-    skips together.
+    Data-parallel (`torch.distributed` initialized with more than one process in
+    `process_group`, None meaning the default group): the overflow flag is all-reduced, so
+    every rank steps or skips together even when only one rank saw an inf; and between
+    backward() calls gradients accumulate in the model's half grads, where DDP's `no_sync()`
+    leaves them for the backward that reduces them (moving them to the masters early would
+    keep earlier micro-batches out of the reduction). `data_parallel=False` opts out, for an
+    optimizer used on some ranks only.
     """
 
     def __init__(
@@ -50,6 +58,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         *,
         flat_master: bool = False,
         clip: float | None = None,
+        process_group: ProcessGroup | None = None,
+        data_parallel: bool = True,
         **scaler_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -66,6 +76,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             or clip <= 0
         ):
             raise ValueError(f"clip must be None or a positive finite max norm; got {clip!r}.")
+        if not isinstance(data_parallel, bool):
+            raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
         model_params = [list(group["params"]) for group in optimizer.param_groups]
         dtypes = {p.dtype for group in model_params for p in group}
         if not dtypes & set(HALF_DTYPES):
@@ -78,6 +90,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.flat_master = bool(flat_master)
         self.clip = None if clip is None else float(clip)
+        self.process_group = process_group
+        self.data_parallel = data_parallel
         self.model_params = model_params
         self.master_params = make_masters(model_params, self.flat_master)
         self._flat_groups = (
@@ -137,8 +151,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 "unscale_() was already called for this step; call step() before the next "
                 "backward. Expected order: backward(loss) [x N], unscale_() (optional), step()."
             )
-        if self._pending:  # accumulating: keep the earlier micro-batches' sum in fp32
-            self._move_grads_to_masters()
+        if self._pending and not self._is_data_parallel():
+            self._move_grads_to_masters()  # accumulating: keep earlier micro-batches' sum in fp32
         self._pending = True
         return self.scaler.scale_loss(loss)
 
@@ -164,8 +178,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
         if found_inf is None:
             found_inf = torch.zeros(1, device=self._device())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        if self.data_parallel:
+            all_reduce_overflow_(found_inf, self.process_group)
         if self.clip is not None:
             masters = [m for group in self.master_params for m in group]
             self.last_grad_norm = nn.utils.clip_grad_norm_(masters, self.clip, foreach=True)
@@ -198,6 +212,9 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._found_inf = None
 
     # -- internals ----------------------------------------------------------------------------
+    def _is_data_parallel(self) -> bool:
+        return self.data_parallel and is_data_parallel(self.process_group)
+
     def _device(self) -> torch.device:
         for group in self.master_params:
             for m in group:
