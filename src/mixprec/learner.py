@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from .callback import Callback, CallbackHandler
 from .callbacks.fp16 import MixedPrecision
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .convert import HALF_DTYPES, NORM_TYPES, cast_floats, model_to_float
+from .convert import HALF_DTYPES, cast_floats, model_to_float
 from .data import DataBunch, to_device
+from .layer_groups import freeze_to, split_params
 from .optimizer import MixedPrecisionOptimizer
 from .recorder import Recorder
 from .scaler import LossScale
@@ -94,7 +95,7 @@ class Learner:
         no_decay = {} if self.bn_wd else {"weight_decay": 0.0}
         decay = {} if self.wd is None else {"weight_decay": float(self.wd)}
         groups = []
-        for weights, biases, norms in _split_params(self.layer_groups):
+        for weights, biases, norms in split_params(self.layer_groups):
             groups.append({"params": weights, **decay})
             groups.append({"params": biases, **(decay if self.bn_wd else no_decay)})
             groups.append({"params": norms, **(decay if self.bn_wd else no_decay)})
@@ -239,15 +240,7 @@ class Learner:
     def freeze_to(self, n: int) -> None:
         """Freeze the layer groups before index `n` (their norm layers stay trainable) and
         unfreeze the others."""
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n must be an int (a layer-group index); got {n!r}.")
-        groups = _split_params(self.layer_groups)
-        start = n if n >= 0 else max(len(groups) + n, 0)
-        for i, (weights, biases, norms) in enumerate(groups):
-            for p in (*weights, *biases):
-                p.requires_grad_(i >= start)
-            for p in norms:
-                p.requires_grad_(True)
+        freeze_to(self.layer_groups, n)
 
     def freeze(self) -> None:
         """Freeze every layer group but the last, keeping norm layers trainable."""
@@ -366,30 +359,6 @@ class Learner:
             f"Learner(model={type(self.model).__name__}, opt={type(self.opt).__name__}, "
             f"epoch={self.epoch}, callbacks={self.callbacks})"
         )
-
-
-def _split_params(
-    layer_groups: Sequence[nn.Module],
-) -> list[tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]]:
-    """Per layer group, its (weights, biases, norm-layer params), in `.parameters()` order; a
-    parameter shared between groups belongs to the first."""
-    seen: set[int] = set()
-    split = []
-    for group in layer_groups:
-        weights, biases, norms = [], [], []
-        for module in group.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if isinstance(module, NORM_TYPES):
-                    norms.append(p)
-                elif name == "bias":
-                    biases.append(p)
-                else:
-                    weights.append(p)
-        split.append((weights, biases, norms))
-    return split
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:
