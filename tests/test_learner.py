@@ -112,3 +112,35 @@ def test_bad_arguments_say_what_was_expected(tmp_path):
         Learner(learn.data, learn.model, opt_func=lambda groups, lr: None).create_opt()
     with pytest.raises(ValueError, match="no validation data"):
         Learner(DataBunch(learn.data.train_dl.dl), learn.model).validate()
+
+
+def test_each_epoch_shows_a_progress_bar_with_the_loss(tmp_path, monkeypatch):
+    bars = []
+
+    class Bar:  # stands in for tqdm, which draws nothing when stderr is not a terminal
+        def __init__(self, total, desc, leave, disable):
+            self.total, self.desc, self.disable, self.n, self.shown = total, desc, disable, 0, []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, text, refresh=True):
+            self.shown.append(text)
+
+    monkeypatch.setattr("mixprec.learner.tqdm", Bar)
+    learn = make_learner(tmp_path)
+    learn.progress = True
+    learn.fit(2)
+    n, losses = len(learn.data.train_dl), learn.recorder.losses
+    assert [b.desc for b in bars] == ["epoch 1/2", "epoch 2/2"]
+    assert all(b.n == b.total == n and b.disable is None for b in bars)
+    assert bars[1].shown == [f"loss {loss:.4f}" for loss in losses[n:]]
+    make_learner(tmp_path).fit(1)  # progress=False
+    assert bars[-1].disable is True
