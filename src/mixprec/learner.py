@@ -208,21 +208,29 @@ class Learner:
         dtype = _input_dtype(self.model)
         was_training = self.model.training
         self.model.eval()
-        totals, count = None, 0
-        try:
-            for x, y in dl:
-                x, y = to_device((x, y), self.data.device)
-                output = cast_floats(self.model(cast_floats(x, dtype)), torch.float32)
-                n = y.shape[0] if isinstance(y, torch.Tensor) else len(y)
-                values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
-                batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n
-                totals = batch if totals is None else totals + batch
-                count += n
-        finally:
-            self.model.train(was_training)
+        # A DataLoader draws a seed from the global RNG per pass: validating must not shift
+        # the shuffling of later epochs (fit(1); validate(); fit(1) == fit(2)).
+        with torch.random.fork_rng(devices=[]):
+            try:
+                totals, count = self._evaluate(dl, dtype)
+            finally:
+                self.model.train(was_training)
         if totals is None:
             raise ValueError("the validation loader yielded no batches.")
         return (totals / count).tolist()  # one host sync for the whole pass
+
+    def _evaluate(self, dl: Iterable, dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
+        """Sample-weighted sums of [loss, *metrics] over `dl`, and the sample count."""
+        totals, count = None, 0
+        for x, y in dl:
+            x, y = to_device((x, y), self.data.device)
+            output = cast_floats(self.model(cast_floats(x, dtype)), torch.float32)
+            n = y.shape[0] if isinstance(y, torch.Tensor) else len(y)
+            values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
+            batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n
+            totals = batch if totals is None else totals + batch
+            count += n
+        return totals, count
 
     @torch.no_grad()
     def predict(self, x: Any) -> Any:
