@@ -12,6 +12,7 @@ __all__ = ["COMMANDS", "main"]
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixprec.demo.train", "train the digits CNN in fp32, fp16 and bf16 and compare"),
+    "bench": ("mixprec.bench", "benchmarks: overhead, memory, gpu (mixprec bench NAME --help)"),
 }
 
 
