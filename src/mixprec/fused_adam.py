@@ -226,18 +226,18 @@ class FusedAdamStep:
     ) -> torch.Tensor | None:
         """Set `found_inf` if any half gradient is inf/nan; with `want_norm` return the global
         2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync."""
-        norms: list[torch.Tensor] = []
-        one = self._one.get(found_inf.device)
-        if one is None:
-            one = self._one[found_inf.device] = torch.ones(1, device=found_inf.device)
-        for c in chunks:
-            torch._foreach_copy_(c.scratch, c.grads)  # half -> fp32, in cache
-            if want_norm:
-                norms.extend(torch._foreach_norm(c.scratch))
-            else:
-                torch._amp_foreach_non_finite_check_and_unscale_(c.scratch, found_inf, one)
-        if not want_norm:
+        if not want_norm:  # x * 1.0 == x: a pure check, one kernel over the half grads
+            one = self._one.get(found_inf.device)
+            if one is None:
+                one = self._one[found_inf.device] = torch.ones(1, device=found_inf.device)
+            grads = [g for c in chunks for g in c.grads]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
             return None
+        norms: list[torch.Tensor] = []
+        for c in chunks:  # norms of half tensors are slow: take them in fp32, in cache
+            torch._foreach_copy_(c.scratch, c.grads)
+            norms.extend(torch._foreach_norm(c.scratch))
         if not norms:
             return torch.zeros((), device=found_inf.device)
         return torch.linalg.vector_norm(torch.stack(norms))
