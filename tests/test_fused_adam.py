@@ -188,3 +188,20 @@ def test_fused_requires_adam_or_adamw():
         )
     opt = MixedPrecisionOptimizer(torch.optim.Adam(model.parameters()), fused=True)
     assert "fused=True" in repr(opt)
+
+
+def test_fused_handles_channels_last_weights_like_the_unfused_path():
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = model_to_half(nn.Conv2d(3, 4, 3)).to(memory_format=torch.channels_last)
+        opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), 512.0, fused=fused)
+        assert not opt.master_params[0][0].is_contiguous()  # the odd-layout path
+        for i in range(3):
+            x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(i)).half()
+            opt.backward(model(x).float().square().mean())
+            assert opt.step()
+            opt.zero_grad()
+        results.append(_masters(opt))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

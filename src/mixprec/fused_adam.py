@@ -192,7 +192,8 @@ class FusedAdamStep:
                 None if m is None else m.view(-1)[it.offset : it.offset + n] for m in moments
             ]
         parts = [it.view, it.grad, it.half, *(m for m in moments if m is not None)]
-        if all(t.is_contiguous() for t in parts):
+        contiguous = all(t.is_contiguous() for t in parts)
+        if contiguous:
             flat = [
                 None if t is None else t.view(-1) for t in (it.view, it.grad, it.half, *moments)
             ]
@@ -205,11 +206,11 @@ class FusedAdamStep:
             if not chunks or chunks[-1].group != g or chunks[-1].numel + n > self.chunk:
                 chunks.append(_Chunk(group=g))
             c = chunks[-1]
-            if view.dim() == 1 and n <= self.chunk:
+            if contiguous:
                 scratch = self._scratch_for(view.device)[c.numel : c.numel + n]
                 c.numel += n
-            else:
-                scratch = torch.empty_like(view)
+            else:  # same layout as the master, as the kernel expects
+                scratch = torch.empty_like(view, memory_format=torch.preserve_format)
             c.params.append(view)
             c.scratch.append(scratch)
             c.exp_avgs.append(exp_avg)
@@ -264,6 +265,9 @@ class FusedAdamStep:
             torch._foreach_copy_(c.scratch, c.grads)
             if zero_grads:
                 torch._foreach_zero_(c.grads)
+            lr = pg["lr"]
+            if torch.is_tensor(lr) and lr.device != c.params[0].device:
+                lr = lr.item()
             kernel(
                 c.params,
                 c.scratch,
@@ -272,7 +276,7 @@ class FusedAdamStep:
                 c.max_exp_avg_sqs,
                 c.steps,
                 amsgrad=bool(pg["amsgrad"]),
-                lr=pg["lr"],
+                lr=lr,
                 beta1=_scalar(beta1),
                 beta2=_scalar(beta2),
                 weight_decay=float(pg["weight_decay"]),
