@@ -13,6 +13,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixprec.demo.train", "train the digits CNN in fp32, fp16 and bf16 and compare"),
     "plan": ("mixprec.plan_command", "show each module's dtype, bytes and risks before training"),
+    "bench": ("mixprec.bench", "benchmarks: overhead, memory, gpu (mixprec bench NAME --help)"),
 }
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "make_masters",
     "master2model",
     "model_g2master_g",
+    "shapes_summary",
     "trainable_params",
 ]
 
@@ -164,6 +165,7 @@ class FlatGroup:
             self._add_buffer(self.params[start:end])
             start = end
         self._master_grad: torch.Tensor | None = None
+        self._master_grad_slices: list[torch.Tensor] = []
 
     def _add_buffer(self, run: Sequence[nn.Parameter]) -> None:
         offset = sum(d.numel() for d in self.data)
@@ -204,6 +206,17 @@ class FlatGroup:
             self._master_grad_slices = [self.master.grad[a:b] for a, b in self._slices]
         return self._master_grad_slices
 
+    @property
+    def slices(self) -> list[tuple[int, int]]:
+        """`(start, end)` in the master of each buffer of `data` and `grads`."""
+        return list(self._slices)
+
+    def release_master_grad(self) -> None:
+        """Drop the master's gradient (and the views of it kept here) to free its memory."""
+        self.master.grad = None
+        self._master_grad = None
+        self._master_grad_slices = []
+
     def master_slices(self) -> list[torch.Tensor]:
         """Views of the master's values matching `data`."""
         master = self.master.detach()
@@ -212,3 +225,13 @@ class FlatGroup:
     def zero_grad_(self) -> None:
         """Zero the model gradients, one fill per buffer."""
         torch._foreach_zero_(self.grads)
+
+
+def shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
+    """Shapes per group, a few per group, for error messages."""
+    parts = []
+    for group in groups:
+        shown = ", ".join(str(s) for s in group[:limit])
+        more = f", ... ({len(group)} tensors)" if len(group) > limit else ""
+        parts.append(f"[{shown}{more}]")
+    return "[" + ", ".join(parts) + "]"
