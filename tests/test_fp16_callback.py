@@ -167,11 +167,12 @@ def test_callbacks_and_the_recorder_never_see_the_scaled_loss(tmp_path):
 
 
 @pytest.mark.parametrize("flat", [False, True])
-def test_freezing_between_fits_keeps_masters_and_moments(tmp_path, flat):
+@pytest.mark.parametrize("fused", [False, True])
+def test_freezing_between_fits_keeps_masters_and_moments(tmp_path, flat, fused):
     learn = make_learner(tmp_path, layer_groups=True)
     body, head = learn.model[0].weight, learn.model[3].weight
     body_fp32 = body.detach().clone()
-    learn.to_fp16(flat_master=flat)
+    learn.to_fp16(flat_master=flat, fused=fused)
     learn.freeze()
     learn.fit(1)
     n = len(learn.data.train_dl)
@@ -241,3 +242,22 @@ def test_validate_and_predict_on_a_half_model_outside_fit(tmp_path):
         out = learn.predict(x)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref_out, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_fused_steps_from_the_half_grads_with_the_same_numbers(tmp_path, flat):
+    class MasterGrads(Callback):
+        order = 100  # after MixedPrecision.on_backward_end
+
+        def on_backward_end(self, learn, **kwargs):
+            self.held = any(m.grad is not None for g in learn.opt.master_params for m in g)
+
+    runs = {}
+    for fused in (False, True):
+        probe = MasterGrads()
+        learn = make_learner(tmp_path, callbacks=[probe]).to_fp16(flat_master=flat, fused=fused)
+        learn.fit(1)
+        runs[fused] = learn
+        assert learn.opt.fused is fused and probe.held is not fused  # fused: no fp32 grads
+    masters = [[m.detach() for g in learn.opt.master_params for m in g] for learn in runs.values()]
+    torch.testing.assert_close(masters[1], masters[0], rtol=1e-5, atol=1e-6)

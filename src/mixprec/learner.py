@@ -268,7 +268,7 @@ class Learner:
         self, loss_scale: LossScale = 512.0, flat_master: bool = False, **options: Any
     ) -> Learner:
         """Convert the model to half now and train it with a `MixedPrecision` callback built
-        with these options (`dtype`, `clip`, the `LossScaler` keywords); returns self."""
+        with these options (`dtype`, `clip`, `fused`, the `LossScaler` keywords); returns self."""
         if self.mixed_precision is not None:
             raise ValueError(
                 "this learner is already in mixed precision; call learn.to_fp32() first to "

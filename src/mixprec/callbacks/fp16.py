@@ -35,7 +35,8 @@ class MixedPrecision(Callback):
 
     `loss_scale`: a positive number (static scaling, default 512) or "dynamic". Keyword
     options: `dtype` (torch.float16 or torch.bfloat16), `clip` (max global norm of the
-    unscaled fp32 master gradients) and the `LossScaler` keywords (`init_scale`,
+    unscaled fp32 master gradients), `fused` (Adam/AdamW only: step the masters straight
+    from the half gradients, see `MixedPrecisionOptimizer`) and the `LossScaler` keywords (`init_scale`,
     `growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, `min_scale`,
     `max_scale`, `floor_patience`). `Learner.to_fp16(**options)` builds and adds one.
 
@@ -53,6 +54,7 @@ class MixedPrecision(Callback):
         *,
         dtype: torch.dtype = torch.float16,
         clip: float | None = None,
+        fused: bool = False,
         **scaler_options: Any,
     ) -> None:
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
@@ -61,6 +63,7 @@ class MixedPrecision(Callback):
         self.flat_master = bool(flat_master)
         self.dtype = check_half_dtype(dtype)
         self.clip = clip
+        self.fused = bool(fused)
         self.scaler_options = scaler_options
         self.opt: MixedPrecisionOptimizer | None = None
         self._tfm = partial(batch_to_half, dtype=self.dtype)
@@ -87,6 +90,7 @@ class MixedPrecision(Callback):
                 self.loss_scale,
                 flat_master=self.flat_master,
                 clip=self.clip,
+                fused=self.fused,
                 **self.scaler_options,
             )
             learn.opt = self.opt
@@ -123,7 +127,12 @@ class MixedPrecision(Callback):
         return self.opt.scale_loss(last_loss)
 
     def on_backward_end(self, **kwargs: Any) -> None:
-        """Model grads to fp32 master grads, divided by the scale, checked for inf/nan."""
+        """Model grads to fp32 master grads, divided by the scale, checked for inf/nan.
+
+        With `fused=True` the step does this itself, from the half grads, keeping no fp32
+        grads (unless a flat group is frozen: a fused flat step would move it)."""
+        if self.opt.fused and not self._frozen_flat:
+            return
         self.opt.unscale_()
         for master in self._frozen_flat:  # no grad: the optimizer leaves frozen groups alone
             master.grad = None
@@ -139,7 +148,7 @@ class MixedPrecision(Callback):
     def __repr__(self) -> str:
         return (
             f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
-            f"dtype={self.dtype}, clip={self.clip})"
+            f"dtype={self.dtype}, clip={self.clip}, fused={self.fused})"
         )
 
 
