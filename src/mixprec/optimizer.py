@@ -247,7 +247,13 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
         assert self._fused is not None and self._buffers is not None
         items = fused_items(self.model_params, self.master_params, self._flat_groups)
-        how = (self._buffers, self.scaler.scale, self.clip, self.flat_master, self._all_reduce_overflow)
+        how = (
+            self._buffers,
+            self.scaler.scale,
+            self.clip,
+            self.flat_master,
+            self._all_reduce_overflow,
+        )
         with torch.no_grad():
             overflow, norm = self._fused.step(items, *how)
             if norm is not None:
@@ -410,4 +416,3 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
             f"fused={self.fused})"
         )
-
