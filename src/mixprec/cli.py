@@ -12,6 +12,14 @@ __all__ = ["COMMANDS", "main"]
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixprec.demo.train", "train the digits CNN in fp32, fp16 and bf16 and compare"),
+    "diagnose": (
+        "mixprec.experiments.diagnose_command",
+        "histogram a demo model's gradients against the fp16 and bf16 ranges",
+    ),
+    "experiment": (
+        "mixprec.experiments.command",
+        "reproduce the mixed-precision paper's claims: parity, underflow",
+    ),
 }
 
 
