@@ -9,8 +9,8 @@ and says which loss scales would keep the values inside fp16.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -133,7 +133,9 @@ def diagnose(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if not callable(loss_func):
-        raise TypeError(f"loss_func must be callable as loss_func(output, target); got {loss_func!r}.")
+        raise TypeError(
+            f"loss_func must be callable as loss_func(output, target); got {loss_func!r}."
+        )
     underflow_threshold = _check_threshold("underflow_threshold", underflow_threshold)
     overflow_threshold = _check_threshold("overflow_threshold", overflow_threshold)
     inputs, target = _split_batch(batch)
@@ -148,8 +150,9 @@ def diagnose(
     for p in work.parameters():
         p.grad = None
 
-    with record_activation_gradients(work) as activations, torch.random.fork_rng(
-        devices=_rng_devices(work)
+    with (
+        record_activation_gradients(work) as activations,
+        torch.random.fork_rng(devices=_rng_devices(work)),
     ):
         output = work(*cast_floats(inputs, torch.float32))
         loss = loss_func(cast_floats(output, torch.float32), cast_floats(target, torch.float32))

@@ -145,9 +145,7 @@ class GradientHistogram:
         n = max(self.nonzero, 1)
         return {
             "underflow": float(self.counts[e <= f.flush_exp].sum() / n),
-            "subnormal": float(
-                self.counts[(e > f.flush_exp) & (e < f.normal_min_exp)].sum() / n
-            ),
+            "subnormal": float(self.counts[(e > f.flush_exp) & (e < f.normal_min_exp)].sum() / n),
             "overflow": float(self.counts[e >= f.overflow_exp].sum() / n),
             "zero": self.zeros / max(self.total, 1),
         }

@@ -20,9 +20,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, plot_default: str) -> 
     parser.add_argument(
         "--tiny", action="store_true", help="tiny data and models: a smoke test in seconds"
     )
-    parser.add_argument(
-        "--plot", default=plot_default, help="PNG of the loss curves ('' for none)"
-    )
+    parser.add_argument("--plot", default=plot_default, help="PNG of the loss curves ('' for none)")
     parser.add_argument(
         "--json", action="store_true", help="print the summary as JSON on the last line"
     )
@@ -51,4 +49,3 @@ def log_run(record: RunRecord) -> None:
         file=sys.stderr,
         flush=True,
     )
-

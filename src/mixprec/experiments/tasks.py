@@ -41,9 +41,7 @@ def digits_task(*, tiny: bool = False) -> Task:
     )
 
 
-def sort_data(
-    seed: int, n_train: int, n_valid: int, length: int = 8, vocab: int = 16
-) -> Tensors:
+def sort_data(seed: int, n_train: int, n_valid: int, length: int = 8, vocab: int = 16) -> Tensors:
     """Random token sequences (B, length) in [0, vocab) and the same sequences sorted."""
     generator = torch.Generator().manual_seed(10_000 + seed)
     x = torch.randint(0, vocab, (n_train + n_valid, length), generator=generator)

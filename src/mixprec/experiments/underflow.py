@@ -100,9 +100,7 @@ def gradient_census(
     fp32 = _nonzero_shares(model, batch, task, torch.float32, 1.0)
     fp16 = _nonzero_shares(model, batch, task, torch.float16, 1.0)
     scaled = _nonzero_shares(model, batch, task, torch.float16, scale)
-    predicted = diagnose(
-        model, batch, lambda out, y: task.loss_func(out, y) * task.loss_weight
-    )
+    predicted = diagnose(model, batch, lambda out, y: task.loss_func(out, y) * task.loss_weight)
     return {
         kind: {
             "nonzero_fp32": fp32[kind],
