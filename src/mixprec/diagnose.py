@@ -129,6 +129,9 @@ def diagnose(
     subnormal or overflow at loss scale 1, and the power-of-two loss scales keeping the
     underflow share within `underflow_threshold` and the overflow share within
     `overflow_threshold`. `print(result)` shows the summary; `result.plot(path)` the histogram.
+
+    The shares are a lower bound on what an fp16 backward loses: there, a flushed activation
+    gradient also drops out of every gradient computed from it further back.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
