@@ -14,6 +14,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixprec.demo.train", "train the digits CNN in fp32, fp16 and bf16 and compare"),
     "plan": ("mixprec.plan_command", "show each module's dtype, bytes and risks before training"),
     "bench": ("mixprec.bench", "benchmarks: overhead, memory, gpu (mixprec bench NAME --help)"),
+    "diagnose": (
+        "mixprec.experiments.diagnose_command",
+        "histogram a demo model's gradients against the fp16 and bf16 ranges",
+    ),
+    "experiment": (
+        "mixprec.experiments.command",
+        "reproduce the mixed-precision paper's claims: parity, underflow",
+    ),
 }
 
 
