@@ -7,17 +7,20 @@ as views into contiguous buffers so each copy is one kernel per buffer.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
     "FlatGroup",
+    "check_saved_masters",
     "get_master",
     "make_masters",
     "master2model",
     "model_g2master_g",
+    "move_state_to_masters",
     "shapes_summary",
     "trainable_params",
 ]
@@ -235,3 +238,51 @@ def shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
         more = f", ... ({len(group)} tensors)" if len(group) > limit else ""
         parts.append(f"[{shown}{more}]")
     return "[" + ", ".join(parts) + "]"
+
+
+def move_state_to_masters(
+    state: dict, model_params: ParamGroups, master_params: ParamGroups, flat_master: bool
+) -> None:
+    """Re-key optimizer `state` from steps taken on the half model to the fp32 masters."""
+    if not any(p in state for group in model_params for p in group):
+        return
+    if flat_master:
+        raise ValueError(
+            "the optimizer already holds per-parameter state, which cannot be carried into "
+            "flat masters; wrap the optimizer before its first step or use flat_master=False."
+        )
+    for model_group, master_group in zip(model_params, master_params):
+        for p, m in zip(model_group, master_group):
+            if p in state:
+                state[m] = {
+                    k: v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dim() else v
+                    for k, v in state.pop(p).items()
+                }
+
+
+def check_saved_masters(
+    state_dict: Mapping[str, Any], master_params: ParamGroups, flat_master: bool
+) -> ParamGroups:
+    """Return the masters of a MixedPrecisionOptimizer `state_dict` if they fit `master_params`;
+    raise ValueError naming the mismatch otherwise."""
+    missing = {"masters", "optimizer", "scaler"} - set(state_dict)
+    if missing:
+        raise ValueError(
+            f"not a MixedPrecisionOptimizer state_dict: missing {sorted(missing)}; got keys "
+            f"{sorted(state_dict)}."
+        )
+    flat = bool(state_dict.get("flat_master", flat_master))
+    if flat != flat_master:
+        raise ValueError(
+            f"state_dict was saved with flat_master={flat} but this optimizer has "
+            f"flat_master={flat_master}; build it with the same flat_master."
+        )
+    saved = state_dict["masters"]
+    expected = [[tuple(m.shape) for m in group] for group in master_params]
+    got = [[tuple(m.shape) for m in group] for group in saved]
+    if expected != got:
+        raise ValueError(
+            "state_dict holds masters of another model: expected shapes per group "
+            f"{shapes_summary(expected)}, got {shapes_summary(got)}."
+        )
+    return saved

@@ -14,7 +14,14 @@ from .chunked import Chunk, copy_unscale_check_, master_grad_pairs, pair_chunks,
 from .convert import HALF_DTYPES
 from .distributed import all_reduce_overflow_, is_data_parallel
 from .fused_adam import FusedAdamStep, fused_device_supported, fused_items
-from .master import FlatGroup, make_masters, master2model, model_g2master_g, shapes_summary
+from .master import (
+    FlatGroup,
+    check_saved_masters,
+    make_masters,
+    master2model,
+    model_g2master_g,
+    move_state_to_masters,
+)
 from .scaler import LossScale, LossScaler, unscale_and_check_
 
 if TYPE_CHECKING:
@@ -107,7 +114,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             if self.flat_master
             else []
         )
-        self._move_state_to_masters()
+        move_state_to_masters(optimizer.state, model_params, self.master_params, self.flat_master)
         for group, masters in zip(optimizer.param_groups, self.master_params):
             group["params"] = masters
         if self._fused is not None:
@@ -347,26 +354,6 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.zero_()
 
-    def _move_state_to_masters(self) -> None:
-        """Re-key optimizer state (from steps taken on the half model) to the fp32 masters."""
-        state = self.optimizer.state
-        if not any(p in state for group in self.model_params for p in group):
-            return
-        if self.flat_master:
-            raise ValueError(
-                "the optimizer already holds per-parameter state, which cannot be carried into "
-                "flat masters; wrap the optimizer before its first step or use flat_master=False."
-            )
-        for model_group, master_group in zip(self.model_params, self.master_params):
-            for p, m in zip(model_group, master_group):
-                if p in state:
-                    state[m] = {
-                        k: v.float()
-                        if torch.is_tensor(v) and v.is_floating_point() and v.dim()
-                        else v
-                        for k, v in state.pop(p).items()
-                    }
-
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """fp32 masters, the wrapped optimizer's state and the scaler's state (references)."""
@@ -379,26 +366,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Restore masters, optimizer and scaler state, and copy the masters into the model."""
-        missing = {"masters", "optimizer", "scaler"} - set(state_dict)
-        if missing:
-            raise ValueError(
-                f"not a MixedPrecisionOptimizer state_dict: missing {sorted(missing)}; got keys "
-                f"{sorted(state_dict)}."
-            )
-        flat = bool(state_dict.get("flat_master", self.flat_master))
-        if flat != self.flat_master:
-            raise ValueError(
-                f"state_dict was saved with flat_master={flat} but this optimizer has "
-                f"flat_master={self.flat_master}; build it with the same flat_master."
-            )
-        saved = state_dict["masters"]
-        expected = [[tuple(m.shape) for m in group] for group in self.master_params]
-        got = [[tuple(m.shape) for m in group] for group in saved]
-        if expected != got:
-            raise ValueError(
-                "state_dict holds masters of another model: expected shapes per group "
-                f"{shapes_summary(expected)}, got {shapes_summary(got)}."
-            )
+        saved = check_saved_masters(state_dict, self.master_params, self.flat_master)
         copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.scaler.load_state_dict(state_dict["scaler"])
