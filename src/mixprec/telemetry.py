@@ -62,8 +62,9 @@ def grad_stats(
     norms, counts = [], []
     for tensors in by_device.values():
         norms.extend(n.to(device) for n in torch._foreach_norm(tensors, 2, dtype=torch.float32))
-        # no foreach kernel counts non-finite values: one small reduction per tensor
-        counts.extend(torch.isfinite(g).logical_not_().sum().to(device) for g in tensors)
+        # g * 0 is 0 where g is finite and nan where it is not; counting the non-zeros is
+        # several times faster on a CPU than summing the boolean mask of isfinite(g)
+        counts.extend(torch.count_nonzero(z).to(device) for z in torch._foreach_mul(tensors, 0.0))
     norm = torch.linalg.vector_norm(torch.stack(norms)) / grad_scale
     return norm, torch.stack(counts).sum().float()
 
