@@ -1,10 +1,12 @@
-"""`mixprec bench modes`: the digits demo per mode and dtype (bf16 only here: fp16 is slow on CPU)."""
+"""`mixprec bench modes` (the digits demo per mode and dtype; bf16 only here, fp16 is slow on
+CPU) and `mixprec bench telemetry`."""
 
 import json
 
 import pytest
 
 from mixprec.bench.modes import measure
+from mixprec.bench.telemetry import measure as measure_telemetry
 from mixprec.cli import main
 
 CASES = ("fp32", "master-bf16", "autocast-bf16")
@@ -32,3 +34,10 @@ def test_the_command_prints_the_table_and_json(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[3].split()[0] == "master-bf16"  # title, header, rule, the row
     assert json.loads(out.splitlines()[-1])["cases"]["master-bf16"]["mode"] == "master"
+
+
+def test_the_telemetry_bench_times_both_engines_off_and_on():
+    result = measure_telemetry(n_params=10_000, repeats=2)
+    for name in ("fused", "autocast"):
+        assert result[f"{name}_off_ms"] > 0 and result[f"{name}_on_ms"] > 0
+    assert 0 < result["off_hook_us"] < 1000 and result["n_params"] > 9000
