@@ -95,10 +95,13 @@ class MixedPrecision(Callback):
         optimizer). Masters take the fp32 values the model had before conversion, not their
         rounded half copies."""
         learn = self.learn
-        exact = {
-            id(p): p.detach().clone() for p in learn.model.parameters() if p.dtype == torch.float32
-        }
+        exact = {}
         if self.mode == "master":
+            exact = {
+                id(p): p.detach().clone()
+                for p in learn.model.parameters()
+                if p.dtype == torch.float32
+            }
             model_to_half(learn.model, self.dtype)
         elif any(p.dtype in HALF_DTYPES for p in learn.model.parameters()):
             model_to_float(learn.model)  # autocast runs an fp32 model
