@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,10 @@ class Learner:
                     step_applied=None,
                     pbar=pbar,
                 )
-                output = handler("on_loss_begin", last_output=self.model(x))
-                loss = handler("on_backward_begin", last_loss=self.loss_func(output, y))
+                with self.forward_context():  # entered and left here, even on an exception
+                    output = handler("on_loss_begin", last_output=self.model(x))
+                    raw_loss = self.loss_func(output, y)
+                loss = handler("on_backward_begin", last_loss=raw_loss)
                 loss.backward()
                 handler("on_backward_end")
                 applied = self.opt.step() is not False  # plain optimizers return None
@@ -210,7 +213,7 @@ class Learner:
         self.model.eval()
         # A DataLoader draws a seed from the global RNG per pass: validating must not shift
         # the shuffling of later epochs (fit(1); validate(); fit(1) == fit(2)).
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self.forward_context():
             try:
                 totals, count = self._evaluate(dl, dtype)
             finally:
@@ -240,7 +243,8 @@ class Learner:
         self.model.eval()
         try:
             x = cast_floats(to_device(x, self.data.device), _input_dtype(self.model))
-            return cast_floats(self.model(x), torch.float32)
+            with self.forward_context():
+                return cast_floats(self.model(x), torch.float32)
         finally:
             self.model.train(was_training)
 
@@ -264,11 +268,18 @@ class Learner:
         """The `MixedPrecision` callback, if this learner trains in mixed precision."""
         return next((cb for cb in self.callbacks if isinstance(cb, MixedPrecision)), None)
 
+    def forward_context(self) -> AbstractContextManager:
+        """The region the forward pass and the loss run in: `torch.autocast` when training
+        with `to_fp16(mode="autocast")`, else nothing."""
+        mp = self.mixed_precision
+        return nullcontext() if mp is None else mp.forward_context()
+
     def to_fp16(
         self, loss_scale: LossScale = 512.0, flat_master: bool = False, **options: Any
     ) -> Learner:
         """Convert the model to half now and train it with a `MixedPrecision` callback built
-        with these options (`dtype`, `clip`, `fused`, the `LossScaler` keywords); returns self."""
+        with these options (`dtype`, `clip`, `fused`, `mode`, `telemetry`, the `LossScaler`
+        keywords); returns self. `mode="autocast"` keeps the model fp32 under torch.autocast."""
         if self.mixed_precision is not None:
             raise ValueError(
                 "this learner is already in mixed precision; call learn.to_fp32() first to "
@@ -332,6 +343,7 @@ class Learner:
             saved = "in mixed precision" if mp is None else "in fp32"
             raise ValueError(f"{path} was saved {saved}; call {fix} before learn.load().")
         if mp is not None:
+            mp.check_state_dict(checkpoint.get("opt"))  # another mode's: refuse, load nothing
             mp.prepare()
         self.model.load_state_dict(checkpoint["model"])
         if checkpoint.get("opt") is not None:
