@@ -14,6 +14,7 @@ import torch
 
 from ..callback import Callback
 from ..convert import cast_floats, check_half_dtype, model_to_float, model_to_half
+from ..guards import check_optimizer_holds, check_trainable, held_params
 from ..master import get_master, master2model, model_g2master_g
 from ..optimizer import MixedPrecisionOptimizer
 from ..scaler import LossScale, LossScaler
@@ -74,6 +75,9 @@ class MixedPrecision(Callback):
         convert and add parameters new to the optimizer). Masters take the fp32 values the
         model had before conversion, not their rounded half copies."""
         learn = self.learn
+        check_trainable(learn.model, frozen_ok=True)  # refuse before converting anything
+        if learn.opt is not None and not isinstance(learn.opt, MixedPrecisionOptimizer):
+            check_optimizer_holds(learn.model, held_params(learn.opt), every_trainable=False)
         exact = {
             id(p): p.detach().clone() for p in learn.model.parameters() if p.dtype == torch.float32
         }
@@ -91,6 +95,7 @@ class MixedPrecision(Callback):
                 flat_master=self.flat_master,
                 clip=self.clip,
                 fused=self.fused,
+                model=learn.model,  # names the parameters in overflow reports
                 **self.scaler_options,
             )
             learn.opt = self.opt
