@@ -12,6 +12,7 @@ Under `torch.distributed` (2 ranks) a fault may hit one rank only.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "batch",
     "make_model",
     "run_faults",
+    "schedule",
 ]
 
 KINDS = ("grad", "loss", "input")
@@ -109,6 +111,7 @@ class RunResult:
     lost: int  # clean steps whose update did not land
     mismatches: list[str] = field(default_factory=list)  # "step 3: masters" ...
     misnamed: list[str] = field(default_factory=list)  # overflow reports that named wrongly
+    masters: torch.Tensor | None = None  # the run's fp32 masters at the end, flattened
 
     @property
     def ok(self) -> bool:
@@ -168,6 +171,14 @@ def _hits(fault: Fault, env: DistEnv) -> bool:
     return fault.rank is None or fault.rank == env.rank
 
 
+def _micro_batch(fault: Fault, n: int, env: DistEnv) -> int:
+    """The micro-batch after whose backward `fault` is injected: a gradient fault under DDP
+    after the last (the reducing) backward, so that it stays on its rank."""
+    if fault.kind == "grad":
+        return n - 1 if env.is_distributed else fault.index % n
+    return 0
+
+
 def _train_step(
     model: nn.Module,
     opt: MixedPrecisionOptimizer,
@@ -175,13 +186,15 @@ def _train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     faults: Sequence[Fault] = (),
+    env: DistEnv = DistEnv(),
 ) -> bool:
-    """One step over `config.micro_batches` micro-batches, `faults` injected in the first."""
+    """One step over `config.micro_batches` micro-batches, with `faults` injected."""
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
-    chunks = list(zip(x.chunk(config.micro_batches), y.chunk(config.micro_batches)))
+    n = config.micro_batches
+    chunks = list(zip(x.chunk(n), y.chunk(n)))
     for i, (xb, yb) in enumerate(accumulate(model, chunks)):
         xb = xb.clone()
-        mine = faults if i == 0 else ()
+        mine = [f for f in faults if _micro_batch(f, n, env) == i]
         for f in mine:
             if f.kind == "input":
                 xb.view(-1)[f.index % xb.numel()] = f.value
@@ -200,20 +213,19 @@ def _train_step(
     return applied
 
 
-def _named_wrong(opt: MixedPrecisionOptimizer, hits: Sequence[Fault], step: int) -> str | None:
-    """Why the overflow report of `step` is wrong for the faults that hit this rank."""
+def _named_wrong(
+    opt: MixedPrecisionOptimizer, faults: Sequence[Fault], hits: Sequence[Fault], step: int
+) -> str | None:
+    """Why the overflow report of `step` is wrong, given the step's `faults` on every rank
+    and those that `hits` this one."""
     report = opt.last_overflow
     if report is None or report.step != step:
         return f"step {step}: no overflow report"
-    if not hits:
-        return None if report.faults == () else f"step {step}: named {report.names} on a clean rank"
-    if all(f.kind == "grad" for f in hits):
-        n = len(PARAM_NAMES)
-        expected = sorted({PARAM_NAMES[f.param % n] for f in hits})
-        if sorted(report.names) != expected:
-            return f"step {step}: named {report.names}, expected {expected}"
-    elif not report.faults:
-        return f"step {step}: an inf/nan loss or input named no parameter"
+    if any(f.kind != "grad" for f in faults):  # backward spreads it (DDP: to every rank)
+        return None if report.faults else f"step {step}: an inf/nan loss or input named nothing"
+    expected = sorted({PARAM_NAMES[f.param % len(PARAM_NAMES)] for f in hits})
+    if sorted(report.names) != expected:
+        return f"step {step}: named {report.names}, expected {expected}"
     return None
 
 
@@ -232,12 +244,13 @@ def run_faults(
     result = RunResult(config.name, steps, len(faults), len(faulted), 0, 0)
     for step in range(steps):
         x, y = batch(step, env)
-        hits = [f for f in faults if f.step == step and _hits(f, env)]
-        applied = _train_step(model, opt, config, x, y, hits)
+        now = [f for f in faults if f.step == step]
+        hits = [f for f in now if _hits(f, env)]
+        applied = _train_step(model, opt, config, x, y, hits, env)
         result.skipped += not applied
         if step in faulted:
             ref.scaler.update(True)  # what a skipped step must do, and nothing else
-            wrong = _named_wrong(opt, hits, step)
+            wrong = _named_wrong(opt, now, hits, step)
             if wrong is not None:
                 result.misnamed.append(wrong)
         else:
@@ -247,4 +260,29 @@ def run_faults(
         result.mismatches += [f"step {step}: {key}" for key in differ]
         if step not in faulted and (differ or not applied):
             result.lost += 1
+    result.masters = torch.cat([m.detach().reshape(-1) for g in opt.master_params for m in g])
     return result
+
+
+def schedule(
+    rng: random.Random, steps: int, n_faults: int, kinds: Sequence[str] = KINDS, world_size: int = 1
+) -> list[Fault]:
+    """`n_faults` random faults over `steps` steps (a step may get several), each on one
+    random rank (or every rank, one time in four) when `world_size` > 1."""
+    values = (float("inf"), float("-inf"), float("nan"))
+    faults = []
+    for _ in range(n_faults):
+        rank = None
+        if world_size > 1 and rng.random() < 0.75:
+            rank = rng.randrange(world_size)
+        faults.append(
+            Fault(
+                step=rng.randrange(steps),
+                kind=rng.choice(kinds),
+                param=rng.randrange(len(PARAM_NAMES)),
+                index=rng.randrange(1 << 16),
+                value=rng.choice(values),
+                rank=rank,
+            )
+        )
+    return sorted(faults, key=lambda f: f.step)
