@@ -135,7 +135,9 @@ def test_without_a_model_parameters_are_named_by_their_place():
 
 def test_a_rank_that_saw_no_inf_says_another_rank_overflowed(monkeypatch):
     model, opt = _setup()
-    monkeypatch.setattr(mpo.MixedPrecisionOptimizer, "_all_reduce_overflow", lambda s, f: f.fill_(1.0))
+    monkeypatch.setattr(
+        mpo.MixedPrecisionOptimizer, "_all_reduce_overflow", lambda s, f: f.fill_(1.0)
+    )
     _backward(model, opt)
     assert not opt.step()
     assert opt.last_overflow.faults == ()
@@ -174,17 +176,19 @@ def test_the_learner_names_parameters_by_their_module_names(tmp_path):
 
 def test_naming_overflow_adds_the_report_to_floating_point_errors_only():
     report = OverflowReport(4, 2.0, (GradFault("w", (2,), 0, 1),))
-    with pytest.raises(FloatingPointError, match=r"^boom The last skipped step, step 4"):
-        with naming_overflow(report):
-            raise FloatingPointError("boom")
-    with pytest.raises(ValueError, match="^other$"), naming_overflow(report):
+    with (
+        pytest.raises(FloatingPointError, match=r"^boom The last skipped step, step 4"),
+        naming_overflow(report),
+    ):
+        raise FloatingPointError("boom")
+    with pytest.raises(ValueError, match=r"^other$"), naming_overflow(report):
         raise ValueError("other")
-    with pytest.raises(FloatingPointError, match="^boom$"), naming_overflow(None):
+    with pytest.raises(FloatingPointError, match=r"^boom$"), naming_overflow(None):
         raise FloatingPointError("boom")
 
 
 def test_param_names_unwraps_and_checks():
     model = _encoder()
     assert list(param_names(model).values())[:2] == ["0.encoder.0.weight", "0.encoder.0.bias"]
-    with pytest.raises(TypeError, match="model must be the nn.Module whose parameters"):
+    with pytest.raises(TypeError, match=r"model must be the nn\.Module whose parameters"):
         param_names("model")

@@ -18,6 +18,7 @@ from .distributed import (
     save_on_rank0,
     wrap_ddp,
 )
+from .forensics import OverflowReport
 from .learner import Learner
 from .master import get_master, master2model, model_g2master_g
 from .metrics import accuracy
@@ -45,6 +46,7 @@ __all__ = [
     "MixedPrecisionOptimizer",
     "ModulePlan",
     "NORM_TYPES",
+    "OverflowReport",
     "Plan",
     "PrecisionPolicy",
     "Recorder",

@@ -100,7 +100,9 @@ def check_checkpoint_fits(learn: Learner, checkpoint: Mapping[str, Any], path: o
                 raise ValueError(f"{path}: {error}") from None
             _check_groups(saved_opt["optimizer"], opt.master_params, path)
         else:
-            groups = [g["params"] for g in (learn.param_groups() if opt is None else opt.param_groups)]
+            groups = [
+                g["params"] for g in (learn.param_groups() if opt is None else opt.param_groups)
+            ]
             _check_groups(saved_opt, groups, path)
     saved_generators = len(checkpoint.get("rng", {}).get("generators", []))
     generators = len(learn._generators())  # the training loader's own generators

@@ -152,9 +152,7 @@ def naming_overflow(report: OverflowReport | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def clip_grad_norm_if_finite_(
-    parameters: Iterable[torch.Tensor], max_norm: float
-) -> torch.Tensor:
+def clip_grad_norm_if_finite_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` (foreach), except that gradients whose total norm is
     inf/nan are left as they are; returns the norm.
 

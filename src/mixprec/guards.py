@@ -122,9 +122,13 @@ def warn_out_of_range(modules: Iterable[tuple[str, nn.Module]], dtype: torch.dty
         return
     with torch.no_grad():
         device = named[0][2].device
-        peaks = torch.stack([n.to(device) for n in torch._foreach_norm([w for *_, w in named], math.inf)])
+        peaks = torch.stack(
+            [n.to(device) for n in torch._foreach_norm([w for *_, w in named], math.inf)]
+        )
         suspects = (~(peaks <= torch.finfo(dtype).max)).nonzero().flatten().tolist()  # one sync
-    found = [w for i in suspects for w in _range_warnings(named[i][0], named[i][1], named[i][2], dtype)]
+    found = [
+        w for i in suspects for w in _range_warnings(named[i][0], named[i][1], named[i][2], dtype)
+    ]
     if found:
         warnings.warn(
             "converting to float16 would break the model before training: " + " ".join(found),

@@ -21,9 +21,7 @@ import torch
 
 __all__ = ["safe_load", "verify_archive"]
 
-_EARLIER = (
-    "Load an earlier checkpoint: an interrupted save never replaces the file it was writing."
-)
+_EARLIER = "Load an earlier checkpoint: an interrupted save never replaces the file it was writing."
 # What torch's weights-only unpickler says about objects it may not build (not corruption).
 _UNSAFE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|not an allowed global|allowlist")
 

@@ -16,7 +16,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("mixprec.bench.overhead", "optimizer-phase time: mixprec vs torch.amp vs floor"),
     "memory": ("mixprec.bench.memory", "training-state bytes per parameter, activation memory"),
     "gpu": ("mixprec.bench.gpu", "throughput and peak memory on a GPT-2-like and a ResNet-like"),
-    "faults": ("mixprec.bench.faults", "inject inf/nan, exceptions and interrupts; count what is lost"),
+    "faults": (
+        "mixprec.bench.faults",
+        "inject inf/nan, exceptions and interrupts; count what is lost",
+    ),
 }
 
 

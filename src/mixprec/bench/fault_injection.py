@@ -39,6 +39,7 @@ __all__ = [
 
 KINDS = ("grad", "loss", "input")
 GLOBAL_BATCH = 8  # samples per step, over all ranks
+ONE_PROCESS = DistEnv()
 PARAM_NAMES = ("0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias")
 
 
@@ -129,7 +130,9 @@ def make_model(seed: int = 0) -> nn.Module:
     from ..convert import model_to_half
 
     torch.manual_seed(seed)
-    return model_to_half(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)))
+    return model_to_half(
+        nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    )
 
 
 def batch(step: int, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +189,7 @@ def _train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     faults: Sequence[Fault] = (),
-    env: DistEnv = DistEnv(),
+    env: DistEnv = ONE_PROCESS,
 ) -> bool:
     """One step over `config.micro_batches` micro-batches, with `faults` injected."""
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
@@ -230,7 +233,7 @@ def _named_wrong(
 
 
 def run_faults(
-    config: EngineConfig, faults: Sequence[Fault], steps: int, env: DistEnv = DistEnv()
+    config: EngineConfig, faults: Sequence[Fault], steps: int, env: DistEnv = ONE_PROCESS
 ) -> RunResult:
     """Train `steps` steps with `faults` and, beside it, the reference; compare after each.
 

@@ -24,7 +24,15 @@ from ..data import DataBunch
 from ..learner import Learner
 from ..optimizer import MixedPrecisionOptimizer
 
-__all__ = ["BATCH_EVENTS", "LearnerConfig", "LearnerResult", "Stop", "WHERE", "run_grad_faults", "run_stop"]
+__all__ = [
+    "BATCH_EVENTS",
+    "LearnerConfig",
+    "LearnerResult",
+    "Stop",
+    "WHERE",
+    "run_grad_faults",
+    "run_stop",
+]
 
 BATCH_EVENTS = (
     "on_batch_begin",
@@ -85,7 +93,9 @@ class LearnerResult:
 
 def _batches(n: int = N_BATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)
+    ]
 
 
 class _Loader:
@@ -199,9 +209,9 @@ def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
         result.problems.append("fit did not stop")
     except stop.error as error:
         notes = getattr(error, "__notes__", [])
-        if stop.where in BATCH_EVENTS and stop.error is RuntimeError:
-            if f"raised in callback _Raiser, event {stop.where}" not in notes:
-                result.problems.append(f"the error does not name its source: {notes}")
+        named = f"raised in callback _Raiser, event {stop.where}" in notes
+        if stop.where in BATCH_EVENTS and stop.error is RuntimeError and not named:
+            result.problems.append(f"the error does not name its source: {notes}")
     taken = stop.step + (stop.where in _AFTER_STEP)
     stopped = snapshot(learn)
     if not model_matches_masters(learn):
@@ -252,7 +262,9 @@ class _Poison(Callback):
             self.reports[iteration] = learn.opt.last_overflow
 
 
-def run_grad_faults(config: LearnerConfig, faults: dict[int, tuple[int, int, float]]) -> LearnerResult:
+def run_grad_faults(
+    config: LearnerConfig, faults: dict[int, tuple[int, int, float]]
+) -> LearnerResult:
     """One epoch with an inf/nan written into a half gradient at each step of `faults`,
     beside one epoch without those batches (`config` must scale statically)."""
     batches = _batches(8)

@@ -28,7 +28,13 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import DistEnv
-from .common import add_common_arguments, apply_threads, describe_machine, format_table, print_result
+from .common import (
+    add_common_arguments,
+    apply_threads,
+    describe_machine,
+    format_table,
+    print_result,
+)
 from .fault_injection import CONFIGS, run_faults, schedule
 from .fault_learner import BATCH_EVENTS, WHERE, LearnerConfig, Stop, run_grad_faults, run_stop
 
@@ -54,7 +60,15 @@ class Tally:
     problems: int = 0  # state mismatches and wrong overflow reports
 
     def row(self) -> list[Any]:
-        return [self.scenario, self.runs, self.faults, self.faulted_steps, self.skipped, self.lost, self.problems]
+        return [
+            self.scenario,
+            self.runs,
+            self.faults,
+            self.faulted_steps,
+            self.skipped,
+            self.lost,
+            self.problems,
+        ]
 
 
 HEADERS = ("scenario", "runs", "faults", "faulted steps", "skipped", "updates lost", "problems")
@@ -98,7 +112,9 @@ def _learner(seed: int) -> list[Tally]:
         for _ in range(8):
             steps = rng.sample(range(8), 3)
             values = (float("inf"), float("-inf"), float("nan"))
-            faults = {s: (rng.randrange(6), rng.randrange(1 << 16), rng.choice(values)) for s in steps}
+            faults = {
+                s: (rng.randrange(6), rng.randrange(1 << 16), rng.choice(values)) for s in steps
+            }
             r = run_grad_faults(config, faults)
             grads.runs += 1
             grads.faults += r.faults
@@ -112,31 +128,37 @@ def _learner(seed: int) -> list[Tally]:
 def _rank_worker(rank: int, store_path: str, steps: int, faults: int, seed: int, out: str) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, 2)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     env = DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2)
     results = []
     for i, config in enumerate(CONFIGS):
-        r = run_faults(config, schedule(random.Random(seed + 100 + i), steps, faults, world_size=2), steps, env)
-        results.append([r.faults, r.faulted_steps, r.skipped, r.lost, len(r.mismatches) + len(r.misnamed)])
+        plan = schedule(random.Random(seed + 100 + i), steps, faults, world_size=2)
+        r = run_faults(config, plan, steps, env)
+        one_rank = sum(f.rank is not None for f in plan)
+        problems = len(r.mismatches) + len(r.misnamed)
+        results.append([r.faults, one_rank, r.faulted_steps, r.skipped, r.lost, problems])
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def _distributed(steps: int, faults: int, seed: int) -> Tally:
-    """The engine configurations under DDP on 2 gloo processes, faults mostly on one rank."""
-    tally = Tally("2 ranks (gloo): most faults on one rank")
+    """The engine configurations under DDP on 2 gloo processes, faults mostly on one rank:
+    steps counted once, what was lost or wrong on either rank."""
     with tempfile.TemporaryDirectory() as out:
         store = os.path.join(out, "store")
         torch.multiprocessing.spawn(_rank_worker, (store, steps, faults, seed, out), nprocs=2)
         ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    for rows in zip(*ranks):
-        for f, faulted, skipped, lost, problems in rows:
-            tally.faulted_steps += faulted
-            tally.skipped += skipped
-            tally.lost += lost
-            tally.problems += problems
+    one_rank = sum(row[1] for row in ranks[0])
+    tally = Tally(f"2 ranks (gloo), {one_rank} faults on one rank only")
+    for rank0, rank1 in zip(*ranks):
         tally.runs += 1
-        tally.faults += rows[0][0]
+        tally.faults += rank0[0]
+        tally.faulted_steps += rank0[2]
+        tally.skipped += rank0[3]
+        tally.lost += rank0[4] + rank1[4]
+        tally.problems += rank0[5] + rank1[5] + (rank0[3] != rank1[3])
     return tally
 
 
@@ -182,4 +204,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print_result(text, result, args.json)
     total = result["total"]
-    return int(total["lost"] > 0 or total["problems"] > 0 or total["skipped"] != total["faulted_steps"])
+    return int(
+        total["lost"] > 0 or total["problems"] > 0 or total["skipped"] != total["faulted_steps"]
+    )
