@@ -82,7 +82,7 @@ def test_a_skipped_step_names_the_parameters_with_inf_nan_gradients(options):
     assert report.faults[0] == GradFault("encoder.0.weight", (8, 4), nan=1, inf=1)
     assert report.faults[1] == GradFault("head.bias", (2,), nan=0, inf=1)
     assert str(report) == (
-        "step 1 (loss scale 1024.0): inf/nan gradients in 2 parameter(s): "
+        "step 1 (counted from 0; loss scale 1024.0): inf/nan gradients in 2 parameter(s): "
         "encoder.0.weight (1 nan, 1 inf of 32), head.bias (1 inf of 2)"
     )
     opt.zero_grad()
@@ -96,7 +96,7 @@ def test_the_persistent_overflow_error_names_the_parameters(options):
     with pytest.raises(
         FloatingPointError,
         match=r"3 consecutive steps at the static loss scale 1024\.0.*"
-        r"The last skipped step, step 2 \(loss scale 1024\.0\): inf/nan gradients in 1 "
+        r"The last skipped step, step 2 \(counted from 0; loss scale 1024\.0\): inf/nan gradients in 1 "
         r"parameter\(s\): encoder\.1\.weight \(1 nan of 8\)",
     ):
         for _ in range(3):

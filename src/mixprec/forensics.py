@@ -8,8 +8,8 @@ gradients on the fused path), and keeps it as `opt.last_overflow`::
     opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), model=model)
     ...
     if not opt.step():
-        print(opt.last_overflow)   # step 41 (loss scale 65536.0): inf/nan gradients in
-                                   # 1 parameter: encoder.0.weight (3 inf of 4096)
+        print(opt.last_overflow)   # step 3 (counted from 0; loss scale 4.0): inf/nan
+                                   # gradients in 1 parameter(s): encoder.0.weight (3 inf of 4096)
 
 Names come from `model.named_parameters()` (`model=` given to the optimizer; the
 `MixedPrecision` callback passes the learner's model); without them a parameter is named
@@ -61,8 +61,8 @@ class GradFault(NamedTuple):
 @dataclass(frozen=True)
 class OverflowReport:
     """What a skipped step's gradients held: `step` is its index (0 for the first step the
-    optimizer took), `loss_scale` the scale its loss was multiplied by, `faults` every
-    parameter with an inf/nan gradient, in the optimizer's order."""
+    optimizer took: a Learner's `iteration`), `loss_scale` the scale its loss was multiplied
+    by, `faults` every parameter with an inf/nan gradient, in the optimizer's order."""
 
     step: int
     loss_scale: float
@@ -74,7 +74,7 @@ class OverflowReport:
         return [f.name for f in self.faults]
 
     def __str__(self) -> str:
-        head = f"step {self.step} (loss scale {self.loss_scale})"
+        head = f"step {self.step} (counted from 0; loss scale {self.loss_scale})"
         if not self.faults:
             return (
                 f"{head}: no inf/nan in this process's gradients; another rank's gradients "
