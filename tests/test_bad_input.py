@@ -485,7 +485,7 @@ CHECKPOINT_CASES = {
             and "groups"
         ),
         {},
-        r"parameters per group \[2, 2, 2, 2, 2, 0\], but this learner's has \[4, 4, 2\]|masters of another model",
+        r"masters of another model: expected shapes per group \[\[\(16, 8\), \(4, 16\)\], .*got \[\[\(16, 8\)\], \[\(16,\)\]",
     ),
     "truncated file": (
         lambda p: _rewrite(p, lambda b: b[: len(b) // 2]),
@@ -567,3 +567,22 @@ def test_bf16_and_in_range_models_convert_without_a_warning():
         warnings.simplefilter("error")
         model_to_half(model, torch.bfloat16)  # bf16 has the range of fp32
         model_to_half(tiny_model())
+
+
+def test_fp32_learners_refuse_checkpoints_that_do_not_fit_before_anything_loads(tmp_path):
+    other = make_learner(tmp_path, layer_groups=True)  # two layer groups: six param groups
+    other.fit(1)
+    other.save("two_groups")
+    _saved(tmp_path, "mixed", lambda learn: learn.to_fp16())
+    learn = make_learner(tmp_path, seed=11)
+    learn.fit(1)
+    before = _learner_state(learn)
+    with pytest.raises(
+        ValueError,
+        match=r"holds an optimizer with parameters per group \[1, 1, 2, 1, 1, 0\], but this "
+        r"learner's has \[2, 2, 2\]: it was saved with other layer groups",
+    ):
+        learn.load("two_groups")
+    with pytest.raises(ValueError, match=r"was saved in mixed precision; call learn\.to_fp16"):
+        learn.load("mixed")
+    assert_identical(_learner_state(learn), before)

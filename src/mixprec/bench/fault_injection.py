@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..convert import model_to_half
 from ..distributed import DistEnv, accumulate, unwrap, wrap_ddp
 from ..optimizer import MixedPrecisionOptimizer
 
@@ -127,8 +128,6 @@ class RunResult:
 
 def make_model(seed: int = 0) -> nn.Module:
     """A tiny MLP with a LayerNorm (kept in fp32), in fp16."""
-    from ..convert import model_to_half
-
     torch.manual_seed(seed)
     return model_to_half(
         nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))

@@ -145,7 +145,10 @@ def _raising_loss(stop: Stop):
 def snapshot(learn: Learner) -> dict[str, Any]:
     """Copies of the masters, model, optimizer state, scaler state and step count."""
     opt = learn.opt
-    assert isinstance(opt, MixedPrecisionOptimizer)
+    if not isinstance(opt, MixedPrecisionOptimizer):
+        raise TypeError(
+            f"expected a learner in mixed precision; its optimizer is {type(opt).__name__}."
+        )
     return {
         "masters": [m.detach().clone() for g in opt.master_params for m in g],
         "model": [v.clone() for v in learn.model.state_dict().values()],
