@@ -7,10 +7,6 @@ against the other rank, or against a single process computed here.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import mixprec
 from distributed_worker import (
     DistEnv,
     make_net,
@@ -27,6 +22,7 @@ from distributed_worker import (
     sgd_run,
     train,
 )
+from launch import WORLD_SIZE, launch
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -34,59 +30,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-WORLD_SIZE = 2
 # The 2-rank runs differ from one process by the order of fp16 sums (about 6e-4 here, with
 # weights moving by 0.5-0.8); a rank that missed the other's gradients is off by 0.5 or more.
 FP16_ROUNDING = 5e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Each rank's results, from one launch of 2 worker processes."""
-    out = tmp_path_factory.mktemp("distributed")
-    src = str(Path(mixprec.__file__).resolve().parents[1])  # the mixprec under test
-    base = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(WORLD_SIZE),
-        "LOCAL_WORLD_SIZE": str(WORLD_SIZE),
-        "OMP_NUM_THREADS": "1",
-    }
-    if sys.platform.startswith("linux"):
-        base["GLOO_SOCKET_IFNAME"] = "lo"  # stay on the loopback interface
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out)],
-            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=180)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if any(proc.returncode != 0 for proc in procs):
-        pytest.fail(
-            "a worker failed:\n"
-            + "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
-        )
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return launch(WORKER, tmp_path_factory.mktemp("distributed"), WORLD_SIZE)
 
 
 def single_process(steps: int, *, world_size: int = 1, **options: Any) -> torch.Tensor:

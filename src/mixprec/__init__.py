@@ -20,6 +20,7 @@ from .distributed import (
     save_on_rank0,
     wrap_ddp,
 )
+from .forensics import OverflowReport
 from .learner import Learner
 from .master import get_master, master2model, model_g2master_g
 from .metrics import accuracy
@@ -56,6 +57,7 @@ __all__ = [
     "MixedPrecisionOptimizer",
     "ModulePlan",
     "NORM_TYPES",
+    "OverflowReport",
     "Plan",
     "PrecisionPolicy",
     "Recorder",

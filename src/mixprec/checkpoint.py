@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .integrity import safe_load
+
 __all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
@@ -39,11 +41,14 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
 def load_checkpoint(
     path: str | os.PathLike, map_location: torch.device | str | None = None
 ) -> dict[str, Any]:
-    """Load a checkpoint with `torch.load(weights_only=True)`: tensors and plain values only."""
+    """Load a checkpoint with `torch.load(weights_only=True)`: tensors and plain values only.
+
+    A truncated or corrupted file, or one that would need more than tensors and plain
+    values, raises a ValueError and nothing in it is run (see `mixprec.integrity`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; save one first with learn.save(name).")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    obj = safe_load(path, map_location)  # checksums, then torch.load(weights_only=True)
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a checkpoint dict; got {type(obj).__name__}.")
     return obj

@@ -128,7 +128,10 @@ def model_to_half(
     pattern). A kept module stays fp32 with everything inside it, receives its floating
     inputs cast to fp32 and returns its floating outputs cast back to `dtype`, so the half
     model takes and returns `dtype`. Returns the same module.
+    Weights that `dtype` cannot hold (beyond fp16's range, or already inf/nan) are warned
+    about (RuntimeWarning) before anything is converted.
     """
+    from .guards import warn_out_of_range  # guards.py imports this module
     from .policy import PrecisionPolicy  # policy.py imports this module
 
     check_half_dtype(dtype)
@@ -136,6 +139,7 @@ def model_to_half(
     roots = [m for m, _ in policy.fp32_roots(model).values()]
     root_ids = {id(m) for m in roots}
     kept = {id(m) for r in roots for m in r.modules()}
+    warn_out_of_range(((n, m) for n, m in model.named_modules() if id(m) not in kept), dtype)
     for module in model.modules():
         _remove_fp32_hooks(module)
         if id(module) in kept:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .guards import check_batch
+
 __all__ = ["DataBunch", "DeviceDataLoader", "to_device"]
 
 BatchTransform = Callable[[Any], Any]
@@ -27,7 +29,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 class DeviceDataLoader:
-    """Iterates `dl`, moving each batch to `device` and then applying `tfms` in order."""
+    """Iterates `dl`, moving each batch to `device`, checking that it is an (input, target)
+    pair of tensors, and then applying `tfms` in order."""
 
     def __init__(self, dl: Iterable, device: torch.device, tfms: list[BatchTransform]) -> None:
         self.dl = dl
@@ -38,8 +41,9 @@ class DeviceDataLoader:
         return len(self.dl)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.dl:
+        for i, batch in enumerate(self.dl):
             batch = to_device(batch, self.device)
+            check_batch(batch, i)  # a clear error here, not a puzzling one in the model
             for tfm in self.tfms:
                 batch = tfm(batch)
             yield batch

@@ -306,6 +306,8 @@ class FusedAdamStep:
         """
         found_inf, _, scale_buf = buffers
         found_inf.zero_()
+        state = self.optimizer.state
+        fresh = [it.master for group in items for it in group if not state.get(it.master)]
         chunks, steps = self.plan(items, cache=flat)
         norm = self.check_(chunks, found_inf, want_norm=clip is not None)
         if norm is not None:
@@ -320,4 +322,8 @@ class FusedAdamStep:
             if norm is not None:
                 grad_scale = scale_buf / torch.clamp(clip / (norm + 1e-6), max=1.0)
             self.update_(chunks, steps, grad_scale, zero_grads=flat)
+        elif fresh:  # a skipped step leaves no trace: drop the state plan() just created
+            for master in fresh:
+                state.pop(master, None)
+            self._cache = None
         return overflow, norm

@@ -17,8 +17,15 @@ from tqdm.auto import tqdm
 from .callback import Callback, CallbackHandler
 from .callbacks.fp16 import MixedPrecision
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .compat import check_checkpoint_fits
 from .convert import HALF_DTYPES, cast_floats, model_to_float
 from .data import DataBunch, to_device
+from .guards import (
+    check_not_half_without_masters,
+    check_optimizer_holds,
+    check_trainable,
+    held_params,
+)
 from .layer_groups import freeze_to, split_params
 from .optimizer import MixedPrecisionOptimizer
 from .recorder import Recorder
@@ -148,14 +155,19 @@ class Learner:
             or lr <= 0
         ):
             raise ValueError(f"lr must be a positive finite number; got {lr!r}.")
+        check_trainable(self.model)
+        if self.mixed_precision is None:
+            check_not_half_without_masters(self.model)
         if self.opt is None:
             self.create_opt(lr)
+        self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
         self._set_lr(lr)
         handler = CallbackHandler([self.recorder, *self.callbacks], learn=self, n_epochs=epochs)
         exception: BaseException | None = None
         try:
             handler("on_train_begin")
             self.add_new_params()
+            check_optimizer_holds(self.model, held_params(self.opt))
             self._set_lr(lr)
             for k in range(epochs):
                 self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
@@ -189,10 +201,10 @@ class Learner:
                 loss.backward()
                 handler("on_backward_end")
                 applied = self.opt.step() is not False  # plain optimizers return None
+                self.iteration += 1  # counted at once: a stop in the events below keeps it
                 handler("on_step_end", step_applied=applied)
                 self.opt.zero_grad()
                 handler("on_batch_end")
-                self.iteration += 1
                 pbar.update()
         metrics = self.validate() if self.data.valid_dl is not None else None
         handler("on_epoch_end", last_metrics=metrics, train=False)
@@ -321,6 +333,7 @@ class Learner:
             "format": CHECKPOINT_FORMAT,
             "version": 1,
             "mixed_precision": mp is not None,
+            "dtype": None if mp is None else str(mp.dtype),
             "model": self.model.state_dict(),
             "opt": None if self.opt is None else self.opt.state_dict(),
             "epoch": self.epoch,
@@ -345,6 +358,7 @@ class Learner:
         if mp is not None:
             mp.check_state_dict(checkpoint.get("opt"))  # another mode's: refuse, load nothing
             mp.prepare()
+        check_checkpoint_fits(self, checkpoint, path)  # all of it, before anything changes
         self.model.load_state_dict(checkpoint["model"])
         if checkpoint.get("opt") is not None:
             if self.opt is None:

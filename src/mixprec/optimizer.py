@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import forensics
 from .chunked import Chunk, copy_unscale_check_, master_grad_pairs, pair_chunks, step_buffers
 from .convert import HALF_DTYPES
 from .distributed import all_reduce_overflow_, is_data_parallel
@@ -63,6 +64,10 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     leaves them for the backward that reduces them (moving them to the masters early would
     keep earlier micro-batches out of the reduction). `data_parallel=False` opts out, for an
     optimizer used on some ranks only.
+
+    `model` (whose parameters alone the optimizer must hold) names them: a skipped step's
+    report `last_overflow` and the persistent-overflow error then name those with inf/nan
+    gradients (see `mixprec.forensics`).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         fused: bool = False,
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
+        model: nn.Module | None = None,
         **scaler_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -101,6 +107,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 f"{sorted(str(d) for d in dtypes)}). Convert the model first and build the "
                 "optimizer on it: model_to_half(model); opt = torch.optim.AdamW(model.parameters())."
             )
+        self.param_names = {} if model is None else forensics.param_names(model, model_params)
         self.scaler = LossScaler(loss_scale, **scaler_options)
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
         self.optimizer = optimizer
@@ -127,6 +134,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._pending = False  # model grads hold gradients not yet moved to the masters
         self._accumulated = False  # master grads hold gradients of this step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
+        self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
 
@@ -225,7 +233,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self.telemetry.record_(found_inf, self.scaler.scale, self._master_grads)  # before clip
         if self.clip is not None:
             masters = [m for group in self.master_params for m in group]
-            self.last_grad_norm = nn.utils.clip_grad_norm_(masters, self.clip, foreach=True)
+            self.last_grad_norm = forensics.clip_grad_norm_if_finite_(masters, self.clip)
         self._found_inf = found_inf
 
     def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
@@ -243,6 +251,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         assert self._found_inf is not None
         overflow = bool(self._found_inf.item())  # the one host sync of the step
         self._found_inf = None
+        if overflow:  # only now: forensics cost nothing on clean steps
+            self.last_overflow = forensics.overflow_report(self, from_model_grads=False)
         if not overflow:
             self.optimizer.step()
             self._copy_masters_to_model()
@@ -250,7 +260,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         if self._fused is not None:
             self._release_master_grads()
         self._pending = self._accumulated = False
-        self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
+        with forensics.naming_overflow(self.last_overflow if overflow else None):
+            self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
         return not overflow
 
     def _fused_step(self) -> bool:
@@ -267,12 +278,15 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         how = (self._buffers, scale, self.clip, self.flat_master, checked)
         with torch.no_grad():
             overflow, norm = self._fused.step(items, *how)
+            if overflow:  # read the half grads before they are zeroed
+                self.last_overflow = forensics.overflow_report(self, from_model_grads=True)
             if norm is not None:
                 self.last_grad_norm = norm
             if overflow or not self.flat_master:
                 self._zero_model_grads()
         self._pending = self._accumulated = False
-        self.scaler.update(overflow)
+        with forensics.naming_overflow(self.last_overflow if overflow else None):
+            self.scaler.update(overflow)
         return not overflow
 
     def zero_grad(self, set_to_none: bool = True) -> None:

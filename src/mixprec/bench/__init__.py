@@ -18,6 +18,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gpu": ("mixprec.bench.gpu", "throughput and peak memory on a GPT-2-like and a ResNet-like"),
     "modes": ("mixprec.bench.modes", "digits demo per mode and dtype: accuracy, time, memory"),
     "telemetry": ("mixprec.bench.telemetry", "optimizer step time with telemetry off and on"),
+    "faults": (
+        "mixprec.bench.faults",
+        "inject inf/nan, exceptions and interrupts; count what is lost",
+    ),
 }
 
 

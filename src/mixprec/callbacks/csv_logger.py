@@ -47,7 +47,9 @@ class CSVLogger(Callback):
 
     def on_batch_end(self, learn: Any, **kwargs: Any) -> None:
         """Follow the optimizer's telemetry (no host sync)."""
-        self._reader = follow(self._reader, learn.opt, learn.iteration + 1)
+        self._reader = follow(
+            self._reader, learn.opt, learn.iteration
+        )  # counted before on_batch_end
 
     def on_epoch_end(self, **kwargs: Any) -> None:
         """Write the steps recorded since the last write."""

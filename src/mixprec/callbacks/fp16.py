@@ -17,6 +17,7 @@ import torch
 from ..autocast import AutocastOptimizer, autocast_region, device_type_of
 from ..callback import Callback
 from ..convert import HALF_DTYPES, cast_floats, check_half_dtype, model_to_float, model_to_half
+from ..guards import check_optimizer_holds, check_trainable, held_params
 from ..master import get_master, master2model, model_g2master_g
 from ..modes import Mode, check_mode, check_mode_options, check_saved_mode
 from ..optimizer import MixedPrecisionOptimizer
@@ -95,6 +96,11 @@ class MixedPrecision(Callback):
         optimizer). Masters take the fp32 values the model had before conversion, not their
         rounded half copies."""
         learn = self.learn
+        check_trainable(learn.model, frozen_ok=True)  # refuse before converting anything
+        if learn.opt is not None and not isinstance(
+            learn.opt, (MixedPrecisionOptimizer, AutocastOptimizer)
+        ):
+            check_optimizer_holds(learn.model, held_params(learn.opt), every_trainable=False)
         exact = {}
         if self.mode == "master":
             exact = {
@@ -133,6 +139,7 @@ class MixedPrecision(Callback):
             flat_master=self.flat_master,
             clip=self.clip,
             fused=self.fused,
+            model=self.learn.model,  # names the parameters in overflow reports
             **self.scaler_options,
         )
 
