@@ -8,7 +8,6 @@ methods, so a loop or a callback drives either one.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from .convert import HALF_DTYPES, check_half_dtype
 from .distributed import all_reduce_overflow_
+from .guards import check_engine_options
 from .modes import check_mode_options, check_saved_mode
 from .scaler import LossScale, LossScaler, unscale_and_check_
 from .telemetry import NO_TELEMETRY
@@ -98,15 +98,7 @@ class AutocastOptimizer(torch.optim.Optimizer):
         check_mode_options("autocast", "AutocastOptimizer", show_mode=False, **scaler_options)
         for name in ("flat_master", "fused"):  # False is harmless: nothing to lay out or fuse
             scaler_options.pop(name, None)
-        if clip is not None and (
-            isinstance(clip, bool)
-            or not isinstance(clip, (int, float))
-            or not math.isfinite(clip)
-            or clip <= 0
-        ):
-            raise ValueError(f"clip must be None or a positive finite max norm; got {clip!r}.")
-        if not isinstance(data_parallel, bool):
-            raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
+        clip = check_engine_options(clip, data_parallel)
         for group in optimizer.param_groups:
             _check_fp32(group["params"])
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -116,7 +108,7 @@ class AutocastOptimizer(torch.optim.Optimizer):
         self.dtype = check_half_dtype(dtype)
         self.scaler = LossScaler(loss_scale, **scaler_options)
         self.optimizer = optimizer
-        self.clip = None if clip is None else float(clip)
+        self.clip = clip
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.telemetry = NO_TELEMETRY

@@ -169,3 +169,17 @@ def check_batch(batch: Any, index: int) -> None:
                 "it with torch.as_tensor (torch.from_numpy for arrays), or let the "
                 "DataLoader's default collate_fn do it."
             )
+
+
+def check_engine_options(clip: Any, data_parallel: Any) -> float | None:
+    """Validate the options both optimizer wrappers take; return `clip` as a float or None."""
+    if clip is not None and (
+        isinstance(clip, bool)
+        or not isinstance(clip, (int, float))
+        or not math.isfinite(clip)
+        or clip <= 0
+    ):
+        raise ValueError(f"clip must be None or a positive finite max norm; got {clip!r}.")
+    if not isinstance(data_parallel, bool):
+        raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
+    return None if clip is None else float(clip)

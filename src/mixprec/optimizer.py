@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +14,7 @@ from .chunked import Chunk, copy_unscale_check_, master_grad_pairs, pair_chunks,
 from .convert import HALF_DTYPES
 from .distributed import all_reduce_overflow_, is_data_parallel
 from .fused_adam import FusedAdamStep, fused_device_supported, fused_items
+from .guards import check_engine_options
 from .master import (
     FlatGroup,
     check_saved_masters,
@@ -90,15 +90,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, MixedPrecisionOptimizer):
             raise TypeError("the optimizer is already a MixedPrecisionOptimizer; wrap it once.")
-        if clip is not None and (
-            isinstance(clip, bool)
-            or not isinstance(clip, (int, float))
-            or not math.isfinite(clip)
-            or clip <= 0
-        ):
-            raise ValueError(f"clip must be None or a positive finite max norm; got {clip!r}.")
-        if not isinstance(data_parallel, bool):
-            raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
+        clip = check_engine_options(clip, data_parallel)
         model_params = [list(group["params"]) for group in optimizer.param_groups]
         dtypes = {p.dtype for group in model_params for p in group}
         if not dtypes & set(HALF_DTYPES):
@@ -112,7 +104,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
         self.optimizer = optimizer
         self.flat_master = bool(flat_master)
-        self.clip = None if clip is None else float(clip)
+        self.clip = clip
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.model_params = model_params
