@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from .callback import Callback, CallbackHandler
 from .callbacks.fp16 import MixedPrecision
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .convert import HALF_DTYPES, cast_floats, model_to_float
 from .data import DataBunch, to_device
 from .layer_groups import freeze_to, split_params
 from .optimizer import MixedPrecisionOptimizer
+from .parallel import Ranks, set_epoch
 from .recorder import Recorder
 from .scaler import LossScale
 
@@ -42,6 +43,9 @@ class Learner:
     weight decay unless `bn_wd`. `wd` (if not None) sets the weights' decay.
 
     Checkpoints go to `path / model_dir / f"{name}.pth"`.
+
+    Launched by torchrun on several processes, it trains data-parallel (`distributed=False`:
+    alone in each process): see `Ranks` (`learn.ranks`) for what each rank does.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class Learner:
         path: str | os.PathLike = ".",
         model_dir: str = "models",
         progress: bool = True,
+        distributed: bool = True,
     ) -> None:
         if not isinstance(data, DataBunch):
             raise TypeError(
@@ -67,8 +72,10 @@ class Learner:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+        self.ranks = Ranks(distributed)  # first: under NCCL it picks this rank's GPU
         self.data = data
         self.model = model.to(data.device)
+        self.ranks.setup_(data, self.model)
         self.opt_func = opt_func
         self.loss_func = loss_func
         self.metrics = list(metrics)
@@ -156,21 +163,22 @@ class Learner:
             handler("on_train_begin")
             self.add_new_params()
             self._set_lr(lr)
-            for k in range(epochs):
-                self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
+            with self.ranks.training(self.model, self.opt) as model:  # DDP under torchrun
+                for k in range(epochs):
+                    self._fit_epoch(handler, model, f"epoch {k + 1}/{epochs}")
         except BaseException as e:  # KeyboardInterrupt too: on_train_end must still run
             exception = e
             raise
         finally:
             handler("on_train_end", exception=exception)
 
-    def _fit_epoch(self, handler: CallbackHandler, desc: str) -> None:
+    def _fit_epoch(self, handler: CallbackHandler, model: nn.Module, desc: str) -> None:
         self.model.train()
         handler("on_epoch_begin", epoch=self.epoch, train=True)
         dl = self.data.train_dl
-        with tqdm(
-            total=len(dl), desc=desc, leave=False, disable=None if self.progress else True
-        ) as pbar:
+        set_epoch(dl.dl, self.epoch)  # a DistributedSampler reshuffles per epoch
+        shown = self.progress and self.ranks.is_main
+        with tqdm(total=len(dl), desc=desc, leave=False, disable=None if shown else True) as pbar:
             for i, (x, y) in enumerate(dl):
                 x, y = handler(
                     "on_batch_begin",
@@ -181,16 +189,18 @@ class Learner:
                     step_applied=None,
                     pbar=pbar,
                 )
-                output = handler("on_loss_begin", last_output=self.model(x))
+                output = handler("on_loss_begin", last_output=model(x))
                 loss = handler("on_backward_begin", last_loss=self.loss_func(output, y))
                 loss.backward()
                 handler("on_backward_end")
                 applied = self.opt.step() is not False  # plain optimizers return None
                 handler("on_step_end", step_applied=applied)
                 self.opt.zero_grad()
-                handler("on_batch_end")
+                # under torchrun: the loss averaged over ranks, the same on every rank
+                handler("on_batch_end", last_loss=self.ranks.mean(handler.state["last_loss"]))
                 self.iteration += 1
                 pbar.update()
+        self.ranks.end_epoch_(self.model)
         metrics = self.validate() if self.data.valid_dl is not None else None
         handler("on_epoch_end", last_metrics=metrics, train=False)
         self.epoch += 1
@@ -199,7 +209,8 @@ class Learner:
     @torch.no_grad()
     def validate(self, dl: Iterable | None = None) -> list[float]:
         """`[valid_loss, *metrics]` over `dl` (default: the validation loader), averaged
-        over samples. Inputs are cast to the model's dtype, outputs to fp32."""
+        over samples. Inputs are cast to the model's dtype, outputs to fp32. Under torchrun
+        a collective: every rank calls it, evaluates its shard, and gets the total averages."""
         dl = self.data.valid_dl if dl is None else dl
         if dl is None:
             raise ValueError(
@@ -215,6 +226,8 @@ class Learner:
                 totals, count = self._evaluate(dl, dtype)
             finally:
                 self.model.train(was_training)
+        size = 1 + len(self.metrics)
+        totals, count = self.ranks.sum_totals(totals, count, size, self.data.device)
         if totals is None:
             raise ValueError("the validation loader yielded no batches.")
         return (totals / count).tolist()  # one host sync for the whole pass
@@ -302,7 +315,7 @@ class Learner:
     def save(self, name: str) -> Path:
         """Write the model, the optimizer (fp32 masters, state, loss scaler), the epoch and
         step counts, the history and the random state to `path/model_dir/{name}.pth`,
-        atomically; return that path."""
+        atomically; return that path. Under torchrun every rank calls it and rank 0 writes."""
         mp = self.mixed_precision
         if mp is not None:
             mp.prepare()
@@ -317,11 +330,11 @@ class Learner:
             "recorder": self.recorder.state_dict(),
             "rng": rng_state(self._generators()),
         }
-        return save_checkpoint(checkpoint, self._checkpoint_path(name))
+        return self.ranks.save(checkpoint, self._checkpoint_path(name))  # rank 0 writes
 
     def load(self, name: str) -> Learner:
         """Restore what `save(name)` wrote, random state included, so training resumes as if
-        it had never stopped; returns self."""
+        it had never stopped (on every rank, under torchrun); returns self."""
         path = self._checkpoint_path(name)
         checkpoint = load_checkpoint(path, map_location=self.data.device)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -341,8 +354,9 @@ class Learner:
         self.epoch = int(checkpoint.get("epoch", 0))
         self.iteration = int(checkpoint.get("iteration", 0))
         self.recorder.load_state_dict(checkpoint.get("recorder", {}))
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"], self._generators())
+        rng = self.ranks.own_rng(checkpoint)  # under torchrun, each rank's own
+        if rng is not None:
+            set_rng_state(rng, self._generators())
         return self
 
     def _checkpoint_path(self, name: str) -> Path:
