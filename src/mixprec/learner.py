@@ -163,16 +163,17 @@ class Learner:
             handler("on_train_begin")
             self.add_new_params()
             self._set_lr(lr)
-            with self.ranks.training(self.model, self.opt) as model:  # DDP under torchrun
+            with self.ranks.training(self.model, self.opt):  # DDP under torchrun
                 for k in range(epochs):
-                    self._fit_epoch(handler, model, f"epoch {k + 1}/{epochs}")
+                    self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
         except BaseException as e:  # KeyboardInterrupt too: on_train_end must still run
             exception = e
             raise
         finally:
             handler("on_train_end", exception=exception)
 
-    def _fit_epoch(self, handler: CallbackHandler, model: nn.Module, desc: str) -> None:
+    def _fit_epoch(self, handler: CallbackHandler, desc: str) -> None:
+        model = self.ranks.train_module(self.model)  # DDP under torchrun
         self.model.train()
         handler("on_epoch_begin", epoch=self.epoch, train=True)
         dl = self.data.train_dl

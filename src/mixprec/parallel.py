@@ -11,6 +11,7 @@ method is a pass-through, so the same script runs under plain ``python``.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ class Ranks:
         self.rank = dist.get_rank() if self.enabled else 0
         self.world_size = dist.get_world_size() if self.enabled else 1
         self.ddp_kwargs = ddp_kwargs
+        self.ddp: DistributedDataParallel | None = None  # during fit(), the wrapped model
 
     @property
     def is_main(self) -> bool:
@@ -104,19 +106,31 @@ class Ranks:
             torch._foreach_copy_(group, views)
 
     @contextmanager
-    def training(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> Iterator[nn.Module]:
-        """Within: the module to run the training forward through, `model` wrapped in DDP.
+    def training(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> Iterator[None]:
+        """Within: `model` wrapped in DDP, as `self.ddp` (see `train_module`).
 
         Wrapped anew for each fit, after the callbacks' `on_train_begin` (the model is in its
         training dtype, frozen parameters are set), so DDP buckets what this fit trains. The
         fp32 masters are first overwritten with rank 0's, so every rank steps the same weights
         whatever each rank's masters were built from."""
         if not self.enabled:
-            yield model
+            yield
             return
         if isinstance(opt, MixedPrecisionOptimizer):
             self.broadcast_(m for group in opt.master_params for m in group)
-        yield wrap_ddp(model, **self.ddp_kwargs)
+        self.ddp = wrap_ddp(model, **self.ddp_kwargs)
+        try:
+            yield
+        finally:
+            self.ddp = None
+            # DDP sits in a reference cycle: free its reducer (autograd hooks, buckets) now.
+            # One left for the interpreter's exit can abort the process after
+            # destroy_process_group ("terminate called without an active exception").
+            gc.collect()
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        """The module the training forward runs through: DDP during fit, else `model`."""
+        return model if self.ddp is None else self.ddp
 
     def end_epoch_(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's next forward
