@@ -22,6 +22,7 @@ from .learner import Learner
 from .master import get_master, master2model, model_g2master_g
 from .metrics import accuracy
 from .optimizer import MixedPrecisionOptimizer
+from .parallel import Ranks
 from .planning import ModulePlan, Plan, plan
 from .policy import PrecisionPolicy
 from .recorder import Recorder, plot_runs
@@ -47,6 +48,7 @@ __all__ = [
     "NORM_TYPES",
     "Plan",
     "PrecisionPolicy",
+    "Ranks",
     "Recorder",
     "Stepper",
     "accumulate",
