@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,7 @@ class Learner:
     param groups, in order: weights, biases and norm-layer parameters; the last two get no
     weight decay unless `bn_wd`. `wd` (if not None) sets the weights' decay.
 
-    Checkpoints go to `path / model_dir / f"{name}.pth"`.
-
-    Launched by torchrun on several processes, it trains data-parallel (`distributed=False`:
-    alone in each process): see `Ranks` (`learn.ranks`) for what each rank does.
+    Checkpoints go to `path / model_dir / f"{name}.pth"`. Under torchrun: data parallel (`Ranks`).
     """
 
     def __init__(
@@ -190,14 +188,15 @@ class Learner:
                     step_applied=None,
                     pbar=pbar,
                 )
-                output = handler("on_loss_begin", last_output=model(x))
-                loss = handler("on_backward_begin", last_loss=self.loss_func(output, y))
+                with self.forward_context():  # entered and left here, even on an exception
+                    output = handler("on_loss_begin", last_output=model(x))
+                    raw_loss = self.loss_func(output, y)
+                loss = handler("on_backward_begin", last_loss=raw_loss)
                 loss.backward()
                 handler("on_backward_end")
                 applied = self.opt.step() is not False  # plain optimizers return None
                 handler("on_step_end", step_applied=applied)
                 self.opt.zero_grad()
-                # under torchrun: the loss averaged over ranks, the same on every rank
                 handler("on_batch_end", last_loss=self.ranks.mean(handler.state["last_loss"]))
                 self.iteration += 1
                 pbar.update()
@@ -222,13 +221,12 @@ class Learner:
         self.model.eval()
         # A DataLoader draws a seed from the global RNG per pass: validating must not shift
         # the shuffling of later epochs (fit(1); validate(); fit(1) == fit(2)).
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self.forward_context():
             try:
                 totals, count = self._evaluate(dl, dtype)
             finally:
                 self.model.train(was_training)
-        size = 1 + len(self.metrics)
-        totals, count = self.ranks.sum_totals(totals, count, size, self.data.device)
+        totals, count = self.ranks.sum_totals(totals, count, 1 + len(self.metrics))
         if totals is None:
             raise ValueError("the validation loader yielded no batches.")
         return (totals / count).tolist()  # one host sync for the whole pass
@@ -254,7 +252,8 @@ class Learner:
         self.model.eval()
         try:
             x = cast_floats(to_device(x, self.data.device), _input_dtype(self.model))
-            return cast_floats(self.model(x), torch.float32)
+            with self.forward_context():
+                return cast_floats(self.model(x), torch.float32)
         finally:
             self.model.train(was_training)
 
@@ -278,11 +277,18 @@ class Learner:
         """The `MixedPrecision` callback, if this learner trains in mixed precision."""
         return next((cb for cb in self.callbacks if isinstance(cb, MixedPrecision)), None)
 
+    def forward_context(self) -> AbstractContextManager:
+        """The region the forward pass and the loss run in: `torch.autocast` when training
+        with `to_fp16(mode="autocast")`, else nothing."""
+        mp = self.mixed_precision
+        return nullcontext() if mp is None else mp.forward_context()
+
     def to_fp16(
         self, loss_scale: LossScale = 512.0, flat_master: bool = False, **options: Any
     ) -> Learner:
         """Convert the model to half now and train it with a `MixedPrecision` callback built
-        with these options (`dtype`, `clip`, `fused`, the `LossScaler` keywords); returns self."""
+        with these options (`dtype`, `clip`, `fused`, `mode`, `telemetry`, the `LossScaler`
+        keywords); returns self. `mode="autocast"` keeps the model fp32 under torch.autocast."""
         if self.mixed_precision is not None:
             raise ValueError(
                 "this learner is already in mixed precision; call learn.to_fp32() first to "
@@ -346,6 +352,7 @@ class Learner:
             saved = "in mixed precision" if mp is None else "in fp32"
             raise ValueError(f"{path} was saved {saved}; call {fix} before learn.load().")
         if mp is not None:
+            mp.check_state_dict(checkpoint.get("opt"))  # another mode's: refuse, load nothing
             mp.prepare()
         self.model.load_state_dict(checkpoint["model"])
         if checkpoint.get("opt") is not None:
@@ -355,8 +362,7 @@ class Learner:
         self.epoch = int(checkpoint.get("epoch", 0))
         self.iteration = int(checkpoint.get("iteration", 0))
         self.recorder.load_state_dict(checkpoint.get("recorder", {}))
-        rng = self.ranks.own_rng(checkpoint)  # under torchrun, each rank's own
-        if rng is not None:
+        if (rng := self.ranks.own_rng(checkpoint)) is not None:  # under torchrun, this rank's
             set_rng_state(rng, self._generators())
         return self
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .modes import check_saved_mode
+
 __all__ = [
     "FlatGroup",
     "check_saved_masters",
@@ -265,6 +267,7 @@ def check_saved_masters(
 ) -> ParamGroups:
     """Return the masters of a MixedPrecisionOptimizer `state_dict` if they fit `master_params`;
     raise ValueError naming the mismatch otherwise."""
+    check_saved_mode(state_dict, "master")
     missing = {"masters", "optimizer", "scaler"} - set(state_dict)
     if missing:
         raise ValueError(

@@ -23,6 +23,7 @@ from .master import (
     move_state_to_masters,
 )
 from .scaler import LossScale, LossScaler, unscale_and_check_
+from .telemetry import NO_TELEMETRY
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -122,6 +123,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
         self.last_grad_norm: torch.Tensor | None = None
+        self.telemetry = NO_TELEMETRY  # or a mixprec.Telemetry: per-step records, no host sync
         self._pending = False  # model grads hold gradients not yet moved to the masters
         self._accumulated = False  # master grads hold gradients of this step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
@@ -220,6 +222,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             if found_inf is None:
                 found_inf = torch.zeros(1, device=self._device())
         self._all_reduce_overflow(found_inf)
+        self.telemetry.record_(found_inf, self.scaler.scale, self._master_grads)  # before clip
         if self.clip is not None:
             masters = [m for group in self.master_params for m in group]
             self.last_grad_norm = nn.utils.clip_grad_norm_(masters, self.clip, foreach=True)
@@ -254,13 +257,14 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
         assert self._fused is not None and self._buffers is not None
         items = fused_items(self.model_params, self.master_params, self._flat_groups)
-        how = (
-            self._buffers,
-            self.scaler.scale,
-            self.clip,
-            self.flat_master,
-            self._all_reduce_overflow,
-        )
+        scale = self.scaler.scale
+
+        def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
+            self._all_reduce_overflow(found_inf)
+            half_grads = lambda: [it.grad for group in items for it in group]  # noqa: E731
+            self.telemetry.record_(found_inf, scale, half_grads, grad_scale=scale)
+
+        how = (self._buffers, scale, self.clip, self.flat_master, checked)
         with torch.no_grad():
             overflow, norm = self._fused.step(items, *how)
             if norm is not None:
@@ -306,6 +310,9 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         if self._grad_chunks_cache is None or self._grad_chunks_cache[0] != key:
             self._grad_chunks_cache = (key, pair_chunks(dst, src))
         return self._grad_chunks_cache[1]
+
+    def _master_grads(self) -> list[torch.Tensor]:
+        return [m.grad for group in self.master_params for m in group if m.grad is not None]
 
     def _release_master_grads(self) -> None:
         """Free the fp32 master gradients: the fused path keeps none between steps."""

@@ -64,6 +64,7 @@ class Ranks:
         self.world_size = dist.get_world_size() if self.enabled else 1
         self.ddp_kwargs = ddp_kwargs
         self.ddp: DistributedDataParallel | None = None  # during fit(), the wrapped model
+        self.device = torch.device("cpu")  # the data's, from setup_()
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +74,7 @@ class Ranks:
     def setup_(self, data: DataBunch, model: nn.Module) -> None:
         """Shard `data`'s loaders over the ranks (in place) and give every rank rank 0's
         parameters and buffers."""
+        self.device = data.device
         if not self.enabled:
             return
         if isinstance(model, DistributedDataParallel):
@@ -146,13 +148,13 @@ class Ranks:
         return total / self.world_size
 
     def sum_totals(
-        self, totals: torch.Tensor | None, count: int, size: int, device: torch.device
+        self, totals: torch.Tensor | None, count: int, size: int
     ) -> tuple[torch.Tensor | None, int]:
         """Validation sums (`size` values, None on a rank with no samples) and the sample
         count, summed over the ranks in fp64; (None, 0) if no rank had a sample."""
         if not self.enabled:
             return totals, count
-        sums = torch.zeros(size + 1, dtype=torch.float64, device=device)
+        sums = torch.zeros(size + 1, dtype=torch.float64, device=self.device)
         if totals is not None:
             sums[:size] = totals
         sums[size] = count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from .callback import Callback
+from .telemetry import TelemetryReader, follow
 
 __all__ = ["Recorder", "plot_runs"]
 
@@ -23,6 +25,10 @@ class Recorder(Callback):
     param group), `loss_scales` (after the step's scaler update; None without mixed
     precision) and `skipped` (True where an overflow skipped the step). Per epoch:
     `val_losses` and `metrics` (one list of metric values per epoch).
+
+    With telemetry on (`to_fp16(telemetry=N)`), read back at each epoch end: per recorded
+    step, `telemetry_steps` (its number, as in `losses`), `grad_norms` (unscaled, before
+    clipping) and `nonfinite` (inf/nan gradient values).
     """
 
     order = -10  # first, so later callbacks can read what this step recorded
@@ -35,6 +41,10 @@ class Recorder(Callback):
         self.val_losses: list[float] = []
         self.metrics: list[list[float]] = []
         self.epoch_ends: list[int] = []  # number of steps done at each epoch end
+        self.telemetry_steps: list[int] = []
+        self.grad_norms: list[float] = []
+        self.nonfinite: list[int] = []
+        self._telemetry: TelemetryReader | None = None
 
     @property
     def skipped_steps(self) -> int:
@@ -56,15 +66,28 @@ class Recorder(Callback):
         scale = getattr(learn.opt, "loss_scale", None)
         self.loss_scales.append(None if scale is None else float(scale))
         self.skipped.append(not step_applied)
+        self._telemetry = follow(self._telemetry, learn.opt, len(self.losses))  # no sync
         if pbar is not None:
             pbar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
     def on_epoch_end(self, last_metrics: list[float] | None = None, **kwargs: Any) -> None:
-        """Record the validation loss and metrics."""
+        """Record the validation loss and metrics, and read back the telemetry."""
+        self._read_telemetry()
         self.epoch_ends.append(len(self.losses))
         if last_metrics:
             self.val_losses.append(float(last_metrics[0]))
             self.metrics.append([float(m) for m in last_metrics[1:]])
+
+    def on_train_end(self, **kwargs: Any) -> None:
+        """Read back the telemetry of the last steps."""
+        self._read_telemetry()
+
+    def _read_telemetry(self) -> None:
+        if self._telemetry is not None:
+            for row in self._telemetry.read():
+                self.telemetry_steps.append(row.step)
+                self.grad_norms.append(row.grad_norm)
+                self.nonfinite.append(row.nonfinite)
 
     def state_dict(self) -> dict[str, Any]:
         """The history as plain lists."""
@@ -75,6 +98,7 @@ class Recorder(Callback):
         for key, value in vars(self).items():
             if isinstance(value, list) and key in state:
                 setattr(self, key, list(state[key]))
+        self._telemetry = None  # steps are numbered afresh from the restored history
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Write a PNG of the training loss (validation loss per epoch) and the loss scale."""
@@ -90,16 +114,19 @@ class Recorder(Callback):
 def plot_runs(
     runs: Mapping[str, Recorder], path: str | os.PathLike, title: str | None = None
 ) -> Path:
-    """Write one PNG comparing runs: loss per step (top) and loss scale per step (bottom, log
-    scale, skipped steps marked). Needs matplotlib (`pip install 'mixprec[plot]'`)."""
+    """Write one PNG comparing runs: loss per step (top), loss scale per step (log scale,
+    skipped steps marked) and, for runs with telemetry, the unscaled gradient norm per step
+    (steps with inf/nan gradients marked). Needs matplotlib (`pip install 'mixprec[plot]'`)."""
     try:
         from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend
     except ImportError as e:
         raise ImportError(
             "plotting needs matplotlib: pip install 'mixprec[plot]' (or matplotlib)."
         ) from e
-    fig = Figure(figsize=(8, 6), layout="constrained")
-    ax_loss, ax_scale = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    telemetry = any(rec.grad_norms for rec in runs.values())
+    fig = Figure(figsize=(8, 8 if telemetry else 6), layout="constrained")
+    axes = fig.subplots(2 + telemetry, 1, sharex=True, height_ratios=(3, 2, 2)[: 2 + telemetry])
+    ax_loss, ax_scale = axes[:2]
     any_scale = False
     for i, (name, rec) in enumerate(runs.items()):
         style = _LINE_STYLES[i % len(_LINE_STYLES)]  # runs that agree would hide each other
@@ -124,11 +151,13 @@ def plot_runs(
                 ax_scale.plot(
                     *zip(*skips), "x", color=line.get_color(), ms=6, label=f"{name} skipped"
                 )
+        if telemetry and rec.grad_norms:
+            _plot_grad_norms(axes[2], rec, name, style, line.get_color())
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     ax_loss.legend(fontsize="small")
     ax_loss.grid(alpha=0.3)
-    ax_scale.set_xlabel("step")
+    axes[-1].set_xlabel("step")
     ax_scale.set_ylabel("loss scale")
     if any_scale:
         ax_scale.set_yscale("log", base=2)
@@ -149,3 +178,17 @@ def plot_runs(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _plot_grad_norms(ax: Any, rec: Recorder, name: str, style: str, color: Any) -> None:
+    """The finite gradient norms as a line, each step with inf/nan gradients as a red band."""
+    finite = [(s, n) for s, n in zip(rec.telemetry_steps, rec.grad_norms) if math.isfinite(n)]
+    if finite:
+        ax.plot(*zip(*finite), style, lw=1, color=color, label=f"{name} grad norm")
+        ax.set_yscale("log")
+    for s, count in zip(rec.telemetry_steps, rec.nonfinite):
+        if count:
+            ax.axvspan(s - 0.5, s + 0.5, color="red", alpha=0.3, lw=0)
+    ax.set_ylabel("grad norm (unscaled)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)

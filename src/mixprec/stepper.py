@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from .autocast import AutocastOptimizer
 from .optimizer import MixedPrecisionOptimizer
 
 __all__ = ["Stepper"]
@@ -30,6 +31,7 @@ class Stepper:
     stay bit-identical, its scale backs off, its scheduler stays put. `step` first drops
     the gradients that another loss's backward left in this optimizer's parameters (G's
     loss backpropagates through D), then runs the scaled backward and the step.
+    An `AutocastOptimizer` works the same way (compute each loss under `opt.autocast()`).
     A plain torch optimizer works too (fp32 training): its steps are always applied.
     """
 
@@ -68,7 +70,7 @@ class Stepper:
         """Backward of `loss` (scaled), step, and the scheduler if applied; return whether
         the step was applied."""
         self.optimizer.zero_grad()  # drop grads another loss's backward left in our params
-        if isinstance(self.optimizer, MixedPrecisionOptimizer):
+        if isinstance(self.optimizer, (MixedPrecisionOptimizer, AutocastOptimizer)):
             self.optimizer.backward(loss)
             applied = self.optimizer.step()
         else:

@@ -16,6 +16,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("mixprec.bench.overhead", "optimizer-phase time: mixprec vs torch.amp vs floor"),
     "memory": ("mixprec.bench.memory", "training-state bytes per parameter, activation memory"),
     "gpu": ("mixprec.bench.gpu", "throughput and peak memory on a GPT-2-like and a ResNet-like"),
+    "modes": ("mixprec.bench.modes", "digits demo per mode and dtype: accuracy, time, memory"),
+    "telemetry": ("mixprec.bench.telemetry", "optimizer step time with telemetry off and on"),
 }
 
 

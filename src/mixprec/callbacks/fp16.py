@@ -7,16 +7,21 @@ works as it did in fastai v1.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..autocast import AutocastOptimizer, autocast_region, device_type_of
 from ..callback import Callback
-from ..convert import cast_floats, check_half_dtype, model_to_float, model_to_half
+from ..convert import HALF_DTYPES, cast_floats, check_half_dtype, model_to_float, model_to_half
 from ..master import get_master, master2model, model_g2master_g
+from ..modes import Mode, check_mode, check_mode_options, check_saved_mode
 from ..optimizer import MixedPrecisionOptimizer
 from ..scaler import LossScale, LossScaler
+from ..telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -40,8 +45,16 @@ class MixedPrecision(Callback):
     `growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, `min_scale`,
     `max_scale`, `floor_patience`). `Learner.to_fp16(**options)` builds and adds one.
 
-    The work is done by one `MixedPrecisionOptimizer` (`self.opt`), built once and kept
-    across `fit()` calls, so masters, optimizer moments and the scaler carry on.
+    `mode="master"` (the default) is the documented recipe: a half model stepping fp32
+    masters. `mode="autocast"` keeps the model fp32 and runs the forward and the loss under
+    `torch.autocast(device_type, dtype)` (no masters, so no `flat_master` or `fused`), with
+    the same loss scaling. `telemetry=N` (or a `Telemetry`) records the loss scale, overflow,
+    gradient norm and non-finite count of every step on the device, read back every N steps
+    (the Recorder keeps and plots them; `CSVLogger` writes them).
+
+    The work is done by one `MixedPrecisionOptimizer` or `AutocastOptimizer` (`self.opt`),
+    built once and kept across `fit()` calls, so masters, optimizer moments and the scaler
+    carry on.
     """
 
     order = 99  # last: earlier callbacks see the unscaled loss and the half model's grads
@@ -55,9 +68,16 @@ class MixedPrecision(Callback):
         dtype: torch.dtype = torch.float16,
         clip: float | None = None,
         fused: bool = False,
+        mode: Mode = "master",
+        telemetry: int | Telemetry | None = None,
         **scaler_options: Any,
     ) -> None:
+        self.mode = check_mode(mode)
+        check_mode_options(self.mode, flat_master=flat_master, fused=fused)
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
+        if telemetry is not None and not isinstance(telemetry, Telemetry):
+            telemetry = Telemetry(every=telemetry)
+        self.telemetry = telemetry
         self.learn = learn
         self.loss_scale = loss_scale
         self.flat_master = bool(flat_master)
@@ -65,38 +85,71 @@ class MixedPrecision(Callback):
         self.clip = clip
         self.fused = bool(fused)
         self.scaler_options = scaler_options
-        self.opt: MixedPrecisionOptimizer | None = None
+        self.opt: MixedPrecisionOptimizer | AutocastOptimizer | None = None
         self._tfm = partial(batch_to_half, dtype=self.dtype)
         self._frozen_flat: list[torch.Tensor] = []
 
-    def prepare(self) -> MixedPrecisionOptimizer:
-        """Convert the model to half and wrap the learner's optimizer (once; later calls only
-        convert and add parameters new to the optimizer). Masters take the fp32 values the
-        model had before conversion, not their rounded half copies."""
+    def prepare(self) -> MixedPrecisionOptimizer | AutocastOptimizer:
+        """Convert the model to half (mode "master"; to fp32 under "autocast") and wrap the
+        learner's optimizer (once; later calls only convert and add parameters new to the
+        optimizer). Masters take the fp32 values the model had before conversion, not their
+        rounded half copies."""
         learn = self.learn
-        exact = {
-            id(p): p.detach().clone() for p in learn.model.parameters() if p.dtype == torch.float32
-        }
-        model_to_half(learn.model, self.dtype)
+        exact = {}
+        if self.mode == "master":
+            exact = {
+                id(p): p.detach().clone()
+                for p in learn.model.parameters()
+                if p.dtype == torch.float32
+            }
+            model_to_half(learn.model, self.dtype)
+        elif any(p.dtype in HALF_DTYPES for p in learn.model.parameters()):
+            model_to_float(learn.model)  # autocast runs an fp32 model
         if self.opt is None or learn.opt is not self.opt:
-            if isinstance(learn.opt, MixedPrecisionOptimizer):
+            if isinstance(learn.opt, (MixedPrecisionOptimizer, AutocastOptimizer)):
                 raise ValueError(
-                    "learn.opt is already a MixedPrecisionOptimizer of another callback; use one "
-                    "MixedPrecision per Learner (learn.to_fp16() adds it)."
+                    f"learn.opt is already a {type(learn.opt).__name__} of another callback; "
+                    "use one MixedPrecision per Learner (learn.to_fp16() adds it)."
                 )
             inner = learn.opt if learn.opt is not None else learn.create_opt()
-            self.opt = MixedPrecisionOptimizer(
-                inner,
-                self.loss_scale,
-                flat_master=self.flat_master,
-                clip=self.clip,
-                fused=self.fused,
-                **self.scaler_options,
-            )
+            self.opt = self._engine(inner)
             learn.opt = self.opt
+        if self.telemetry is not None and self.opt.telemetry is not self.telemetry:
+            self.telemetry.attach(self.opt)
         learn.add_new_params()
-        _load_masters_(self.opt, exact)
+        if isinstance(self.opt, MixedPrecisionOptimizer):
+            _load_masters_(self.opt, exact)
         return self.opt
+
+    def _engine(self, inner: torch.optim.Optimizer) -> MixedPrecisionOptimizer | AutocastOptimizer:
+        """The optimizer wrapper of this mode, around `inner`."""
+        if self.mode == "autocast":
+            return AutocastOptimizer(
+                inner, self.loss_scale, dtype=self.dtype, clip=self.clip, **self.scaler_options
+            )
+        return MixedPrecisionOptimizer(
+            inner,
+            self.loss_scale,
+            flat_master=self.flat_master,
+            clip=self.clip,
+            fused=self.fused,
+            **self.scaler_options,
+        )
+
+    def forward_context(self) -> AbstractContextManager:
+        """The region the Learner runs the forward pass and the loss in: `torch.autocast`
+        under mode "autocast", nothing under "master" (the model itself is half)."""
+        if self.mode == "master":
+            return nullcontext()
+        if self.opt is not None:
+            return self.opt.autocast()
+        return autocast_region(device_type_of(self.learn.model.parameters()), self.dtype)
+
+    def check_state_dict(self, state_dict: Mapping[str, Any] | None) -> None:
+        """Raise ValueError if an optimizer `state_dict` (from a checkpoint) was saved in
+        another mode, before anything is loaded."""
+        if isinstance(state_dict, Mapping):
+            check_saved_mode(state_dict, self.mode)
 
     def release(self) -> None:
         """Back to fp32: the model takes the master values and the optimizer, with its state,
@@ -106,8 +159,11 @@ class MixedPrecision(Callback):
         opt, self.opt = self.opt, None
         if opt is None or learn.opt is not opt:
             model_to_float(learn.model)
-            return
-        learn.opt = _unwrap(opt, learn.model)
+        elif isinstance(opt, AutocastOptimizer):  # the model is fp32 already
+            opt.zero_grad()
+            learn.opt = opt.optimizer
+        else:
+            learn.opt = _unwrap(opt, learn.model)
 
     # -- the documented events ------------------------------------------------------------
     def on_train_begin(self, **kwargs: Any) -> None:
@@ -115,7 +171,7 @@ class MixedPrecision(Callback):
         optimizer stepping fp32 masters (kept from a previous fit)."""
         opt = self.prepare()
         self._frozen_flat = _frozen_flat_masters(opt)
-        if self._tfm not in self.learn.data.tfms:
+        if self.mode == "master" and self._tfm not in self.learn.data.tfms:
             self.learn.data.add_tfm(self._tfm)
 
     def on_loss_begin(self, last_output: Any, **kwargs: Any) -> Any:
@@ -148,7 +204,7 @@ class MixedPrecision(Callback):
     def __repr__(self) -> str:
         return (
             f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
-            f"dtype={self.dtype}, clip={self.clip}, fused={self.fused})"
+            f"dtype={self.dtype}, clip={self.clip}, fused={self.fused}, mode={self.mode!r})"
         )
 
 

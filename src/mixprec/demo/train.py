@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..callback import Callback
 from ..data import DataBunch
 from ..distributed import cleanup_distributed, init_distributed, is_data_parallel
 from ..learner import Learner
 from ..metrics import accuracy
+from ..modes import MODES
 from ..recorder import Recorder, plot_runs
 from .data import digits_cnn, digits_tensors
 
@@ -39,7 +42,8 @@ class TrainConfig:
     seed: int = 0
     loss_scale: str = "dynamic"
     growth_interval: int = 50  # short, so 8 epochs (184 steps) show the scale move
-    flat_master: bool = True
+    flat_master: bool = True  # mode "master" only
+    mode: str = "master"  # or "autocast": fp32 model under torch.autocast
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RunResult:
     skipped_steps: int
     loss_scale: float | None
     final_loss: float
+    mode: str = "master"
 
 
 def _loss_scale(text: str) -> float | str:
@@ -57,9 +62,10 @@ def _loss_scale(text: str) -> float | str:
 
 
 def train_digits(
-    precision: str, config: TrainConfig, progress: bool = False
+    precision: str, config: TrainConfig, progress: bool = False, callbacks: Sequence[Callback] = ()
 ) -> tuple[RunResult, Recorder]:
-    """Train the digits CNN in `precision` with a Learner; return its figures and history."""
+    """Train the digits CNN in `precision` (in `config.mode`) with a Learner and `callbacks`;
+    return its figures and history."""
     dtype = PRECISIONS[precision]
     x_train, y_train, x_valid, y_valid = digits_tensors(config.seed)
     torch.manual_seed(config.seed)
@@ -73,13 +79,14 @@ def train_digits(
         ),
         DataLoader(TensorDataset(x_valid, y_valid), batch_size=512),
     )
-    learn = Learner(data, digits_cnn(), metrics=[accuracy], progress=progress)
+    learn = Learner(data, digits_cnn(), metrics=[accuracy], callbacks=callbacks, progress=progress)
     if dtype != torch.float32:
         learn.to_fp16(
             _loss_scale(config.loss_scale),
-            flat_master=config.flat_master,
+            flat_master=config.flat_master and config.mode == "master",
             dtype=dtype,
             growth_interval=config.growth_interval,
+            mode=config.mode,
         )
     start = time.perf_counter()
     learn.fit(config.epochs, config.lr)
@@ -92,18 +99,23 @@ def train_digits(
         skipped_steps=learn.recorder.skipped_steps,
         loss_scale=getattr(learn.opt, "loss_scale", None),
         final_loss=round(learn.recorder.losses[-1], 5),
+        mode=config.mode if dtype != torch.float32 else "-",
     )
     return result, learn.recorder
 
 
 def format_table(results: list[RunResult]) -> str:
     """The runs as a fixed-width table."""
-    header = f"{'precision':<10}{'accuracy':>10}{'seconds':>10}{'skipped':>9}{'loss scale':>12}"
+    header = (
+        f"{'precision':<10}{'accuracy':>10}{'seconds':>10}{'skipped':>9}{'loss scale':>12}"
+        f"{'mode':>10}"
+    )
     rows = [header, "-" * len(header)]
     for r in results:
         scale = "-" if r.loss_scale is None else f"{r.loss_scale:g}"
         rows.append(
             f"{r.precision:<10}{r.accuracy:>10.4f}{r.seconds:>10.2f}{r.skipped_steps:>9}{scale:>12}"
+            f"{r.mode:>10}"
         )
     return "\n".join(rows)
 
@@ -128,6 +140,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp32,fp16,bf16",
         help=f"comma-separated, from {', '.join(PRECISIONS)}",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: kernels on 8x8 images gain nothing from more)",
+    )
+    parser.add_argument(
+        "--mode",
+        default=defaults.mode,
+        choices=list(MODES),
+        help="half precisions: a half model with fp32 masters, or an fp32 model under autocast",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--plot", metavar="PATH", help="write a PNG of the loss and loss scale per step here"
@@ -148,8 +172,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         loss_scale=args.loss_scale,
         growth_interval=args.growth_interval,
+        mode=args.mode,
     )
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if args.threads < 1:
+        raise SystemExit(f"mixprec train: --threads must be >= 1; got {args.threads}")
+    torch.set_num_threads(args.threads)
     owns_group = not (dist.is_available() and dist.is_initialized())
     init_distributed()  # under torchrun: join its process group (gloo on CPU, NCCL on GPU)
     try:
