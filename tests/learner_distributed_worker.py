@@ -90,7 +90,7 @@ class Watch(Callback):
 
 def identical(rank: int, out: Path) -> dict[str, Any]:
     """Different inits per rank, and rank 1's weights changed again before to_fp16: every
-    rank must still train rank 0's weights; validation before and after."""
+    rank must still train rank 0's weights; validation before and after; fp32 and autocast."""
     learn = make(out, INIT_SEED + rank)
     init = [p.detach().clone() for p in learn.model.parameters()]
     valid_before = learn.validate()
@@ -104,6 +104,8 @@ def identical(rank: int, out: Path) -> dict[str, Any]:
     learn.fit(2)
     fp32 = make(out, INIT_SEED + rank)
     fp32.fit(1)
+    autocast = make(out, INIT_SEED + rank).to_fp16(mode="autocast", **DYNAMIC)
+    autocast.fit(1)
     return {
         "init": init,
         "valid_before": valid_before,
@@ -113,6 +115,7 @@ def identical(rank: int, out: Path) -> dict[str, Any]:
         "recorder": learn.recorder.state_dict(),
         "valid": learn.validate(),
         "fp32": snapshot(fp32),
+        "autocast": {"state": snapshot(autocast), "scales": autocast.recorder.loss_scales},
         "sampler": type(learn.data.train_dl.dl.sampler).__name__,
     }
 

@@ -67,6 +67,7 @@ def test_every_rank_trains_rank_0s_weights_and_ends_bit_identical(ranks) -> None
     # after 2 epochs (8 steps): model with BatchNorm statistics, masters, AdamW, scaler
     assert_identical(r0["state"], r1["state"], "fp16")
     assert_identical(r0["fp32"], r1["fp32"], "fp32")
+    assert_identical(r0["autocast"], r1["autocast"], "autocast")  # fp32 model, autocast
     assert not torch.equal(r0["state"]["masters"][0], r0["init"][0])  # it trained
     # the recorded loss is the mean over ranks: the same history on both
     assert_identical(r0["recorder"], r1["recorder"])
