@@ -1,5 +1,5 @@
-"""Start a worker script on 2 processes of a gloo group, as torchrun would start them (RANK,
-WORLD_SIZE, MASTER_ADDR, ... in the environment), and collect each rank's results."""
+"""Start a command on 2 local processes with the environment torchrun gives each (gloo over
+127.0.0.1), and collect what each printed or saved."""
 
 from __future__ import annotations
 
@@ -18,20 +18,23 @@ import mixprec
 WORLD_SIZE = 2
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(worker: Path, out: Path, world_size: int = WORLD_SIZE) -> list[dict[str, Any]]:
-    """Run `python worker OUT` on `world_size` ranks; return each rank's OUT/rank{r}.pt."""
+def run_ranks(
+    args: list[str], timeout: float = 180, world_size: int = WORLD_SIZE
+) -> list[tuple[str, str]]:
+    """Run `python *args` on `world_size` ranks at once; return each rank's (stdout, stderr).
+    Fails the test, with every rank's output, if any exits with an error."""
     src = str(Path(mixprec.__file__).resolve().parents[1])  # the mixprec under test
     base = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
         "OMP_NUM_THREADS": "1",
@@ -40,18 +43,18 @@ def launch(worker: Path, out: Path, world_size: int = WORLD_SIZE) -> list[dict[s
         base["GLOO_SOCKET_IFNAME"] = "lo"  # stay on the loopback interface
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(out)],
+            [sys.executable, *args],
             env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for rank in range(world_size)
     ]
-    logs = []
+    outputs = []
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=180)[0])
+            outputs.append(proc.communicate(timeout=timeout))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -59,7 +62,16 @@ def launch(worker: Path, out: Path, world_size: int = WORLD_SIZE) -> list[dict[s
                 proc.wait()
     if any(proc.returncode != 0 for proc in procs):
         pytest.fail(
-            "a worker failed:\n"
-            + "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
+            "a rank failed:\n"
+            + "\n".join(
+                f"--- rank {r}\n{out[-2000:]}\n{err[-3000:]}"
+                for r, (out, err) in enumerate(outputs)
+            )
         )
+    return outputs
+
+
+def launch(worker: Path, out: Path, world_size: int = WORLD_SIZE) -> list[dict[str, Any]]:
+    """Run `python worker OUT` on `world_size` ranks; return each rank's OUT/rank{r}.pt."""
+    run_ranks([str(worker), str(out)], world_size=world_size)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -26,6 +26,7 @@ from .master import get_master, master2model, model_g2master_g
 from .metrics import accuracy
 from .modes import MODES, Mode
 from .optimizer import MixedPrecisionOptimizer
+from .parallel import Ranks
 from .planning import ModulePlan, Plan, plan
 from .policy import PrecisionPolicy
 from .recorder import Recorder, plot_runs
@@ -60,6 +61,7 @@ __all__ = [
     "OverflowReport",
     "Plan",
     "PrecisionPolicy",
+    "Ranks",
     "Recorder",
     "Stepper",
     "accumulate",

@@ -15,7 +15,7 @@ import torch
 
 from .integrity import safe_load
 
-__all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["load_checkpoint", "loader_generators", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -89,3 +89,15 @@ def set_rng_state(state: Mapping[str, Any], generators: Iterable[torch.Generator
         )
     for g, s in zip(generators, saved):
         g.set_state(s)
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """A DataLoader's own random generators (its sampler's, its own), each once."""
+    found: list[torch.Generator] = []
+    for g in (
+        getattr(loader, "generator", None),
+        getattr(getattr(loader, "sampler", None), "generator", None),
+    ):
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found

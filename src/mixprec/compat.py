@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .autocast import AutocastOptimizer
+from .checkpoint import loader_generators
 from .master import check_saved_masters
 from .modes import check_saved_mode
 from .optimizer import MixedPrecisionOptimizer
@@ -116,7 +117,9 @@ def check_checkpoint_fits(learn: Learner, checkpoint: Mapping[str, Any], path: o
             ]
             _check_groups(saved_opt, groups, path)
     saved_generators = len(checkpoint.get("rng", {}).get("generators", []))
-    generators = len(learn._generators())  # the training loader's own generators
+    generators = len(
+        loader_generators(learn.data.train_dl.dl)
+    )  # the training loader's own generators
     if "rng" in checkpoint and saved_generators != generators:
         raise ValueError(
             f"{path} holds {saved_generators} data-loader generator states but this learner's "

@@ -16,6 +16,7 @@ __all__ = [
     "HALF_DTYPES",
     "NORM_TYPES",
     "cast_floats",
+    "input_dtype",
     "check_half_dtype",
     "model_to_float",
     "model_to_half",
@@ -160,3 +161,12 @@ def model_to_float(model: nn.Module) -> nn.Module:
         _remove_fp32_hooks(module)
         _convert_own_tensors_(module, torch.float32)
     return model
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype inputs should have: the model's half dtype if it has one, else its float one."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype in HALF_DTYPES:
+        if dtype in dtypes:
+            return dtype
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32

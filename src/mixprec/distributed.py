@@ -19,6 +19,7 @@ helper here is a pass-through, so the same script runs with plain ``python``.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -140,6 +141,10 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
 def cleanup_distributed() -> None:
     """Leave the process group, if one was initialized."""
     if dist.is_available() and dist.is_initialized():
+        # A dropped DDP model lingers in a reference cycle until the next collection; left
+        # to the interpreter's exit, it can abort the process ("terminate called without an
+        # active exception") once the group is gone. Free it while the group still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 

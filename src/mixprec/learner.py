@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from .callback import Callback, CallbackHandler
 from .callbacks.fp16 import MixedPrecision
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, loader_generators, rng_state, set_rng_state
 from .compat import check_checkpoint_fits
-from .convert import HALF_DTYPES, cast_floats, model_to_float
+from .convert import HALF_DTYPES, cast_floats, input_dtype, model_to_float
 from .data import DataBunch, to_device
 from .guards import (
     check_not_half_without_masters,
@@ -28,6 +28,7 @@ from .guards import (
 )
 from .layer_groups import freeze_to, split_params
 from .optimizer import MixedPrecisionOptimizer
+from .parallel import Ranks, set_epoch
 from .recorder import Recorder
 from .scaler import LossScale
 
@@ -49,7 +50,7 @@ class Learner:
     param groups, in order: weights, biases and norm-layer parameters; the last two get no
     weight decay unless `bn_wd`. `wd` (if not None) sets the weights' decay.
 
-    Checkpoints go to `path / model_dir / f"{name}.pth"`.
+    Checkpoints go to `path / model_dir / f"{name}.pth"`. Under torchrun: data parallel (`Ranks`).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class Learner:
         path: str | os.PathLike = ".",
         model_dir: str = "models",
         progress: bool = True,
+        distributed: bool = True,
     ) -> None:
         if not isinstance(data, DataBunch):
             raise TypeError(
@@ -75,8 +77,10 @@ class Learner:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+        self.ranks = Ranks(distributed)  # first: under NCCL it picks this rank's GPU
         self.data = data
         self.model = model.to(data.device)
+        self.ranks.setup_(data, self.model)
         self.opt_func = opt_func
         self.loss_func = loss_func
         self.metrics = list(metrics)
@@ -169,8 +173,9 @@ class Learner:
             self.add_new_params()
             check_optimizer_holds(self.model, held_params(self.opt))
             self._set_lr(lr)
-            for k in range(epochs):
-                self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
+            with self.ranks.training(self.model, self.opt):  # DDP under torchrun
+                for k in range(epochs):
+                    self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
         except BaseException as e:  # KeyboardInterrupt too: on_train_end must still run
             exception = e
             raise
@@ -178,12 +183,13 @@ class Learner:
             handler("on_train_end", exception=exception)
 
     def _fit_epoch(self, handler: CallbackHandler, desc: str) -> None:
+        model = self.ranks.train_module(self.model)  # DDP under torchrun
         self.model.train()
         handler("on_epoch_begin", epoch=self.epoch, train=True)
         dl = self.data.train_dl
-        with tqdm(
-            total=len(dl), desc=desc, leave=False, disable=None if self.progress else True
-        ) as pbar:
+        set_epoch(dl.dl, self.epoch)  # a DistributedSampler reshuffles per epoch
+        shown = self.progress and self.ranks.is_main
+        with tqdm(total=len(dl), desc=desc, leave=False, disable=None if shown else True) as pbar:
             for i, (x, y) in enumerate(dl):
                 x, y = handler(
                     "on_batch_begin",
@@ -195,7 +201,7 @@ class Learner:
                     pbar=pbar,
                 )
                 with self.forward_context():  # entered and left here, even on an exception
-                    output = handler("on_loss_begin", last_output=self.model(x))
+                    output = handler("on_loss_begin", last_output=model(x))
                     raw_loss = self.loss_func(output, y)
                 loss = handler("on_backward_begin", last_loss=raw_loss)
                 loss.backward()
@@ -204,8 +210,9 @@ class Learner:
                 self.iteration += 1  # counted at once: a stop in the events below keeps it
                 handler("on_step_end", step_applied=applied)
                 self.opt.zero_grad()
-                handler("on_batch_end")
+                handler("on_batch_end", last_loss=self.ranks.mean(handler.state["last_loss"]))
                 pbar.update()
+        self.ranks.end_epoch_(self.model)
         metrics = self.validate() if self.data.valid_dl is not None else None
         handler("on_epoch_end", last_metrics=metrics, train=False)
         self.epoch += 1
@@ -214,13 +221,14 @@ class Learner:
     @torch.no_grad()
     def validate(self, dl: Iterable | None = None) -> list[float]:
         """`[valid_loss, *metrics]` over `dl` (default: the validation loader), averaged
-        over samples. Inputs are cast to the model's dtype, outputs to fp32."""
+        over samples. Inputs are cast to the model's dtype, outputs to fp32. Under torchrun
+        a collective: every rank calls it, evaluates its shard, and gets the total averages."""
         dl = self.data.valid_dl if dl is None else dl
         if dl is None:
             raise ValueError(
                 "no validation data: build the DataBunch with a valid_dl or pass validate(dl)."
             )
-        dtype = _input_dtype(self.model)
+        dtype = input_dtype(self.model)
         was_training = self.model.training
         self.model.eval()
         # A DataLoader draws a seed from the global RNG per pass: validating must not shift
@@ -230,6 +238,7 @@ class Learner:
                 totals, count = self._evaluate(dl, dtype)
             finally:
                 self.model.train(was_training)
+        totals, count = self.ranks.sum_totals(totals, count, 1 + len(self.metrics))
         if totals is None:
             raise ValueError("the validation loader yielded no batches.")
         return (totals / count).tolist()  # one host sync for the whole pass
@@ -254,7 +263,7 @@ class Learner:
         was_training = self.model.training
         self.model.eval()
         try:
-            x = cast_floats(to_device(x, self.data.device), _input_dtype(self.model))
+            x = cast_floats(to_device(x, self.data.device), input_dtype(self.model))
             with self.forward_context():
                 return cast_floats(self.model(x), torch.float32)
         finally:
@@ -308,7 +317,7 @@ class Learner:
         for cb in [cb for cb in self.callbacks if isinstance(cb, MixedPrecision)]:
             cb.release()
             self.callbacks.remove(cb)
-        if _input_dtype(self.model) in HALF_DTYPES:  # converted by hand
+        if input_dtype(self.model) in HALF_DTYPES:  # converted by hand
             model_to_float(self.model)
         return self
 
@@ -325,7 +334,7 @@ class Learner:
     def save(self, name: str) -> Path:
         """Write the model, the optimizer (fp32 masters, state, loss scaler), the epoch and
         step counts, the history and the random state to `path/model_dir/{name}.pth`,
-        atomically; return that path."""
+        atomically; return that path. Under torchrun every rank calls it and rank 0 writes."""
         mp = self.mixed_precision
         if mp is not None:
             mp.prepare()
@@ -339,13 +348,13 @@ class Learner:
             "epoch": self.epoch,
             "iteration": self.iteration,
             "recorder": self.recorder.state_dict(),
-            "rng": rng_state(self._generators()),
+            "rng": rng_state(loader_generators(self.data.train_dl.dl)),
         }
-        return save_checkpoint(checkpoint, self._checkpoint_path(name))
+        return self.ranks.save(checkpoint, self._checkpoint_path(name))  # rank 0 writes
 
     def load(self, name: str) -> Learner:
         """Restore what `save(name)` wrote, random state included, so training resumes as if
-        it had never stopped; returns self."""
+        it had never stopped (on every rank, under torchrun); returns self."""
         path = self._checkpoint_path(name)
         checkpoint = load_checkpoint(path, map_location=self.data.device)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -367,8 +376,8 @@ class Learner:
         self.epoch = int(checkpoint.get("epoch", 0))
         self.iteration = int(checkpoint.get("iteration", 0))
         self.recorder.load_state_dict(checkpoint.get("recorder", {}))
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"], self._generators())
+        if (rng := self.ranks.own_rng(checkpoint)) is not None:  # under torchrun, this rank's
+            set_rng_state(rng, loader_generators(self.data.train_dl.dl))
         return self
 
     def _checkpoint_path(self, name: str) -> Path:
@@ -376,29 +385,8 @@ class Learner:
             raise ValueError(f"name must be a non-empty string; got {name!r}.")
         return self.path / self.model_dir / f"{name}.pth"
 
-    def _generators(self) -> list[torch.Generator]:
-        """The training loader's own random generators (its sampler's, its loader's)."""
-        dl = self.data.train_dl.dl
-        found: list[torch.Generator] = []
-        for g in (
-            getattr(dl, "generator", None),
-            getattr(getattr(dl, "sampler", None), "generator", None),
-        ):
-            if isinstance(g, torch.Generator) and all(g is not h for h in found):
-                found.append(g)
-        return found
-
     def __repr__(self) -> str:
         return (
             f"Learner(model={type(self.model).__name__}, opt={type(self.opt).__name__}, "
             f"epoch={self.epoch}, callbacks={self.callbacks})"
         )
-
-
-def _input_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype inputs should have: the model's half dtype if it has one, else its float one."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    for dtype in HALF_DTYPES:
-        if dtype in dtypes:
-            return dtype
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32

@@ -1,5 +1,8 @@
 """`mixprec train`: the digits CNN in fp32, fp16 and bf16 from one seed, side by side, trained
-by a `Learner` (`to_fp16()` for the half precisions)."""
+by a `Learner` (`to_fp16()` for the half precisions).
+
+Under torchrun (``torchrun --nproc_per_node=2 -m mixprec train``) every process trains its
+share of each batch (`--batch-size` per process) and rank 0 prints the table."""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..callback import Callback
 from ..data import DataBunch
+from ..distributed import cleanup_distributed, init_distributed, is_data_parallel
 from ..learner import Learner
 from ..metrics import accuracy
 from ..modes import MODES
@@ -172,7 +177,26 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise SystemExit(f"mixprec train: --threads must be >= 1; got {args.threads}")
     torch.set_num_threads(args.threads)
-    runs = {p: train_digits(p, config, progress=not args.json) for p in precisions}
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    init_distributed()  # under torchrun: join its process group (gloo on CPU, NCCL on GPU)
+    try:
+        runs = {p: train_digits(p, config, progress=not args.json) for p in precisions}
+        processes = dist.get_world_size() if is_data_parallel() else 1
+        if processes == 1 or dist.get_rank() == 0:
+            _report(args, config, runs, processes)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    config: TrainConfig,
+    runs: dict[str, tuple[RunResult, Recorder]],
+    processes: int,
+) -> None:
+    """Print the table (or JSON) and write the plot: on rank 0 only, under torchrun."""
     results = [result for result, _ in runs.values()]
     if args.plot:
         title = f"digits CNN, {config.epochs} epochs, loss scale {config.loss_scale}"
@@ -180,7 +204,11 @@ def run(args: argparse.Namespace) -> int:
             title += f" (growth interval {config.growth_interval})"
         plot_runs({p: recorder for p, (_, recorder) in runs.items()}, args.plot, title=title)
     if args.json:
-        print(json.dumps({"runs": [asdict(r) for r in results]}))
-    else:
-        print(format_table(results))
-    return 0
+        print(json.dumps({"processes": processes, "runs": [asdict(r) for r in results]}))
+        return
+    if processes > 1:
+        print(
+            f"data-parallel: {processes} processes ({dist.get_backend()}), batch "
+            f"{config.batch_size} per process, {config.batch_size * processes} per step"
+        )
+    print(format_table(results))
