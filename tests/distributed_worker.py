@@ -231,7 +231,12 @@ def resume(env: DistEnv, out: Path) -> dict[str, Any]:
         "model": model_values(model),
         "scaler": opt.scaler.state_dict(),
     }
-    return {"straight": straight, "resumed": resumed}
+    try:  # rank 0 cannot write under a file: every rank raises, none waits forever
+        save_on_rank0({"w": torch.ones(1)}, path / "under_a_file.pt")
+        failed = None
+    except Exception as e:
+        failed = type(e).__name__
+    return {"straight": straight, "resumed": resumed, "failed_save": failed}
 
 
 def fsdp(env: DistEnv, out: Path) -> dict[str, Any]:

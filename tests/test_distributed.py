@@ -75,6 +75,22 @@ def test_single_process_helpers_pass_through(monkeypatch: pytest.MonkeyPatch, tm
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
 
 
+def test_save_on_rank0_writes_atomically(tmp_path, monkeypatch):
+    path = save_on_rank0(nn.Linear(2, 2).state_dict(), tmp_path / "ckpt.pt")
+    saved = torch.load(path, weights_only=True)
+    assert "_metadata" in vars(saved)  # the state_dict as it was, its versions kept
+
+    def torn(obj, f):  # a save that dies half-way through the file
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mixprec.checkpoint.torch.save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        save_on_rank0({"w": torch.zeros(2)}, path)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind ...
+    assert torch.load(path, weights_only=True).keys() == saved.keys()  # ... the old file whole
+
+
 @pytest.fixture
 def one_process_group() -> Iterator[None]:
     """A gloo group of one process, for DDP in this process."""

@@ -125,6 +125,11 @@ def test_saved_on_rank0_resumed_on_both_ranks_continues_identically(ranks: list)
     assert torch.equal(
         ranks[0]["resume"]["resumed"]["masters"], ranks[1]["resume"]["resumed"]["masters"]
     )
+    # save_on_rank0 when rank 0 cannot write: rank 0 raises its error, the others are told
+    assert [r["resume"]["failed_save"] for r in ranks] in (
+        ["FileExistsError", "RuntimeError"],
+        ["NotADirectoryError", "RuntimeError"],
+    )
 
 
 def test_fsdp2_with_mixprec_policy_and_scaler_matches_ddp(ranks: list) -> None:

@@ -138,10 +138,12 @@ def test_each_epoch_shows_a_progress_bar_with_the_loss(tmp_path, monkeypatch):
     monkeypatch.setattr("mixprec.learner.tqdm", Bar)
     learn = make_learner(tmp_path)
     learn.progress = True
+    learn.recorder.postfix_every = 3  # the loss is read back and shown every 3 steps
     learn.fit(2)
     n, losses = len(learn.data.train_dl), learn.recorder.losses
     assert [b.desc for b in bars] == ["epoch 1/2", "epoch 2/2"]
     assert all(b.n == b.total == n and b.disable is None for b in bars)
-    assert bars[1].shown == [f"loss {loss:.4f}" for loss in losses[n:]]
+    assert n == 4  # shown after the epoch's 3rd step and after its last
+    assert bars[1].shown == [f"loss {losses[n + 2]:.4f}", f"loss {losses[n + 3]:.4f}"]
     make_learner(tmp_path).fit(1)  # progress=False
     assert bars[-1].disable is True

@@ -18,9 +18,9 @@ from .integrity import safe_load
 __all__ = ["load_checkpoint", "loader_generators", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
-def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write `obj` to `path` atomically: a reader sees the old file or the new one, never
-    half of one. Returns `path` as a Path."""
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` (a mapping, usually; any object `torch.save` takes) to `path` atomically: a
+    reader sees the old file or the new one, never half of one. Returns `path` as a Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name in the same directory (os.replace cannot cross filesystems); opened with
@@ -28,7 +28,9 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as f:
-            torch.save(dict(obj), f)
+            # a dict (an OrderedDict state_dict keeps its _metadata) as it is; a Mapping as a dict
+            is_plain = isinstance(obj, dict) or not isinstance(obj, Mapping)
+            torch.save(obj if is_plain else dict(obj), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows, same filesystem

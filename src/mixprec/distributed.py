@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import save_checkpoint
+
 __all__ = [
     "DistEnv",
     "accumulate",
@@ -243,10 +245,21 @@ def accumulate(model: nn.Module, micro_batches: Iterable[T]) -> Iterator[T]:
 def save_on_rank0(
     obj: Any, path: str | os.PathLike[str], process_group: dist.ProcessGroup | None = None
 ) -> Path:
-    """`torch.save(obj, path)` on rank 0 of `process_group` only, then a barrier, so every rank
-    can load the file next; return the path."""
-    if not is_data_parallel(process_group) or dist.get_rank(process_group) == 0:
-        torch.save(obj, path)
-    if is_data_parallel(process_group):
-        dist.barrier(group=process_group)
+    """Write `obj` to `path` atomically (`save_checkpoint`: a temporary file, then a rename) on
+    rank 0 of `process_group` only; every rank returns once the file is there (a barrier, so
+    every rank can load it next), or raises if rank 0 could not write it. Returns the path."""
+    if not is_data_parallel(process_group):
+        return save_checkpoint(obj, path)
+    error: BaseException | None = None
+    if dist.get_rank(process_group) == 0:
+        try:
+            save_checkpoint(obj, path)
+        except Exception as e:  # tell the other ranks before raising, or they would wait
+            error = e
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, group=process_group, group_src=0)  # also the barrier
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise RuntimeError(f"rank 0 could not write {path}: {status[0]}")
     return Path(path)

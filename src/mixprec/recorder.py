@@ -16,6 +16,18 @@ from .telemetry import TelemetryReader, follow
 __all__ = ["Recorder", "plot_runs"]
 
 _LINE_STYLES = ("-", "--", ":", "-.")
+_HISTORY = (
+    "losses",
+    "lrs",
+    "loss_scales",
+    "skipped",
+    "val_losses",
+    "metrics",
+    "epoch_ends",
+    "telemetry_steps",
+    "grad_norms",
+    "nonfinite",
+)  # the lists of the state_dict, in its (stable) key order
 
 
 class Recorder(Callback):
@@ -29,12 +41,18 @@ class Recorder(Callback):
     With telemetry on (`to_fp16(telemetry=N)`), read back at each epoch end: per recorded
     step, `telemetry_steps` (its number, as in `losses`), `grad_norms` (unscaled, before
     clipping) and `nonfinite` (inf/nan gradient values).
+
+    The losses stay on the device as they are recorded and come back in one `.tolist()` at
+    each epoch end, when `losses` is read, and every `postfix_every` steps while a progress
+    bar is shown (its postfix: the latest loss), so recording costs no host sync per step.
     """
 
     order = -10  # first, so later callbacks can read what this step recorded
+    postfix_every = 20  # steps between progress-bar refreshes (each reads the losses back)
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self._losses: list[float] = []  # read back
+        self._pending: list[torch.Tensor] = []  # detached, on the device, not read back yet
         self.lrs: list[float] = []
         self.loss_scales: list[float | None] = []
         self.skipped: list[bool] = []
@@ -45,6 +63,28 @@ class Recorder(Callback):
         self.grad_norms: list[float] = []
         self.nonfinite: list[int] = []
         self._telemetry: TelemetryReader | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        """The loss of every step (read back now: one host sync if some are not yet)."""
+        self.flush()
+        return self._losses
+
+    @losses.setter
+    def losses(self, values: list[float]) -> None:
+        self._pending = []
+        self._losses = list(values)
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded (no host sync)."""
+        return len(self._losses) + len(self._pending)
+
+    def flush(self) -> None:
+        """Read back the losses still on the device, in one host sync."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._losses.extend(torch.stack(pending).tolist())  # stack promotes mixed dtypes
 
     @property
     def skipped_steps(self) -> int:
@@ -59,28 +99,33 @@ class Recorder(Callback):
         pbar: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Record the step's loss, lr, loss scale and whether it was skipped."""
-        loss = float(last_loss.detach())  # the one host sync the record costs
-        self.losses.append(loss)
+        """Record the step's loss (kept on the device), lr, loss scale and whether it was
+        skipped; refresh the progress bar every `postfix_every` steps and at the epoch's last."""
+        self._pending.append(last_loss.detach().reshape(()))
         self.lrs.append(float(learn.opt.param_groups[-1]["lr"]))
         scale = getattr(learn.opt, "loss_scale", None)
         self.loss_scales.append(None if scale is None else float(scale))
         self.skipped.append(not step_applied)
-        self._telemetry = follow(self._telemetry, learn.opt, len(self.losses))  # no sync
-        if pbar is not None:
-            pbar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+        self._telemetry = follow(self._telemetry, learn.opt, self.steps)  # no sync
+        if pbar is not None and not getattr(pbar, "disable", False):
+            done, total = kwargs.get("num_batch", -1) + 1, getattr(pbar, "total", None)
+            if done % self.postfix_every == 0 or done == total:
+                self.flush()
+                pbar.set_postfix_str(f"loss {self._losses[-1]:.4f}", refresh=False)
 
     def on_epoch_end(self, last_metrics: list[float] | None = None, **kwargs: Any) -> None:
         """Record the validation loss and metrics, and read back the telemetry."""
         self._read_telemetry()
-        self.epoch_ends.append(len(self.losses))
+        self.flush()
+        self.epoch_ends.append(len(self._losses))
         if last_metrics:
             self.val_losses.append(float(last_metrics[0]))
             self.metrics.append([float(m) for m in last_metrics[1:]])
 
     def on_train_end(self, **kwargs: Any) -> None:
-        """Read back the telemetry of the last steps."""
+        """Read back the telemetry and the losses of the last steps."""
         self._read_telemetry()
+        self.flush()
 
     def _read_telemetry(self) -> None:
         if self._telemetry is not None:
@@ -91,12 +136,12 @@ class Recorder(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The history as plain lists."""
-        return {k: list(v) for k, v in vars(self).items() if isinstance(v, list)}
+        return {key: list(getattr(self, key)) for key in _HISTORY}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the history from `state_dict()`; unknown keys are ignored."""
-        for key, value in vars(self).items():
-            if isinstance(value, list) and key in state:
+        for key in _HISTORY:
+            if key in state:
                 setattr(self, key, list(state[key]))
         self._telemetry = None  # steps are numbered afresh from the restored history
 
@@ -106,7 +151,7 @@ class Recorder(Callback):
 
     def __repr__(self) -> str:
         return (
-            f"Recorder(steps={len(self.losses)}, epochs={len(self.epoch_ends)}, "
+            f"Recorder(steps={self.steps}, epochs={len(self.epoch_ends)}, "
             f"skipped_steps={self.skipped_steps})"
         )
 
