@@ -119,8 +119,8 @@ def model_g2master_g(
                 if p.grad is None:
                     if not accumulate:
                         master.grad = None
-                elif master.grad is None:
-                    master.grad = p.grad.detach().float()
+                elif master.grad is None:  # a copy, even of an fp32 (norm layer) grad
+                    master.grad = p.grad.detach().to(torch.float32, copy=True)
                 else:
                     dst.append(master.grad)
                     src.append(p.grad)
