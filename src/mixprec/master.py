@@ -23,6 +23,7 @@ __all__ = [
     "master2model",
     "model_g2master_g",
     "move_state_to_masters",
+    "new_group_params",
     "shapes_summary",
     "trainable_params",
 ]
@@ -240,6 +241,21 @@ def shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
         more = f", ... ({len(group)} tensors)" if len(group) > limit else ""
         parts.append(f"[{shown}{more}]")
     return "[" + ", ".join(parts) + "]"
+
+
+def new_group_params(params: torch.Tensor | Iterable[torch.Tensor], held: ParamGroups) -> list:
+    """The tensors of a new param group's `params`, as a list; ValueError if any of them is
+    already in `held` (as torch.optim refuses: it would get a second master)."""
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    held_ids = {id(p) for group in held for p in group}
+    twice = [tuple(p.shape) for p in params if id(p) in held_ids]
+    if twice:
+        raise ValueError(
+            f"some parameters appear in more than one parameter group: {len(twice)} of the new "
+            f"group's (shapes {twice[:4]}) are already held. Add only the parameters the "
+            "optimizer does not hold yet."
+        )
+    return params
 
 
 def move_state_to_masters(

@@ -22,6 +22,7 @@ from .master import (
     master2model,
     model_g2master_g,
     move_state_to_masters,
+    new_group_params,
 )
 from .scaler import LossScale, LossScaler, unscale_and_check_
 from .telemetry import NO_TELEMETRY
@@ -160,8 +161,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params = new_group_params(param_group["params"], self.model_params)
         (masters,) = make_masters([params], self.flat_master)
         if self.flat_master and params:
             self._flat_groups.append(FlatGroup(params, masters[0]))
