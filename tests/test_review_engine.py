@@ -53,3 +53,45 @@ def test_model_g2master_g_copies_fp32_grads_instead_of_aliasing_them():
     for p, m in zip(reference.parameters(), master_params[0]):
         assert m.grad is not p.grad
         torch.testing.assert_close(m.grad, p.grad.float(), rtol=1e-2, atol=1e-2)
+
+
+def _adam_after_fp32_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ((model(torch.ones(3, 4)) - 1) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return model_to_half(model), opt
+
+
+def test_flat_master_keeps_the_state_of_steps_taken_before_wrapping():
+    # The documented callback keeps "any optimizer state from a previous fit" when it
+    # re-points the optimizer to the masters: flat masters too (fit in fp32, then to_fp16).
+    results = []
+    for flat in (False, True):
+        model, inner = _adam_after_fp32_step()
+        moments = [inner.state[p]["exp_avg"].clone() for p in model.parameters()]
+        opt = MixedPrecisionOptimizer(inner, 8.0, flat_master=flat)
+        if flat:
+            (master,) = opt.master_params[0]
+            state = opt.state[master]
+            torch.testing.assert_close(
+                state["exp_avg"], torch.cat([m.reshape(-1) for m in moments])
+            )
+            assert int(state["step"]) == 1
+        opt.backward(_loss(model, 1))
+        assert opt.step()
+        results.append([m.detach().clone() for m in opt.master_params[0]])
+    flat_values = results[1][0]
+    torch.testing.assert_close(flat_values, torch.cat([m.reshape(-1) for m in results[0]]))
+
+
+def test_flat_master_refuses_state_it_cannot_merge_and_changes_nothing():
+    model, inner = _adam_after_fp32_step()
+    first = next(iter(model.parameters()))
+    inner.state.pop(first)  # a parameter that never had a gradient has no state
+    before = dict(inner.state)
+    with pytest.raises(ValueError, match="cannot be merged into one flat master"):
+        MixedPrecisionOptimizer(inner, 8.0, flat_master=True)
+    assert dict(inner.state) == before

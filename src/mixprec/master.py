@@ -258,6 +258,40 @@ def new_group_params(params: torch.Tensor | Iterable[torch.Tensor], held: ParamG
     return params
 
 
+def _merged_state(state: dict, params: Sequence[torch.Tensor], master: torch.Tensor) -> dict:
+    """One flat master's optimizer state from its parameters' states: per-element entries
+    concatenated in fp32, per-tensor ones (e.g. Adam's step) kept if every parameter agrees."""
+    states = [state.get(p, {}) for p in params]
+    if not any(states):
+        return {}
+    keys = set(states[0])
+    merged: dict[str, Any] = {}
+    for key in sorted(keys) if all(set(st) == keys for st in states) else []:
+        values = [st[key] for st in states]
+        if all(
+            torch.is_tensor(v) and v.dim() and v.shape == p.shape for v, p in zip(values, params)
+        ):
+            merged[key] = torch.cat([v.detach().reshape(-1).float() for v in values]).to(
+                master.device
+            )
+        elif all(_same_value(v, values[0]) for v in values):
+            merged[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
+    if len(merged) != len(keys) or not all(states):
+        raise ValueError(
+            "the optimizer holds per-parameter state that cannot be merged into one flat "
+            "master per group (some parameters have no state, or per-tensor entries such as "
+            "step counts differ); wrap the optimizer before its first step or use "
+            "flat_master=False."
+        )
+    return merged
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
+
+
 def move_state_to_masters(
     state: dict, model_params: ParamGroups, master_params: ParamGroups, flat_master: bool
 ) -> None:
@@ -265,10 +299,16 @@ def move_state_to_masters(
     if not any(p in state for group in model_params for p in group):
         return
     if flat_master:
-        raise ValueError(
-            "the optimizer already holds per-parameter state, which cannot be carried into "
-            "flat masters; wrap the optimizer before its first step or use flat_master=False."
-        )
+        pairs = [(ps, ms[0]) for ps, ms in zip(model_params, master_params) if ps]
+        merged = [
+            _merged_state(state, ps, m) for ps, m in pairs
+        ]  # all first: a refusal changes nothing
+        for (ps, m), st in zip(pairs, merged):
+            for p in ps:
+                state.pop(p, None)
+            if st:
+                state[m] = st
+        return
     for model_group, master_group in zip(model_params, master_params):
         for p, m in zip(model_group, master_group):
             if p in state:
