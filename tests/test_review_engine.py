@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec import MixedPrecisionOptimizer, get_master, model_g2master_g, model_to_half
+from learner_helpers import make_learner
+from mixprec import (
+    MixedPrecision,
+    MixedPrecisionOptimizer,
+    get_master,
+    model_g2master_g,
+    model_to_half,
+)
 
 
 def _model():
@@ -95,3 +102,10 @@ def test_flat_master_refuses_state_it_cannot_merge_and_changes_nothing():
     with pytest.raises(ValueError, match="cannot be merged into one flat master"):
         MixedPrecisionOptimizer(inner, 8.0, flat_master=True)
     assert dict(inner.state) == before
+
+
+@pytest.mark.parametrize("clip", [-1.0, 0.0, float("nan")])
+def test_mixed_precision_refuses_a_bad_clip_when_built(tmp_path, clip):
+    # Like the loss-scale options, a bad clip is refused at once, not at the first fit().
+    with pytest.raises(ValueError, match="clip must be None or a positive finite max norm"):
+        MixedPrecision(make_learner(tmp_path), clip=clip)
