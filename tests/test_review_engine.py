@@ -109,3 +109,17 @@ def test_mixed_precision_refuses_a_bad_clip_when_built(tmp_path, clip):
     # Like the loss-scale options, a bad clip is refused at once, not at the first fit().
     with pytest.raises(ValueError, match="clip must be None or a positive finite max norm"):
         MixedPrecision(make_learner(tmp_path), clip=clip)
+
+
+def test_flat_master_refuses_a_model_moved_after_the_optimizer_was_built():
+    # .to(memory_format=...) re-points the conv weight and its grad away from the flat
+    # buffers: the step used to train nothing there, silently.
+    torch.manual_seed(0)
+    model = model_to_half(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)))
+    opt = MixedPrecisionOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), 8.0, flat_master=True
+    )
+    model.to(memory_format=torch.channels_last)
+    opt.backward(model(torch.randn(2, 3, 4, 4).half()).float().pow(2).mean())
+    with pytest.raises(RuntimeError, match="no longer lives in its flat_master buffer"):
+        opt.step()

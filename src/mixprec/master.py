@@ -163,6 +163,7 @@ class FlatGroup:
         self.grads: list[torch.Tensor] = []
         self._slices: list[tuple[int, int]] = []
         self._grad_views: list[torch.Tensor] = []
+        self._data_ptrs: list[int] = []  # where each parameter's view starts: to notice a move
         start = 0
         while start < len(self.params):
             end = start
@@ -186,14 +187,26 @@ class FlatGroup:
                 p.data = view
                 p.grad = grad_view
                 self._grad_views.append(grad_view)
+                self._data_ptrs.append(view.data_ptr())
         self.data.append(data)
         self.grads.append(grad)
         self._slices.append((offset, offset + n))
 
     def repair_grads(self) -> None:
-        """Re-point any gradient that was replaced or removed (`set_to_none`) at its view."""
+        """Re-point any gradient that was replaced or removed (`set_to_none`) at its view.
+
+        Raises a RuntimeError if a parameter was moved out of the flat buffers (e.g. by
+        `model.to(...)` after the optimizer was built): the copies here and into the model
+        would no longer reach it, and it would silently stop training."""
         with torch.no_grad():
-            for p, view in zip(self.params, self._grad_views):
+            for p, view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
+                if p.data_ptr() != data_ptr:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} ({p.dtype}) no longer lives in "
+                        "its flat_master buffer: the model was converted or moved (.to(), "
+                        ".half(), .float(), memory_format) after the optimizer was built. Do "
+                        "that before building MixedPrecisionOptimizer, or use flat_master=False."
+                    )
                 g = p.grad
                 if g is view:
                     continue
