@@ -123,3 +123,30 @@ def test_flat_master_refuses_a_model_moved_after_the_optimizer_was_built():
     opt.backward(model(torch.randn(2, 3, 4, 4).half()).float().pow(2).mean())
     with pytest.raises(RuntimeError, match="no longer lives in its flat_master buffer"):
         opt.step()
+
+
+@pytest.mark.parametrize("wrapper", ["master", "autocast"])
+def test_step_hooks_register_and_run_as_on_torch_optimizers(wrapper):
+    # e.g. an EMA of the weights kept by a post hook; registering used to raise a TypeError
+    # (a plain dict cannot be weakly referenced) and nothing would have run the hooks.
+    from mixprec import AutocastOptimizer
+
+    if wrapper == "master":
+        model = _model()
+        opt = MixedPrecisionOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8.0)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        opt = AutocastOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8.0)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    x = torch.randn(3, 4)
+    opt.backward(model(x.half() if wrapper == "master" else x).float().sum())
+    assert opt.step() is True
+    assert calls == [("pre", opt), ("post", opt)]
+    pre.remove()
+    opt.zero_grad()
+    opt.backward(model(x.half() if wrapper == "master" else x).float().sum())
+    opt.step()
+    assert calls[2:] == [("post", opt)]

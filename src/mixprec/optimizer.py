@@ -25,6 +25,7 @@ from .master import (
     new_group_params,
 )
 from .scaler import LossScale, LossScaler, unscale_and_check_
+from .step_hooks import enable_step_hooks
 from .telemetry import NO_TELEMETRY
 
 if TYPE_CHECKING:
@@ -128,8 +129,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._accumulated = False  # master grads hold gradients of this step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
+        enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
     # -- the torch.optim.Optimizer surface ----------------------------------------------
     @property
