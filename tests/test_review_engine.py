@@ -150,3 +150,15 @@ def test_step_hooks_register_and_run_as_on_torch_optimizers(wrapper):
     opt.backward(model(x.half() if wrapper == "master" else x).float().sum())
     opt.step()
     assert calls[2:] == [("post", opt)]
+
+
+def test_to_fp32_then_to_fp16_flat_keeps_the_optimizer_state(tmp_path):
+    learn = make_learner(tmp_path, layer_groups=True)
+    learn.to_fp16(flat_master=True)
+    learn.fit(1, 1e-2)
+    before = {k: v.clone() for k, v in learn.opt.state[learn.opt.master_params[0][0]].items()}
+    learn.to_fp32().to_fp16(flat_master=True)
+    after = learn.opt.state[learn.opt.master_params[0][0]]
+    assert sorted(after) == sorted(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
