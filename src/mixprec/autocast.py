@@ -20,6 +20,7 @@ from .distributed import all_reduce_overflow_
 from .guards import check_engine_options
 from .modes import check_mode_options, check_saved_mode
 from .scaler import LossScale, LossScaler, unscale_and_check_
+from .step_hooks import enable_step_hooks
 from .telemetry import NO_TELEMETRY
 
 if TYPE_CHECKING:
@@ -115,8 +116,7 @@ class AutocastOptimizer(torch.optim.Optimizer):
         self.last_grad_norm: torch.Tensor | None = None
         self._has_grads = False  # backward ran since the last step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
+        enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
     # -- the torch.optim.Optimizer surface ----------------------------------------------
     @property

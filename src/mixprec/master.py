@@ -23,6 +23,7 @@ __all__ = [
     "master2model",
     "model_g2master_g",
     "move_state_to_masters",
+    "new_group_params",
     "shapes_summary",
     "trainable_params",
 ]
@@ -119,8 +120,8 @@ def model_g2master_g(
                 if p.grad is None:
                     if not accumulate:
                         master.grad = None
-                elif master.grad is None:
-                    master.grad = p.grad.detach().float()
+                elif master.grad is None:  # a copy, even of an fp32 (norm layer) grad
+                    master.grad = p.grad.detach().to(torch.float32, copy=True)
                 else:
                     dst.append(master.grad)
                     src.append(p.grad)
@@ -162,6 +163,7 @@ class FlatGroup:
         self.grads: list[torch.Tensor] = []
         self._slices: list[tuple[int, int]] = []
         self._grad_views: list[torch.Tensor] = []
+        self._data_ptrs: list[int] = []  # where each parameter's view starts: to notice a move
         start = 0
         while start < len(self.params):
             end = start
@@ -185,14 +187,26 @@ class FlatGroup:
                 p.data = view
                 p.grad = grad_view
                 self._grad_views.append(grad_view)
+                self._data_ptrs.append(view.data_ptr())
         self.data.append(data)
         self.grads.append(grad)
         self._slices.append((offset, offset + n))
 
     def repair_grads(self) -> None:
-        """Re-point any gradient that was replaced or removed (`set_to_none`) at its view."""
+        """Re-point any gradient that was replaced or removed (`set_to_none`) at its view.
+
+        Raises a RuntimeError if a parameter was moved out of the flat buffers (e.g. by
+        `model.to(...)` after the optimizer was built): the copies here and into the model
+        would no longer reach it, and it would silently stop training."""
         with torch.no_grad():
-            for p, view in zip(self.params, self._grad_views):
+            for p, view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
+                if p.data_ptr() != data_ptr:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} ({p.dtype}) no longer lives in "
+                        "its flat_master buffer: the model was converted or moved (.to(), "
+                        ".half(), .float(), memory_format) after the optimizer was built. Do "
+                        "that before building MixedPrecisionOptimizer, or use flat_master=False."
+                    )
                 g = p.grad
                 if g is view:
                     continue
@@ -242,6 +256,55 @@ def shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+def new_group_params(params: torch.Tensor | Iterable[torch.Tensor], held: ParamGroups) -> list:
+    """The tensors of a new param group's `params`, as a list; ValueError if any of them is
+    already in `held` (as torch.optim refuses: it would get a second master)."""
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    held_ids = {id(p) for group in held for p in group}
+    twice = [tuple(p.shape) for p in params if id(p) in held_ids]
+    if twice:
+        raise ValueError(
+            f"some parameters appear in more than one parameter group: {len(twice)} of the new "
+            f"group's (shapes {twice[:4]}) are already held. Add only the parameters the "
+            "optimizer does not hold yet."
+        )
+    return params
+
+
+def _merged_state(state: dict, params: Sequence[torch.Tensor], master: torch.Tensor) -> dict:
+    """One flat master's optimizer state from its parameters' states: per-element entries
+    concatenated in fp32, per-tensor ones (e.g. Adam's step) kept if every parameter agrees."""
+    states = [state.get(p, {}) for p in params]
+    if not any(states):
+        return {}
+    keys = set(states[0])
+    merged: dict[str, Any] = {}
+    for key in sorted(keys) if all(set(st) == keys for st in states) else []:
+        values = [st[key] for st in states]
+        if all(
+            torch.is_tensor(v) and v.dim() and v.shape == p.shape for v, p in zip(values, params)
+        ):
+            merged[key] = torch.cat([v.detach().reshape(-1).float() for v in values]).to(
+                master.device
+            )
+        elif all(_same_value(v, values[0]) for v in values):
+            merged[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
+    if len(merged) != len(keys) or not all(states):
+        raise ValueError(
+            "the optimizer holds per-parameter state that cannot be merged into one flat "
+            "master per group (some parameters have no state, or per-tensor entries such as "
+            "step counts differ); wrap the optimizer before its first step or use "
+            "flat_master=False."
+        )
+    return merged
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
+
+
 def move_state_to_masters(
     state: dict, model_params: ParamGroups, master_params: ParamGroups, flat_master: bool
 ) -> None:
@@ -249,10 +312,16 @@ def move_state_to_masters(
     if not any(p in state for group in model_params for p in group):
         return
     if flat_master:
-        raise ValueError(
-            "the optimizer already holds per-parameter state, which cannot be carried into "
-            "flat masters; wrap the optimizer before its first step or use flat_master=False."
-        )
+        pairs = [(ps, ms[0]) for ps, ms in zip(model_params, master_params) if ps]
+        merged = [
+            _merged_state(state, ps, m) for ps, m in pairs
+        ]  # all first: a refusal changes nothing
+        for (ps, m), st in zip(pairs, merged):
+            for p in ps:
+                state.pop(p, None)
+            if st:
+                state[m] = st
+        return
     for model_group, master_group in zip(model_params, master_params):
         for p, m in zip(model_group, master_group):
             if p in state:

@@ -22,8 +22,10 @@ from .master import (
     master2model,
     model_g2master_g,
     move_state_to_masters,
+    new_group_params,
 )
 from .scaler import LossScale, LossScaler, unscale_and_check_
+from .step_hooks import enable_step_hooks
 from .telemetry import NO_TELEMETRY
 
 if TYPE_CHECKING:
@@ -127,8 +129,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._accumulated = False  # master grads hold gradients of this step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
+        enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
     # -- the torch.optim.Optimizer surface ----------------------------------------------
     @property
@@ -160,8 +161,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params = new_group_params(param_group["params"], self.model_params)
         (masters,) = make_masters([params], self.flat_master)
         if self.flat_master and params:
             self._flat_groups.append(FlatGroup(params, masters[0]))

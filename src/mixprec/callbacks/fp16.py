@@ -17,7 +17,7 @@ import torch
 from ..autocast import AutocastOptimizer, autocast_region, device_type_of
 from ..callback import Callback
 from ..convert import HALF_DTYPES, cast_floats, check_half_dtype, model_to_float, model_to_half
-from ..guards import check_optimizer_holds, check_trainable, held_params
+from ..guards import check_engine_options, check_optimizer_holds, check_trainable, held_params
 from ..master import get_master, master2model, model_g2master_g
 from ..modes import Mode, check_mode, check_mode_options, check_saved_mode
 from ..optimizer import MixedPrecisionOptimizer
@@ -83,7 +83,7 @@ class MixedPrecision(Callback):
         self.loss_scale = loss_scale
         self.flat_master = bool(flat_master)
         self.dtype = check_half_dtype(dtype)
-        self.clip = clip
+        self.clip = check_engine_options(clip, True)  # refuse a bad clip now too
         self.fused = bool(fused)
         self.scaler_options = scaler_options
         self.opt: MixedPrecisionOptimizer | AutocastOptimizer | None = None
