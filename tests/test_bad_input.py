@@ -93,8 +93,8 @@ ENGINE_CASES = {
         ValueError,
         r'or "dynamic"; got \'static\'',
     ),
-    "loss scale True": (_sgd, {"loss_scale": True}, TypeError, "positive finite number; got True"),
-    "loss scale None": (_sgd, {"loss_scale": None}, TypeError, "positive finite number; got None"),
+    "loss scale True": (_sgd, {"loss_scale": True}, ValueError, "positive finite number; got True"),
+    "loss scale None": (_sgd, {"loss_scale": None}, ValueError, "positive finite number; got None"),
     "init scale 0": (_sgd, {"init_scale": 0.0}, ValueError, "init_scale must be a positive finite"),
     "min above max scale": (
         _sgd,

@@ -112,8 +112,8 @@ def test_invalid_settings_raise_value_error(kwargs, message):
 
 
 @pytest.mark.parametrize("bad", [True, None, [1.0]])
-def test_non_numbers_raise_type_error(bad):
-    with pytest.raises(TypeError, match="loss_scale must be a positive finite number"):
+def test_non_numbers_raise_value_error(bad):
+    with pytest.raises(ValueError, match="loss_scale must be a positive finite number"):
         LossScaler(bad)
 
 

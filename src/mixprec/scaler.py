@@ -39,7 +39,7 @@ def unscale_and_check_(grads: Iterable[torch.Tensor], inv_scale: float) -> torch
 
 def _check_positive_finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive finite number; got {value!r}.")
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
     return float(value)
