@@ -162,3 +162,22 @@ def test_to_fp32_then_to_fp16_flat_keeps_the_optimizer_state(tmp_path):
     assert sorted(after) == sorted(before)
     for key, value in before.items():
         assert torch.equal(after[key], value), key
+
+
+def test_fused_zero_grad_mid_accumulation_frees_the_fp32_master_grads():
+    from torch import nn
+
+    from mixprec import MixedPrecisionOptimizer, model_to_half
+
+    model = model_to_half(nn.Linear(4, 3))
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), 128.0, flat_master=True, fused=True
+    )
+    x = torch.randn(2, 4).half()
+    for _ in range(2):  # the second backward moves the first one's grads into fp32 masters
+        opt.backward(model(x).float().sum())
+    assert any(m.grad is not None for g in opt.master_params for m in g)
+    opt.zero_grad()
+    assert all(m.grad is None for g in opt.master_params for m in g)
+    opt.backward(model(x).float().sum())
+    assert opt.step()

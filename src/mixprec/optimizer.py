@@ -67,9 +67,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     keep earlier micro-batches out of the reduction). `data_parallel=False` opts out, for an
     optimizer used on some ranks only.
 
-    `model` (whose parameters alone the optimizer must hold) names them: a skipped step's
-    report `last_overflow` and the persistent-overflow error then name those with inf/nan
-    gradients (see `mixprec.forensics`).
+    `model` names the parameters in a skipped step's `last_overflow` report and in the
+    persistent-overflow error (see `mixprec.forensics`).
     """
 
     def __init__(
@@ -284,6 +283,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step, in the model and the masters."""
         self._zero_model_grads(set_to_none)
+        if self._fused is not None and self._accumulated:
+            self._release_master_grads()  # the fused path keeps no fp32 grads between steps
         self._pending = self._accumulated = False
         self._found_inf = None
 
