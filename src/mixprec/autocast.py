@@ -20,8 +20,8 @@ from .distributed import all_reduce_overflow_
 from .guards import check_engine_options
 from .modes import check_mode_options, check_saved_mode
 from .scaler import LossScale, LossScaler, unscale_and_check_
-from .step_hooks import enable_step_hooks
 from .telemetry import NO_TELEMETRY
+from .wrapper import OptimizerWrapper, enable_step_hooks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -45,7 +45,7 @@ def autocast_region(device_type: str, dtype: torch.dtype) -> AbstractContextMana
     return torch.autocast(device_type, dtype=dtype)
 
 
-class AutocastOptimizer(torch.optim.Optimizer):
+class AutocastOptimizer(OptimizerWrapper):
     """Wraps an optimizer of an fp32 model whose forward and loss run under `torch.autocast`.
 
     The loop::
@@ -117,29 +117,6 @@ class AutocastOptimizer(torch.optim.Optimizer):
         self._has_grads = False  # backward ran since the last step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
-
-    # -- the torch.optim.Optimizer surface ----------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because of overflow, since the start of training."""
-        return self.scaler.skipped_steps
-
-    @property
-    def loss_scale(self) -> float:
-        """The current loss scale."""
-        return self.scaler.scale
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the fp32 model's parameters."""

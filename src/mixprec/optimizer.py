@@ -25,8 +25,8 @@ from .master import (
     new_group_params,
 )
 from .scaler import LossScale, LossScaler, unscale_and_check_
-from .step_hooks import enable_step_hooks
 from .telemetry import NO_TELEMETRY
+from .wrapper import OptimizerWrapper, enable_step_hooks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["MixedPrecisionOptimizer"]
 
 
-class MixedPrecisionOptimizer(torch.optim.Optimizer):
+class MixedPrecisionOptimizer(OptimizerWrapper):
     """Wraps an optimizer built on a half model so that it steps fp32 master weights.
 
     The loop::
@@ -129,29 +129,6 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
-
-    # -- the torch.optim.Optimizer surface ----------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because of overflow, since the start of training."""
-        return self.scaler.skipped_steps
-
-    @property
-    def loss_scale(self) -> float:
-        """The current loss scale."""
-        return self.scaler.scale
 
     @property
     def fused(self) -> bool:
