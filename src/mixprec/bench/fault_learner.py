@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..callback import Callback
+from ..callback import EVENTS, Callback
 from ..data import DataBunch
 from ..learner import Learner
 from ..optimizer import MixedPrecisionOptimizer
@@ -34,14 +34,7 @@ __all__ = [
     "run_stop",
 ]
 
-BATCH_EVENTS = (
-    "on_batch_begin",
-    "on_loss_begin",
-    "on_backward_begin",
-    "on_backward_end",
-    "on_step_end",
-    "on_batch_end",
-)
+BATCH_EVENTS = EVENTS[EVENTS.index("on_batch_begin") : EVENTS.index("on_batch_end") + 1]
 WHERE = (*BATCH_EVENTS, "data", "loss")  # where a stop can come from
 _AFTER_STEP = ("on_step_end", "on_batch_end")
 N_BATCHES = 4
