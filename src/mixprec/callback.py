@@ -84,7 +84,8 @@ class CallbackHandler:
     The state holds what the loop knows: `learn`, `n_epochs`, `epoch`, `iteration` (steps
     trained so far), `num_batch` (batch index in the epoch), `train`, `last_input`,
     `last_target`, `last_output`, `last_loss`, `step_applied`, `last_metrics`, `pbar` and,
-    at `on_train_end`, `exception`. A callback's non-None return value from `on_batch_begin`
+    at `on_train_end`, `exception`. `on_train_end` runs on every callback even if one raises
+    (the first error is raised after). A callback's non-None return value from `on_batch_begin`
     (an `(input, target)` pair), `on_loss_begin` or `on_backward_begin` replaces the batch,
     the output or the loss for the callbacks after it and for the loop.
 
@@ -110,6 +111,8 @@ class CallbackHandler:
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; the events are {', '.join(EVENTS)}.")
         self.state.update(updates)
+        if event == "on_train_end":  # clean-up: every callback runs, then the first error
+            return self._run_all(event)
         key = _REPLACES.get(event)
         unscaled_loss = self.state.get("last_loss")
         for cb in self.callbacks:
@@ -130,6 +133,16 @@ class CallbackHandler:
         except Exception as e:
             _name_source(e, f"raised in callback {type(cb).__name__}, event {event}")
             raise
+
+    def _run_all(self, event: str) -> None:
+        error: Exception | None = None
+        for cb in self.callbacks:
+            try:
+                self._run(cb, event)
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def _replace(self, cb: Callback, event: str, result: Any) -> None:
         if event != "on_batch_begin":
