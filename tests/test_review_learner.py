@@ -24,3 +24,33 @@ def test_on_train_end_of_every_callback_runs_when_one_raises(tmp_path):
     assert learn.data.tfms == []  # MixedPrecision still removed its input transform
     x, _ = next(iter(learn.data.train_dl))
     assert x.dtype == torch.float32
+
+
+def test_validate_weights_batches_by_sample_count_with_tuple_targets(tmp_path):
+    """A multi-task target `(y1, y2)`: the partial last batch must weigh its samples, not 2."""
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    from mixprec import DataBunch, Learner
+
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 8), torch.randint(0, 4, (20,))
+
+    class TwoTargets(Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return x[i], (y[i], y[i])
+
+    dl = DataLoader(TwoTargets(), batch_size=16)  # batches of 16 and 4
+    model = nn.Linear(8, 4)
+    learn = Learner(
+        DataBunch(dl, dl, device="cpu"),
+        model,
+        loss_func=lambda out, target: nn.functional.cross_entropy(out, target[0]),
+        progress=False,
+    )
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y).item()
+    assert learn.validate()[0] == pytest.approx(expected, rel=1e-5)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .guards import check_batch
+from .guards import _holds_tensor, check_batch
 
-__all__ = ["DataBunch", "DeviceDataLoader", "to_device"]
+__all__ = ["DataBunch", "DeviceDataLoader", "batch_size", "to_device"]
 
 BatchTransform = Callable[[Any], Any]
 
@@ -26,6 +26,18 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def batch_size(obj: Any) -> int:
+    """The number of samples in a (nested) tuple/list/dict batch part: the first dimension
+    of its first tensor (1 for a 0-d tensor), else its length."""
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[0] if obj.dim() else 1
+    if isinstance(obj, (Mapping, list, tuple)):
+        for part in obj.values() if isinstance(obj, Mapping) else obj:
+            if _holds_tensor(part):
+                return batch_size(part)
+    return len(obj)
 
 
 class DeviceDataLoader:

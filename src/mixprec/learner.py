@@ -19,7 +19,7 @@ from .callbacks.fp16 import MixedPrecision
 from .checkpoint import load_checkpoint, loader_generators, rng_state, set_rng_state
 from .compat import check_checkpoint_fits
 from .convert import HALF_DTYPES, cast_floats, input_dtype, model_to_float
-from .data import DataBunch, to_device
+from .data import DataBunch, batch_size, to_device
 from .guards import (
     check_not_half_without_masters,
     check_optimizer_holds,
@@ -249,7 +249,7 @@ class Learner:
         for x, y in dl:
             x, y = to_device((x, y), self.data.device)
             output = cast_floats(self.model(cast_floats(x, dtype)), torch.float32)
-            n = y.shape[0] if isinstance(y, torch.Tensor) else len(y)
+            n = batch_size(y)
             values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
             batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n
             totals = batch if totals is None else totals + batch
