@@ -54,3 +54,25 @@ def test_validate_weights_batches_by_sample_count_with_tuple_targets(tmp_path):
     with torch.no_grad():
         expected = nn.functional.cross_entropy(model(x), y).item()
     assert learn.validate()[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_runs_on_a_loader_without_len(tmp_path):
+    """A DataLoader over an IterableDataset (streamed data) has no len()."""
+    from torch import nn
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from mixprec import DataBunch, Learner
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(16):
+                x = torch.randn(8, generator=g)
+                yield x, (x[0] > 0).long()
+
+    dl = DataLoader(Stream(), batch_size=8)
+    data = DataBunch(dl, dl, device="cpu")
+    learn = Learner(data, nn.Linear(8, 2), path=tmp_path, progress=True).to_fp16()
+    learn.fit(1)
+    assert len(learn.recorder.losses) == 2 and len(learn.recorder.val_losses) == 1
+    assert "train=None batches" in repr(data)

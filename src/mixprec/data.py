@@ -10,7 +10,7 @@ import torch
 
 from .guards import _holds_tensor, check_batch
 
-__all__ = ["DataBunch", "DeviceDataLoader", "batch_size", "to_device"]
+__all__ = ["DataBunch", "DeviceDataLoader", "batch_size", "loader_length", "to_device"]
 
 BatchTransform = Callable[[Any], Any]
 
@@ -38,6 +38,14 @@ def batch_size(obj: Any) -> int:
             if _holds_tensor(part):
                 return batch_size(part)
     return len(obj)
+
+
+def loader_length(dl: Any) -> int | None:
+    """`len(dl)`, or None for a loader without one (over an IterableDataset, say)."""
+    try:
+        return len(dl)
+    except TypeError:
+        return None
 
 
 class DeviceDataLoader:
@@ -105,7 +113,7 @@ class DataBunch:
 
     def __repr__(self) -> str:
         return (
-            f"DataBunch(train={len(self.train_dl)} batches, "
-            f"valid={None if self.valid_dl is None else len(self.valid_dl)} batches, "
+            f"DataBunch(train={loader_length(self.train_dl)} batches, "
+            f"valid={None if self.valid_dl is None else loader_length(self.valid_dl)} batches, "
             f"device={self.device}, tfms={len(self.tfms)})"
         )

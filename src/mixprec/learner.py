@@ -19,7 +19,7 @@ from .callbacks.fp16 import MixedPrecision
 from .checkpoint import load_checkpoint, loader_generators, rng_state, set_rng_state
 from .compat import check_checkpoint_fits
 from .convert import HALF_DTYPES, cast_floats, input_dtype, model_to_float
-from .data import DataBunch, batch_size, to_device
+from .data import DataBunch, batch_size, loader_length, to_device
 from .guards import (
     check_not_half_without_masters,
     check_optimizer_holds,
@@ -188,8 +188,8 @@ class Learner:
         handler("on_epoch_begin", epoch=self.epoch, train=True)
         dl = self.data.train_dl
         set_epoch(dl.dl, self.epoch)  # a DistributedSampler reshuffles per epoch
-        shown = self.progress and self.ranks.is_main
-        with tqdm(total=len(dl), desc=desc, leave=False, disable=None if shown else True) as pbar:
+        off = None if self.progress and self.ranks.is_main else True
+        with tqdm(total=loader_length(dl), desc=desc, leave=False, disable=off) as pbar:
             for i, (x, y) in enumerate(dl):
                 x, y = handler(
                     "on_batch_begin",
