@@ -76,3 +76,16 @@ def test_fit_runs_on_a_loader_without_len(tmp_path):
     learn.fit(1)
     assert len(learn.recorder.losses) == 2 and len(learn.recorder.val_losses) == 1
     assert "train=None batches" in repr(data)
+
+
+def test_to_device_keeps_packed_sequence_batch_sizes_on_the_cpu():
+    """PackedSequence batches (RNN text models) moved to an accelerator: batch_sizes must
+    stay on the CPU. The meta device stands in for a GPU."""
+    from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+    from mixprec.data import to_device
+
+    packed = pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
+    moved = to_device({"x": packed}, torch.device("meta"))["x"]
+    assert isinstance(moved, PackedSequence)
+    assert moved.data.device.type == "meta" and moved.batch_sizes.device.type == "cpu"

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from .guards import _holds_tensor, check_batch
 
@@ -19,6 +20,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) tuple/list/dict to `device`; leave the rest."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=obj.is_pinned())
+    if isinstance(obj, PackedSequence):  # its own .to keeps batch_sizes on the CPU
+        return obj.to(device)
     if isinstance(obj, Mapping):
         return type(obj)({k: to_device(v, device) for k, v in obj.items()})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
