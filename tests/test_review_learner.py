@@ -89,3 +89,15 @@ def test_to_device_keeps_packed_sequence_batch_sizes_on_the_cpu():
     moved = to_device({"x": packed}, torch.device("meta"))["x"]
     assert isinstance(moved, PackedSequence)
     assert moved.data.device.type == "meta" and moved.batch_sizes.device.type == "cpu"
+
+
+def test_metrics_and_callbacks_are_checked_when_the_learner_is_built(tmp_path):
+    """fastai v1 takes one metric or callback as well as a list; a non-callable metric is
+    refused at once, not after a whole epoch of training."""
+    from learner_helpers import tiny_data, tiny_model
+    from mixprec import Learner, accuracy
+
+    learn = Learner(tiny_data(), tiny_model(), metrics=accuracy, callbacks=FailingTrainEnd())
+    assert learn.metrics == [accuracy] and isinstance(learn.callbacks[0], FailingTrainEnd)
+    with pytest.raises(TypeError, match="metrics must be callables"):
+        Learner(tiny_data(), tiny_model(), metrics=[accuracy, "accuracy"])

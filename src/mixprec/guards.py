@@ -20,6 +20,7 @@ from .convert import HALF_DTYPES
 
 __all__ = [
     "check_batch",
+    "check_metrics",
     "check_not_half_without_masters",
     "check_optimizer_holds",
     "check_trainable",
@@ -169,6 +170,19 @@ def check_batch(batch: Any, index: int) -> None:
                 "it with torch.as_tensor (torch.from_numpy for arrays), or let the "
                 "DataLoader's default collate_fn do it."
             )
+
+
+def check_metrics(metrics: Any) -> list[Any]:
+    """`metrics` as a list (one callable alone is a list of one, as in fastai v1); raise a
+    TypeError if one of them is not callable."""
+    metrics = [metrics] if callable(metrics) or isinstance(metrics, str) else list(metrics)
+    wrong = [m for m in metrics if not callable(m)]
+    if wrong:
+        raise TypeError(
+            f"metrics must be callables metric(output, target); got {wrong[0]!r} "
+            f"({type(wrong[0]).__name__}). Pass the function itself, e.g. metrics=[accuracy]."
+        )
+    return metrics
 
 
 def check_engine_options(clip: Any, data_parallel: Any) -> float | None:

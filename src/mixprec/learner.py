@@ -21,6 +21,7 @@ from .compat import check_checkpoint_fits
 from .convert import HALF_DTYPES, cast_floats, input_dtype, model_to_float
 from .data import DataBunch, batch_size, loader_length, to_device
 from .guards import (
+    check_metrics,
     check_not_half_without_masters,
     check_optimizer_holds,
     check_trainable,
@@ -59,9 +60,9 @@ class Learner:
         model: nn.Module,
         opt_func: OptFunc = torch.optim.AdamW,
         loss_func: Callable[..., torch.Tensor] = F.cross_entropy,
-        metrics: Sequence[Metric] = (),
+        metrics: Sequence[Metric] | Metric = (),
         layer_groups: Sequence[nn.Module] | None = None,
-        callbacks: Iterable[Callback] = (),
+        callbacks: Iterable[Callback] | Callback = (),
         *,
         wd: float | None = None,
         bn_wd: bool = False,
@@ -83,13 +84,13 @@ class Learner:
         self.ranks.setup_(data, self.model)
         self.opt_func = opt_func
         self.loss_func = loss_func
-        self.metrics = list(metrics)
+        self.metrics = check_metrics(metrics)
         self.layer_groups = list(layer_groups) if layer_groups is not None else [model]
         for group in self.layer_groups:
             if not isinstance(group, nn.Module):
                 raise TypeError(f"layer_groups must hold nn.Modules; got {type(group).__name__}.")
         self.callbacks: list[Callback] = []
-        for cb in callbacks:
+        for cb in [callbacks] if isinstance(callbacks, Callback) else callbacks:
             self.add_cb(cb)
         self.wd = wd
         self.bn_wd = bool(bn_wd)
