@@ -101,3 +101,37 @@ def test_metrics_and_callbacks_are_checked_when_the_learner_is_built(tmp_path):
     assert learn.metrics == [accuracy] and isinstance(learn.callbacks[0], FailingTrainEnd)
     with pytest.raises(TypeError, match="metrics must be callables"):
         Learner(tiny_data(), tiny_model(), metrics=[accuracy, "accuracy"])
+
+
+class UnusedLayer(torch.nn.Module):
+    """A layer that never gets a gradient, so a fp32 fit leaves it without optimizer state."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.unused = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def test_a_refused_to_fp16_leaves_the_fp32_weights_exact(tmp_path):
+    """flat_master=True cannot merge the state of a fp32 fit where a layer had no grad: the
+    refusal must not leave a half model whose rounded weights a retry would take as masters."""
+    from learner_helpers import tiny_data
+    from mixprec import Learner
+
+    torch.manual_seed(0)
+    learn = Learner(tiny_data(), UnusedLayer(), path=tmp_path, progress=False)
+    learn.fit(1)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(ValueError, match="cannot be merged into one flat master"):
+        learn.to_fp16(flat_master=True)
+    for p, b in zip(learn.model.parameters(), before):
+        assert p.dtype == torch.float32 and torch.equal(p, b)
+    learn.fit(1)  # still an fp32 learner
+    before = {id(p): p.detach().clone() for p in learn.model.parameters()}
+    learn.to_fp16()
+    opt = learn.opt
+    pairs = [(p, m) for ps, ms in zip(opt.model_params, opt.master_params) for p, m in zip(ps, ms)]
+    assert len(pairs) == len(before)
+    assert all(torch.equal(m.detach(), before[id(p)]) for p, m in pairs)

@@ -118,7 +118,12 @@ class MixedPrecision(Callback):
                     "use one MixedPrecision per Learner (learn.to_fp16() adds it)."
                 )
             inner = learn.opt if learn.opt is not None else learn.create_opt()
-            self.opt = self._engine(inner)
+            try:
+                self.opt = self._engine(inner)
+            except BaseException:  # refused: the learner stays fp32, its weights exact
+                if exact:
+                    _restore_fp32_(learn.model, exact)
+                raise
             learn.opt = self.opt
         if self.telemetry is not None and self.opt.telemetry is not self.telemetry:
             self.telemetry.attach(self.opt)
@@ -234,6 +239,15 @@ def _load_masters_(opt: MixedPrecisionOptimizer, exact: dict[int, torch.Tensor])
             for p, view in zip(params, _master_views(params, masters, opt.flat_master)):
                 if id(p) in exact:
                     view.copy_(exact[id(p)])
+
+
+@torch.no_grad()
+def _restore_fp32_(model: torch.nn.Module, exact: dict[int, torch.Tensor]) -> None:
+    """Undo `model_to_half`: the model back to fp32, with the exact values in `exact`."""
+    model_to_float(model)
+    for p in model.parameters():
+        if id(p) in exact:
+            p.copy_(exact[id(p)])
 
 
 def _frozen_flat_masters(opt: MixedPrecisionOptimizer) -> list[torch.Tensor]:
