@@ -135,3 +135,27 @@ def test_a_refused_to_fp16_leaves_the_fp32_weights_exact(tmp_path):
     pairs = [(p, m) for ps, ms in zip(opt.model_params, opt.master_params) for p, m in zip(ps, ms)]
     assert len(pairs) == len(before)
     assert all(torch.equal(m.detach(), before[id(p)]) for p, m in pairs)
+
+
+@pytest.mark.parametrize("flat_master", [False, True])
+def test_create_opt_after_to_fp16_keeps_the_fp32_masters(tmp_path, flat_master):
+    """A fresh optimizer (learn.create_opt(), as fastai v1 users reset it) is wrapped with
+    the masters the old one had, never rebuilt from the rounded half weights."""
+    from mixprec.callbacks.fp16 import _master_views
+
+    def masters(opt):
+        return {
+            id(p): v.clone()
+            for ps, ms in zip(opt.model_params, opt.master_params)
+            if ps
+            for p, v in zip(ps, _master_views(ps, ms, flat_master))
+        }
+
+    learn = make_learner(tmp_path).to_fp16(flat_master=flat_master)
+    learn.fit(1)
+    before = masters(learn.opt)
+    learn.create_opt()
+    learn.save("reset")  # wraps the new optimizer (as fit would), without stepping it
+    after = masters(learn.opt)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -117,6 +117,8 @@ class MixedPrecision(Callback):
                     f"learn.opt is already a {type(learn.opt).__name__} of another callback; "
                     "use one MixedPrecision per Learner (learn.to_fp16() adds it)."
                 )
+            if isinstance(self.opt, MixedPrecisionOptimizer):  # learn.create_opt() replaced it
+                exact.update(_masters_by_param(self.opt))  # keep its masters, not the rounding
             inner = learn.opt if learn.opt is not None else learn.create_opt()
             try:
                 self.opt = self._engine(inner)
@@ -239,6 +241,16 @@ def _load_masters_(opt: MixedPrecisionOptimizer, exact: dict[int, torch.Tensor])
             for p, view in zip(params, _master_views(params, masters, opt.flat_master)):
                 if id(p) in exact:
                     view.copy_(exact[id(p)])
+
+
+def _masters_by_param(opt: MixedPrecisionOptimizer) -> dict[int, torch.Tensor]:
+    """A copy of each model parameter's master value, by parameter id."""
+    return {
+        id(p): view.clone()
+        for params, masters in zip(opt.model_params, opt.master_params)
+        if params
+        for p, view in zip(params, _master_views(params, masters, opt.flat_master))
+    }
 
 
 @torch.no_grad()
