@@ -159,3 +159,15 @@ def test_create_opt_after_to_fp16_keeps_the_fp32_masters(tmp_path, flat_master):
     after = masters(learn.opt)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_to_fp32_after_create_opt_gives_the_model_the_fp32_masters(tmp_path):
+    from mixprec.callbacks.fp16 import _masters_by_param
+
+    learn = make_learner(tmp_path).to_fp16()
+    learn.fit(1)
+    masters = _masters_by_param(learn.opt)
+    learn.create_opt()  # a plain optimizer over the half model; the callback has the masters
+    learn.to_fp32()
+    for p in learn.model.parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, masters[id(p)])

@@ -171,7 +171,9 @@ class MixedPrecision(Callback):
         learn = self.learn
         learn.data.remove_tfm(self._tfm)
         opt, self.opt = self.opt, None
-        if opt is None or learn.opt is not opt:
+        if isinstance(opt, MixedPrecisionOptimizer) and learn.opt is not opt:  # create_opt()
+            _restore_fp32_(learn.model, _masters_by_param(opt))
+        elif opt is None or learn.opt is not opt:
             model_to_float(learn.model)
         elif isinstance(opt, AutocastOptimizer):  # the model is fp32 already
             opt.zero_grad()
