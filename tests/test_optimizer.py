@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mixprec import MixedPrecisionOptimizer, model_to_half
+from tensor_helpers import tensors_in
 
 
 def _model():
@@ -39,21 +40,10 @@ def _snapshot(opt):
 
 
 def _assert_state_equal(a, b):
-    ta = [t for t in _tensors(a)]
-    tb = [t for t in _tensors(b)]
+    ta = [t for t in tensors_in(a)]
+    tb = [t for t in tensors_in(b)]
     assert len(ta) == len(tb) > 0
     assert all(torch.equal(x, y) for x, y in zip(ta, tb))
-
-
-def _tensors(obj):
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
 from mixprec import MixedPrecisionOptimizer, Stepper, model_to_half
+from tensor_helpers import tensors_in
 
 BATCH, NOISE = 16, 4
 
@@ -46,20 +47,9 @@ def _g_loss(discriminator, fake):
     return F.binary_cross_entropy_with_logits(discriminator(fake).float(), torch.ones(len(fake), 1))
 
 
-def _tensors(obj):
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def _state(model, stepper):
     """Copies of the model weights, the fp32 masters and the optimizer state."""
-    return [t.clone() for t in _tensors([model.state_dict(), stepper.optimizer.state_dict()])]
+    return [t.clone() for t in tensors_in([model.state_dict(), stepper.optimizer.state_dict()])]
 
 
 def _equal(a, b):
