@@ -7,7 +7,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if (SRC / "mixprec").is_dir():  # this checkout's code, installed or not
     sys.path.insert(0, str(SRC))
 
-from mixprec.bench import main  # noqa: E402
+from mixprec.cli.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main("faults"))

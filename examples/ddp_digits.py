@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from mixprec import MixedPrecisionOptimizer, model_to_half
-from mixprec.demo.data import digits_cnn, digits_tensors
-from mixprec.distributed import (
+from mixprec.cli.demo.data import digits_cnn, digits_tensors
+from mixprec.parallel.distributed import (
     accumulate,
     cleanup_distributed,
     init_distributed,

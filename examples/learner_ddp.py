@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixprec import DataBunch, Learner, accuracy, cleanup_distributed
-from mixprec.demo.data import digits_cnn, digits_tensors
+from mixprec.cli.demo.data import digits_cnn, digits_tensors
 
 
 def main() -> None:

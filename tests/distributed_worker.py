@@ -19,7 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import functional as F
 
 from mixprec import LossScaler, MixedPrecisionOptimizer, model_to_half
-from mixprec.distributed import (
+from mixprec.parallel.distributed import (
     DistEnv,
     accumulate,
     cleanup_distributed,
@@ -242,7 +242,7 @@ def resume(env: DistEnv, out: Path) -> dict[str, Any]:
 def fsdp(env: DistEnv, out: Path) -> dict[str, Any]:
     """FSDP2 with mixprec's policy and scaler beside DDP with MixedPrecisionOptimizer: SGD,
     clipping, an inf in rank 1's gradient (its own shard under FSDP2) at step 2."""
-    from mixprec.fsdp import fully_shard_half, scaled_step
+    from mixprec.parallel.fsdp import fully_shard_half, scaled_step
 
     model = fully_shard_half(make_net(), torch.float16)  # same init on every rank: no broadcast
     sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mixprec.bench.fault_injection import CONFIGS, run_faults, schedule
-from mixprec.distributed import cleanup_distributed, init_distributed
+from mixprec.cli.bench.fault_injection import CONFIGS, run_faults, schedule
+from mixprec.parallel.distributed import cleanup_distributed, init_distributed
 
 STEPS = 8
 FAULTS_PER_RUN = 5

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from learner_helpers import snapshot
 from mixprec import Callback, DataBunch, Learner, accuracy
-from mixprec.distributed import cleanup_distributed, read_env
+from mixprec.parallel.distributed import cleanup_distributed, read_env
 
 N_TRAIN, N_VALID = 64, 33  # the valid shards are uneven: 17 and 16 samples
 BATCH = 8  # per rank: 4 steps per epoch on 2 ranks

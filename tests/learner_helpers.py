@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mixprec import EVENTS, Callback, DataBunch, Learner, MixedPrecisionOptimizer, accuracy
+from mixprec import Callback, DataBunch, Learner, MixedPrecisionOptimizer, accuracy
+from mixprec.learner.callback import EVENTS
 
 
 def tiny_data(seed: int = 0, n: int = 64, batch_size: int = 16) -> DataBunch:

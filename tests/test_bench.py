@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixprec import cli
-from mixprec.bench import gpu, memory, overhead
+from mixprec.cli.bench import gpu, memory, overhead
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import mixprec.bench.faults as bench_faults
-from mixprec.bench.fault_injection import RunResult
+import mixprec.cli.bench.faults as bench_faults
+from mixprec.cli.bench.fault_injection import RunResult
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from mixprec.bench.modes import measure
-from mixprec.bench.telemetry import measure as measure_telemetry
-from mixprec.cli import main
+from mixprec.cli.bench.modes import measure
+from mixprec.cli.bench.telemetry import measure as measure_telemetry
+from mixprec.cli.main import main
 
 CASES = ("fp32", "master-bf16", "autocast-bf16")
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from learner_helpers import Probe, make_learner
-from mixprec import EVENTS, Callback, CallbackHandler
+from mixprec import Callback
+from mixprec.learner.callback import EVENTS, CallbackHandler
 
 SPEC_EVENTS = [  # as SPEC section 3 lists them
     "on_train_begin",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import mixprec.checkpoint
+import mixprec.core.checkpoint
 from learner_helpers import assert_identical, make_learner, snapshot
-from mixprec.checkpoint import rng_state, set_rng_state
+from mixprec.core.checkpoint import rng_state, set_rng_state
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -65,7 +65,7 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(mixprec.checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(mixprec.core.checkpoint.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         learn.save("ckpt")
     assert path.read_bytes() == good

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixprec.chunked import copy_unscale_check_, pair_chunks
+from mixprec.core.chunked import copy_unscale_check_, pair_chunks
 
 
 def _halves(*shapes):

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec import cast_floats, model_to_float, model_to_half
-from mixprec.convert import check_half_dtype
+from mixprec import model_to_float, model_to_half
+from mixprec.core.convert import cast_floats
+from mixprec.core.dtypes import check_half_dtype
 
 NORMS = [
     nn.BatchNorm1d(4),

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mixprec import model_to_half
-from mixprec.bench.memory import saved_bytes
+from mixprec.cli.bench.memory import saved_bytes
 
 
 def _block() -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixprec import DataBunch
-from mixprec.data import to_device
+from mixprec.learner.data import to_device
 
 
 def _bunch() -> DataBunch:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mixprec.cli import main
+from mixprec.cli.main import main
 
 
 def test_train_json_compares_precisions_within_two_points(capsys):

@@ -2,7 +2,7 @@
 
 import json
 
-from mixprec.cli import main
+from mixprec.cli.main import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

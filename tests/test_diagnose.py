@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import mixprec
-from mixprec.diagnose import GradientHistogram, GradientRange, diagnose
+from mixprec.inspect.diagnose import GradientHistogram, GradientRange, diagnose
 
 
 def _values(low: int, high: int, n: int = 20_000, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""mixprec.distributed in one process: torchrun's environment, the pass-throughs, no_sync in
+"""mixprec.parallel.distributed in one process: torchrun's environment, the pass-throughs, no_sync in
 accumulation (on a 1-process gloo group), and the optimizer's data-parallel accumulation.
 The 2-process runs are in test_distributed_e2e.py."""
 
@@ -12,10 +12,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import mixprec.distributed as mpd
-import mixprec.optimizer as mpo
+import mixprec.engine.optimizer as mpo
+import mixprec.parallel.distributed as mpd
 from mixprec import MixedPrecisionOptimizer, model_to_half
-from mixprec.distributed import (
+from mixprec.parallel.distributed import (
     DistEnv,
     accumulate,
     all_reduce_overflow_,
@@ -84,7 +84,7 @@ def test_save_on_rank0_writes_atomically(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("mixprec.checkpoint.torch.save", torn)
+    monkeypatch.setattr("mixprec.core.checkpoint.torch.save", torn)
     with pytest.raises(OSError, match="disk full"):
         save_on_rank0({"w": torch.zeros(2)}, path)
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind ...

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from mixprec import cli
-from mixprec.experiments.loop import RunRecord, train_run
-from mixprec.experiments.report import format_table, mean_curve, summarize
-from mixprec.experiments.tasks import sort_data, sort_task
-from mixprec.experiments.underflow import gradient_census, underflow_task
+from mixprec.cli.experiments.loop import RunRecord, train_run
+from mixprec.cli.experiments.report import format_table, mean_curve, summarize
+from mixprec.cli.experiments.tasks import sort_data, sort_task
+from mixprec.cli.experiments.underflow import gradient_census, underflow_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,7 @@
 steps, parameters and elements, inf/nan losses and inputs, under every engine configuration
 (per-tensor and flat masters, the fused step, clipping, static and dynamic scaling,
 accumulation). After every step the run must equal, bit for bit, a fault-free reference in
-which each faulted step is only a scaler update (see mixprec.bench.fault_injection)."""
+which each faulted step is only a scaler update (see mixprec.cli.bench.fault_injection)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixprec.bench.fault_injection import CONFIGS, PARAM_NAMES, Fault, run_faults
+from mixprec.cli.bench.fault_injection import CONFIGS, PARAM_NAMES, Fault, run_faults
 
 STEPS = 8
 FAULTS_PER_RUN = 3
@@ -60,7 +60,7 @@ def test_every_faulted_step_is_a_no_op_and_no_update_is_lost(config):
 
 def test_the_reference_check_catches_a_skipped_step_that_moved_the_masters(monkeypatch):
     # the oracle can fail: a "skip" that still steps the wrapped optimizer is caught
-    from mixprec.optimizer import MixedPrecisionOptimizer
+    from mixprec.engine.optimizer import MixedPrecisionOptimizer
 
     step = MixedPrecisionOptimizer.step
 

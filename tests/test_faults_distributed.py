@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from faults_worker import FAULTS_PER_RUN, STEPS
 from launch import launch
-from mixprec.bench.fault_injection import CONFIGS
+from mixprec.cli.bench.fault_injection import CONFIGS
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),

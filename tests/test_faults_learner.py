@@ -3,7 +3,7 @@ of a batch (before or after MixedPrecision runs), KeyboardInterrupt mid-epoch fr
 data, the loss function or a callback, and inf/nan gradients. A stopped fit must leave the
 model equal to its rounded masters and the step count right, and fitting on must give bit
 for bit what a learner that took the same steps without stopping gives; a skipped step
-must change nothing (see mixprec.bench.fault_learner)."""
+must change nothing (see mixprec.cli.bench.fault_learner)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixprec.bench.fault_learner import (
+from mixprec.cli.bench.fault_learner import (
     BATCH_EVENTS,
     N_BATCHES,
     WHERE,

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import mixprec.optimizer as mpo
+import mixprec.engine.optimizer as mpo
 from _dispatch import OpRecorder
 from learner_helpers import make_learner
 from mixprec import Callback, MixedPrecisionOptimizer, model_to_half
-from mixprec.forensics import (
+from mixprec.engine.forensics import (
     GradFault,
     OverflowReport,
     clip_grad_norm_if_finite_,

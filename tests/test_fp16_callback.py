@@ -14,7 +14,12 @@ from learner_helpers import (
     snapshot,
 )
 from mixprec import Callback, MixedPrecisionOptimizer
-from mixprec.callbacks.fp16 import MixedPrecision, get_master, master2model, model_g2master_g
+from mixprec.learner.mixed_precision import (
+    MixedPrecision,
+    get_master,
+    master2model,
+    model_g2master_g,
+)
 
 DYNAMIC = {"loss_scale": "dynamic", "init_scale": 2.0**20, "growth_interval": 3}  # skips, grows
 

@@ -1,4 +1,4 @@
-"""mixprec.fsdp in one process: `scaled_step` beside torch.amp.GradScaler, and the argument
+"""mixprec.parallel.fsdp in one process: `scaled_step` beside torch.amp.GradScaler, and the argument
 checks of `fully_shard_half`. FSDP2 itself runs on 2 processes in test_distributed_e2e.py."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import nn
 
 from mixprec import LossScaler
 
-fsdp = pytest.importorskip("mixprec.fsdp", reason="needs torch's FSDP2 (fully_shard)")
+fsdp = pytest.importorskip("mixprec.parallel.fsdp", reason="needs torch's FSDP2 (fully_shard)")
 
 
 def _run(step_fn) -> tuple[list[bool], list[float], torch.Tensor]:

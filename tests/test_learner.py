@@ -135,7 +135,7 @@ def test_each_epoch_shows_a_progress_bar_with_the_loss(tmp_path, monkeypatch):
         def set_postfix_str(self, text, refresh=True):
             self.shown.append(text)
 
-    monkeypatch.setattr("mixprec.learner.tqdm", Bar)
+    monkeypatch.setattr("mixprec.learner.learner.tqdm", Bar)
     learn = make_learner(tmp_path)
     learn.progress = True
     learn.recorder.postfix_every = 3  # the loss is read back and shown every 3 steps

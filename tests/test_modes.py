@@ -7,7 +7,7 @@ import torch
 
 from learner_helpers import assert_identical, make_learner, master_of
 from mixprec import AutocastOptimizer, Callback, MixedPrecision, MixedPrecisionOptimizer
-from mixprec.cli import main
+from mixprec.cli.main import main
 
 DYNAMIC = {"loss_scale": "dynamic", "init_scale": 2.0**20, "growth_interval": 3}  # skips, grows
 

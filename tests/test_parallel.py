@@ -1,4 +1,4 @@
-"""mixprec.parallel in one process: the loaders each rank gets, and `Ranks` switched off
+"""mixprec.learner.ranks in one process: the loaders each rank gets, and `Ranks` switched off
 (a single process). The 2-process runs are in test_learner_distributed.py."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from learner_helpers import make_learner
-from mixprec.checkpoint import load_checkpoint
-from mixprec.parallel import Ranks, distributed_loader, set_epoch, shard_loader
+from mixprec.core.checkpoint import load_checkpoint
+from mixprec.learner.ranks import Ranks, distributed_loader, set_epoch, shard_loader
 
 N = 21  # not a multiple of 2 ranks x batch 4: the shares are padded, the shards uneven
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from mixprec.cli import main
-from mixprec.plan_command import load_model, parse_dtype
+from mixprec.cli.main import main
+from mixprec.cli.plan_command import load_model, parse_dtype
 
 
 def _plan_json(capsys, *args):
@@ -62,8 +62,11 @@ def test_a_factory_from_the_current_directory(capsys, tmp_path, monkeypatch):
     [
         (["resnet"], "unknown model spec 'resnet': expected one of digits-cnn, tiny-transformer"),
         (["no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
-        (["mixprec.demo.data:nothing"], "module 'mixprec.demo.data' has no attribute 'nothing'"),
-        (["mixprec.demo.data:__doc__"], "mixprec.demo.data.__doc__ is not callable"),
+        (
+            ["mixprec.cli.demo.data:nothing"],
+            "module 'mixprec.cli.demo.data' has no attribute 'nothing'",
+        ),
+        (["mixprec.cli.demo.data:__doc__"], "mixprec.cli.demo.data.__doc__ is not callable"),
         (["digits-cnn", "--dtype", "fp32"], "unsupported dtype 'fp32'; choose from fp16, float16"),
         (["digits-cnn", "--keep-fp32", "head"], "'head' match no module of Sequential"),
         (["digits-cnn", "--keep-fp32", "a b"], "bad module name pattern 'a b'"),

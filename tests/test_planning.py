@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec import NORM_TYPES, Plan, PrecisionPolicy, model_to_half, plan
-from mixprec.demo.data import digits_cnn
-from mixprec.demo.transformer import tiny_transformer
+from mixprec import PrecisionPolicy, model_to_half, plan
+from mixprec.cli.demo.data import digits_cnn
+from mixprec.cli.demo.transformer import tiny_transformer
+from mixprec.core.policy import NORM_TYPES
+from mixprec.inspect.planning import Plan
 
 
 def test_plan_of_the_digits_cnn_under_the_default_policy():

@@ -2,14 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec import (
-    NORM_TYPES,
-    MixedPrecisionOptimizer,
-    PrecisionPolicy,
-    model_to_float,
-    model_to_half,
-)
-from mixprec.demo.transformer import tiny_transformer
+from mixprec import MixedPrecisionOptimizer, PrecisionPolicy, model_to_float, model_to_half
+from mixprec.cli.demo.transformer import tiny_transformer
+from mixprec.core.policy import NORM_TYPES
 
 
 def _net():

@@ -4,7 +4,8 @@ import torch
 
 from _dispatch import OpRecorder
 from learner_helpers import make_learner, tiny_data
-from mixprec import Recorder, plot_runs
+from mixprec import Recorder
+from mixprec.learner.recorder import plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

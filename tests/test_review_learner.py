@@ -83,7 +83,7 @@ def test_to_device_keeps_packed_sequence_batch_sizes_on_the_cpu():
     stay on the CPU. The meta device stands in for a GPU."""
     from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
-    from mixprec.data import to_device
+    from mixprec.learner.data import to_device
 
     packed = pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
     moved = to_device({"x": packed}, torch.device("meta"))["x"]
@@ -141,7 +141,7 @@ def test_a_refused_to_fp16_leaves_the_fp32_weights_exact(tmp_path):
 def test_create_opt_after_to_fp16_keeps_the_fp32_masters(tmp_path, flat_master):
     """A fresh optimizer (learn.create_opt(), as fastai v1 users reset it) is wrapped with
     the masters the old one had, never rebuilt from the rounded half weights."""
-    from mixprec.callbacks.fp16 import _master_views
+    from mixprec.learner.mixed_precision import _master_views
 
     def masters(opt):
         return {
@@ -162,7 +162,7 @@ def test_create_opt_after_to_fp16_keeps_the_fp32_masters(tmp_path, flat_master):
 
 
 def test_to_fp32_after_create_opt_gives_the_model_the_fp32_masters(tmp_path):
-    from mixprec.callbacks.fp16 import _masters_by_param
+    from mixprec.learner.mixed_precision import _masters_by_param
 
     learn = make_learner(tmp_path).to_fp16()
     learn.fit(1)

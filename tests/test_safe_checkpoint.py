@@ -65,7 +65,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 KILLED_MID_WRITE = """
 import io, os, sys, time
 import torch
-from mixprec.checkpoint import save_checkpoint
+from mixprec.core.checkpoint import save_checkpoint
 
 real_save = torch.save
 

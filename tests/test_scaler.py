@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from mixprec import LossScaler, unscale_and_check_
+from mixprec import LossScaler
+from mixprec.core.scaler import unscale_and_check_
 
 # clean (False) and overflowing (True) steps, chosen to cross growth and backoff several times
 SCRIPT = [False] * 7 + [True] + [False] * 3 + [True, True] + [False] * 10 + [True] + [False] * 4

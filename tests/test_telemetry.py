@@ -11,16 +11,14 @@ from torch.nn import functional as F
 
 from learner_helpers import make_learner
 from mixprec import (
-    NO_TELEMETRY,
     AutocastOptimizer,
     CSVLogger,
     MixedPrecisionOptimizer,
     Recorder,
     Telemetry,
-    TelemetryRow,
     model_to_half,
 )
-from mixprec.telemetry import grad_stats
+from mixprec.engine.telemetry import NO_TELEMETRY, TelemetryRow, grad_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INF_STEP, N_INF = 1, 3  # step 1 gets 3 inf gradient values

@@ -1,6 +1,6 @@
-"""Callbacks for `Learner`, fastai v1 style: `from mixprec.callbacks.fp16 import MixedPrecision`."""
+"""Callbacks for `Learner`, at the paths fastai v1 users know (`mixprec.callbacks.fp16`)."""
 
-from .csv_logger import CSVLogger
-from .fp16 import MixedPrecision
+from mixprec.learner.csv_logger import CSVLogger
+from mixprec.learner.mixed_precision import MixedPrecision
 
 __all__ = ["CSVLogger", "MixedPrecision"]

@@ -1,0 +1,286 @@
+"""Fault injection into the Learner: a user callback raising at any event of a batch,
+KeyboardInterrupt mid-epoch (from the data, the loss function or a callback), and inf/nan
+gradients, each checked against the run that should result.
+
+A stopped `fit` must leave a consistent learner: the half model equal to its rounded fp32
+masters, `learn.iteration` equal to the steps the optimizer took, the input transform
+removed, and nothing half-done, so that fitting on gives bit for bit what a run that took
+the same steps without stopping gives. A step whose gradients hold inf/nan must be
+skipped and change nothing: with a static scale the run equals one without that batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mixprec.engine.optimizer import MixedPrecisionOptimizer
+from mixprec.learner.callback import EVENTS, Callback
+from mixprec.learner.data import DataBunch
+from mixprec.learner.learner import Learner
+
+__all__ = [
+    "BATCH_EVENTS",
+    "LearnerConfig",
+    "LearnerResult",
+    "Stop",
+    "WHERE",
+    "run_grad_faults",
+    "run_stop",
+]
+
+BATCH_EVENTS = EVENTS[EVENTS.index("on_batch_begin") : EVENTS.index("on_batch_end") + 1]
+WHERE = (*BATCH_EVENTS, "data", "loss")  # where a stop can come from
+_AFTER_STEP = ("on_step_end", "on_batch_end")
+N_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How the learner under test trains."""
+
+    name: str
+    flat_master: bool = False
+    fused: bool = False
+    loss_scale: float | str = 512.0
+
+    def learner(self, batches: Sequence[Any], **kwargs: Any) -> Learner:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+        learn = Learner(DataBunch(list(batches), device="cpu"), model, progress=False, **kwargs)
+        return learn.to_fp16(self.loss_scale, self.flat_master, fused=self.fused)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """`error` raised at batch `step` of the first fit, from `where`: a batch event (from a
+    callback running before MixedPrecision, or after it if `late`), "data" (the loader) or
+    "loss" (the loss function)."""
+
+    step: int
+    where: str
+    error: type[BaseException] = RuntimeError
+    late: bool = False
+
+
+@dataclass
+class LearnerResult:
+    """What one run with a fault did, beside its reference."""
+
+    name: str
+    faults: int
+    skipped: int = 0
+    expected_skips: int = 0
+    lost: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.lost == 0 and self.skipped == self.expected_skips
+
+
+def _batches(n: int = N_BATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)
+    ]
+
+
+class _Loader:
+    """A fixed list of batches; raises `error` once, instead of batch `at`."""
+
+    def __init__(self, batches: Sequence[Any], at: int | None = None, error: type = RuntimeError):
+        self.batches, self.at, self.error = list(batches), at, error
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, b in enumerate(self.batches):
+            if i == self.at:
+                self.at = None
+                raise self.error(f"stop in the data at batch {i}")
+            yield b
+
+
+class _Raiser(Callback):
+    """Raises `stop.error` once, at `stop.where` of batch `stop.step`."""
+
+    def __init__(self, stop: Stop) -> None:
+        self.stop, self.armed = stop, True
+        self.order = 100 if stop.late else 0
+        if stop.where in BATCH_EVENTS:
+            setattr(self, stop.where, self._maybe_raise)
+
+    def _maybe_raise(self, iteration: int, **kwargs: Any) -> None:
+        if self.armed and iteration == self.stop.step:
+            self.armed = False
+            raise self.stop.error(f"stop at {self.stop.where}")
+
+
+def _raising_loss(stop: Stop):
+    calls = [0]
+
+    def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == stop.step + 1:
+            raise stop.error("stop in the loss")
+        return F.cross_entropy(output, target)
+
+    return loss
+
+
+def snapshot(learn: Learner) -> dict[str, Any]:
+    """Copies of the masters, model, optimizer state, scaler state and step count."""
+    opt = learn.opt
+    if not isinstance(opt, MixedPrecisionOptimizer):
+        raise TypeError(
+            f"expected a learner in mixed precision; its optimizer is {type(opt).__name__}."
+        )
+    return {
+        "masters": [m.detach().clone() for g in opt.master_params for m in g],
+        "model": [v.clone() for v in learn.model.state_dict().values()],
+        "optimizer": [
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.optimizer.state[m].items()}
+            for g in opt.master_params
+            for m in g
+            if m in opt.optimizer.state
+        ],
+        "scaler": opt.scaler.state_dict(),
+        "iteration": learn.iteration,
+    }
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
+    def same(x: Any, y: Any) -> bool:
+        if torch.is_tensor(x):
+            return torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return [k for k in a if k not in skip and not same(a[k], b[k])]
+
+
+def model_matches_masters(learn: Learner) -> bool:
+    """Whether every model parameter holds its fp32 master, rounded to its dtype."""
+    opt = learn.opt
+    for params, masters in zip(opt.model_params, opt.master_params):
+        if not params:
+            continue
+        views = (
+            masters[0].detach().split([p.numel() for p in params])
+            if opt.flat_master
+            else [m.detach() for m in masters]
+        )
+        for p, m in zip(params, views):
+            if not torch.equal(p.detach(), m.view_as(p).to(p.dtype)):
+                return False
+    return True
+
+
+def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
+    """Fit with `stop` injected, check the learner it leaves, fit on, and compare with a
+    learner that took the same steps without stopping."""
+    batches = _batches()
+    name = f"{config.name}: {stop.error.__name__} at {stop.where} of batch {stop.step}"
+    result = LearnerResult(name, faults=1)
+    kwargs: dict[str, Any] = {}
+    if stop.where == "loss":
+        kwargs["loss_func"] = _raising_loss(stop)
+    if stop.where in BATCH_EVENTS:
+        kwargs["callbacks"] = [_Raiser(stop)]
+    learn = config.learner(batches, **kwargs)
+    if stop.where == "data":
+        learn.data = DataBunch(_Loader(batches, stop.step, stop.error), device="cpu")
+    try:
+        learn.fit(1)
+        result.problems.append("fit did not stop")
+    except stop.error as error:
+        notes = getattr(error, "__notes__", [])
+        named = f"raised in callback _Raiser, event {stop.where}" in notes
+        if stop.where in BATCH_EVENTS and stop.error is RuntimeError and not named:
+            result.problems.append(f"the error does not name its source: {notes}")
+    taken = stop.step + (stop.where in _AFTER_STEP)
+    stopped = snapshot(learn)
+    if not model_matches_masters(learn):
+        result.problems.append("the model does not hold its masters after the stop")
+    if learn.iteration != taken or learn.opt.scaler.steps != taken:
+        result.problems.append(
+            f"{taken} steps taken, but iteration={learn.iteration}, "
+            f"scaler.steps={learn.opt.scaler.steps}"
+        )
+    if learn.data.tfms:
+        result.problems.append("the input transform was left in place")
+    learn.data = DataBunch(list(batches), device="cpu")
+    learn.fit(1)
+
+    ref = config.learner(batches)
+    if taken:
+        ref.data = DataBunch(list(batches[:taken]), device="cpu")
+        ref.fit(1)
+    result.problems += [f"after the stop: {k}" for k in _differing(stopped, snapshot(ref))]
+    ref.data = DataBunch(list(batches), device="cpu")
+    ref.fit(1)
+    differ = _differing(snapshot(learn), snapshot(ref))
+    result.problems += [f"fitting on: {k}" for k in differ]
+    result.lost = int(bool(differ))
+    return result
+
+
+class _Poison(Callback):
+    """Writes `value` into one element of a half gradient at the given steps (before
+    MixedPrecision moves the gradients to the masters)."""
+
+    order = 0
+
+    def __init__(self, faults: dict[int, tuple[int, int, float]]) -> None:
+        self.faults = faults  # step -> (parameter index, element index, value)
+        self.reports: dict[int, Any] = {}
+
+    def on_backward_end(self, learn: Learner, iteration: int, **kwargs: Any) -> None:
+        if iteration in self.faults:
+            param, index, value = self.faults[iteration]
+            params = list(learn.model.parameters())
+            grad = params[param % len(params)].grad
+            with torch.no_grad():
+                grad.view(-1)[index % grad.numel()] = value
+
+    def on_step_end(self, learn: Learner, iteration: int, **kwargs: Any) -> None:
+        if iteration in self.faults:
+            self.reports[iteration] = learn.opt.last_overflow
+
+
+def run_grad_faults(
+    config: LearnerConfig, faults: dict[int, tuple[int, int, float]]
+) -> LearnerResult:
+    """One epoch with an inf/nan written into a half gradient at each step of `faults`,
+    beside one epoch without those batches (`config` must scale statically)."""
+    batches = _batches(8)
+    poison = _Poison(faults)
+    learn = config.learner(batches, callbacks=[poison])
+    learn.fit(1)
+    ref = config.learner([b for i, b in enumerate(batches) if i not in faults])
+    ref.fit(1)
+    result = LearnerResult(f"{config.name}: gradient faults at {sorted(faults)}", len(faults))
+    result.expected_skips = len(faults)
+    result.skipped = learn.recorder.skipped_steps
+    differ = _differing(snapshot(learn), snapshot(ref), skip=("scaler", "iteration"))
+    result.problems += [f"beside the run without those batches: {k}" for k in differ]
+    result.lost = int(bool(differ))
+    names = [n for n, _ in learn.model.named_parameters()]
+    for step, (param, _, _) in faults.items():
+        report = poison.reports.get(step)
+        expected = [names[param % len(names)]]
+        if report is None or report.names != expected:
+            result.problems.append(f"step {step}: report {report} does not name {expected}")
+    if learn.recorder.skipped != [i in faults for i in range(len(batches))]:
+        result.problems.append(f"the recorder's skipped steps are {learn.recorder.skipped}")
+    return result

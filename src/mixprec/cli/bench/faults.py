@@ -1,0 +1,216 @@
+"""`mixprec bench faults`: inject faults into training and count what was lost.
+
+Faults: inf/nan written into half gradients at random steps and parameters, inf/nan losses
+and inputs (every engine configuration: per-tensor and flat masters, the fused step,
+clipping, static and dynamic scales, accumulation); on one rank only of a 2-process gloo
+group; a user callback raising at every event of a batch and KeyboardInterrupt mid-epoch
+in the Learner. Each run is compared bit for bit with the run that should result (see
+`fault_injection` and `fault_learner`). The schedules are seeded: the figures are the
+same on every run.
+
+Reported: faults injected, steps skipped (must equal the faulted steps), updates lost
+(clean steps whose update did not land or whose state differs from the reference: must
+be 0), and wrong overflow reports (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mixprec.cli.bench.common import (
+    add_common_arguments,
+    apply_threads,
+    describe_machine,
+    format_table,
+    print_result,
+)
+from mixprec.cli.bench.fault_injection import CONFIGS, run_faults, schedule
+from mixprec.cli.bench.fault_learner import (
+    BATCH_EVENTS,
+    WHERE,
+    LearnerConfig,
+    Stop,
+    run_grad_faults,
+    run_stop,
+)
+from mixprec.parallel.distributed import DistEnv
+
+__all__ = ["Tally", "add_arguments", "measure", "run"]
+
+LEARNER_CONFIGS = (
+    LearnerConfig("per-tensor"),
+    LearnerConfig("flat", flat_master=True),
+    LearnerConfig("fused dynamic", fused=True, loss_scale="dynamic"),
+)
+
+
+@dataclass
+class Tally:
+    """Counts over the runs of one scenario."""
+
+    scenario: str
+    runs: int = 0
+    faults: int = 0
+    faulted_steps: int = 0
+    skipped: int = 0
+    lost: int = 0
+    problems: int = 0  # state mismatches and wrong overflow reports
+
+    def row(self) -> list[Any]:
+        return [
+            self.scenario,
+            self.runs,
+            self.faults,
+            self.faulted_steps,
+            self.skipped,
+            self.lost,
+            self.problems,
+        ]
+
+
+HEADERS = ("scenario", "runs", "faults", "faulted steps", "skipped", "updates lost", "problems")
+
+
+def _engine(runs: int, steps: int, faults: int, seed: int) -> list[Tally]:
+    tallies = []
+    for i, config in enumerate(CONFIGS):
+        tally = Tally(f"engine: {config.name}")
+        rng = random.Random(seed + i)
+        for _ in range(runs):
+            r = run_faults(config, schedule(rng, steps, faults), steps)
+            tally.runs += 1
+            tally.faults += r.faults
+            tally.faulted_steps += r.faulted_steps
+            tally.skipped += r.skipped
+            tally.lost += r.lost
+            tally.problems += len(r.mismatches) + len(r.misnamed)
+        tallies.append(tally)
+    return tallies
+
+
+def _learner(seed: int) -> list[Tally]:
+    raised = Tally("learner: callback raises mid-batch")
+    interrupted = Tally("learner: KeyboardInterrupt mid-epoch")
+    grads = Tally("learner: inf/nan gradients")
+    for config in LEARNER_CONFIGS:
+        for where, error, late, step in itertools.product(
+            WHERE, (RuntimeError, KeyboardInterrupt), (False, True), range(4)
+        ):
+            if late and where not in BATCH_EVENTS:
+                continue
+            tally = raised if error is RuntimeError else interrupted
+            r = run_stop(config, Stop(step, where, error, late))
+            tally.runs += 1
+            tally.faults += r.faults
+            tally.lost += r.lost
+            tally.problems += len(r.problems)
+    rng = random.Random(seed)
+    for config in LEARNER_CONFIGS[:2]:  # static scale: the reference drops the faulted batches
+        for _ in range(8):
+            steps = rng.sample(range(8), 3)
+            values = (float("inf"), float("-inf"), float("nan"))
+            faults = {
+                s: (rng.randrange(6), rng.randrange(1 << 16), rng.choice(values)) for s in steps
+            }
+            r = run_grad_faults(config, faults)
+            grads.runs += 1
+            grads.faults += r.faults
+            grads.faulted_steps += r.expected_skips
+            grads.skipped += r.skipped
+            grads.lost += r.lost
+            grads.problems += len(r.problems)
+    return [raised, interrupted, grads]
+
+
+def _rank_worker(rank: int, store_path: str, steps: int, faults: int, seed: int, out: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    env = DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2)
+    results = []
+    for i, config in enumerate(CONFIGS):
+        plan = schedule(random.Random(seed + 100 + i), steps, faults, world_size=2)
+        r = run_faults(config, plan, steps, env)
+        one_rank = sum(f.rank is not None for f in plan)
+        problems = len(r.mismatches) + len(r.misnamed)
+        results.append([r.faults, one_rank, r.faulted_steps, r.skipped, r.lost, problems])
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _distributed(steps: int, faults: int, seed: int) -> Tally:
+    """The engine configurations under DDP on 2 gloo processes, faults mostly on one rank:
+    steps counted once, what was lost or wrong on either rank."""
+    with tempfile.TemporaryDirectory() as out:
+        store = os.path.join(out, "store")
+        torch.multiprocessing.spawn(_rank_worker, (store, steps, faults, seed, out), nprocs=2)
+        ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    one_rank = sum(row[1] for row in ranks[0])
+    tally = Tally(f"2 ranks (gloo), {one_rank} faults on one rank only")
+    for rank0, rank1 in zip(*ranks):
+        tally.runs += 1
+        tally.faults += rank0[0]
+        tally.faulted_steps += rank0[2]
+        tally.skipped += rank0[3]
+        tally.lost += rank0[4] + rank1[4]
+        tally.problems += rank0[5] + rank1[5] + (rank0[3] != rank1[3])
+    return tally
+
+
+def measure(
+    runs: int = 12, steps: int = 8, faults: int = 3, seed: int = 0, distributed: bool = True
+) -> dict[str, Any]:
+    """Every scenario's counts, and their totals."""
+    tallies = _engine(runs, steps, faults, seed) + _learner(seed)
+    if distributed:
+        tallies.append(_distributed(steps, faults, seed))
+    total = Tally("total")
+    for t in tallies:
+        for key in ("runs", "faults", "faulted_steps", "skipped", "lost", "problems"):
+            setattr(total, key, getattr(total, key) + getattr(t, key))
+    return {"scenarios": [vars(t) for t in tallies], "total": vars(total)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options."""
+    parser.add_argument("--runs", type=int, default=12, help="seeded runs per engine configuration")
+    parser.add_argument("--steps", type=int, default=8, help="steps per run")
+    parser.add_argument("--faults", type=int, default=3, help="faults per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-distributed", action="store_true", help="skip the 2-process gloo runs"
+    )
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table; exit status 1 if anything was lost or a report was wrong."""
+    apply_threads(args.threads)
+    if min(args.runs, args.steps, args.faults) < 1:
+        raise ValueError("--runs, --steps and --faults must be >= 1.")
+    result = measure(args.runs, args.steps, args.faults, args.seed, not args.no_distributed)
+    rows = [Tally(**s).row() for s in result["scenarios"]] + [Tally(**result["total"]).row()]
+    text = "\n".join(
+        [
+            f"fault injection ({describe_machine()}); skipped counts steps, a step may hold "
+            "several faults",
+            format_table(HEADERS, rows),
+        ]
+    )
+    print_result(text, result, args.json)
+    total = result["total"]
+    return int(
+        total["lost"] > 0 or total["problems"] > 0 or total["skipped"] != total["faulted_steps"]
+    )

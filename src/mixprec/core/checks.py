@@ -1,0 +1,116 @@
+"""Checks that refuse bad input before it changes anything: what there is to train, what
+an optimizer holds, and the options the optimizer wrappers share.
+
+Each raises (or warns) with what was expected, what was got and how to fix it. They are
+cheap: identity sets and type checks, and one host sync for the range check, which runs
+once per conversion, never per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.core.dtypes import HALF_DTYPES
+
+__all__ = [
+    "check_not_half_without_masters",
+    "check_optimizer_holds",
+    "check_trainable",
+    "held_params",
+]
+
+SHOWN = 5  # names listed in a message
+
+
+def _names(names: Sequence[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+def check_trainable(model: nn.Module, *, frozen_ok: bool = False) -> None:
+    """Raise a ValueError if `model` has no floating-point parameter, or (unless
+    `frozen_ok`) none with requires_grad."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if not params:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no floating-point parameters: there is "
+            "nothing to train in mixed precision (or at all). Pass the model that holds the "
+            "weights."
+        )
+    if not frozen_ok and not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no trainable parameters: all "
+            f"{len(params)} have requires_grad=False, so fitting would train nothing. "
+            "Unfreeze some (learn.unfreeze() or p.requires_grad_(True))."
+        )
+
+
+def check_optimizer_holds(
+    model: nn.Module, held: Iterable[torch.Tensor], *, every_trainable: bool = True
+) -> None:
+    """Raise a ValueError if the optimizer's parameters `held` include tensors that are not
+    `model`'s, or (with `every_trainable`) miss some of its trainable parameters."""
+    named = dict(model.named_parameters())
+    ours = {id(p) for p in named.values()}
+    held = list(held)
+    held_ids = {id(p) for p in held}
+    foreign = [p for p in held if id(p) not in ours]
+    if foreign:
+        shapes = ", ".join(f"{p.dtype} {tuple(p.shape)}" for p in foreign[:SHOWN])
+        raise ValueError(
+            f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of the "
+            f"model ({shapes}{', ...' if len(foreign) > SHOWN else ''}): it would step "
+            "something else. Build it on this model's parameters, after converting it: "
+            "opt = torch.optim.AdamW(model.parameters())."
+        )
+    if every_trainable:
+        missing = [n for n, p in named.items() if p.requires_grad and id(p) not in held_ids]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold {len(missing)} trainable parameter(s) of the "
+                f"model ({_names(missing)}): they would get gradients but never change. Add "
+                "them to the optimizer (or to a layer group), or freeze them with "
+                "requires_grad_(False)."
+            )
+
+
+def held_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The model parameters `optimizer` steps: a MixedPrecisionOptimizer's model parameters
+    (not its masters), any other optimizer's parameters."""
+    groups = getattr(optimizer, "model_params", None)
+    if groups is None:
+        groups = [g["params"] for g in optimizer.param_groups]
+    return [p for group in groups for p in group]
+
+
+def check_not_half_without_masters(model: nn.Module) -> None:
+    """Raise a ValueError if `model` holds fp16/bf16 parameters that an fp32 training loop
+    would step directly, without fp32 master weights."""
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
+    if half:
+        dtype = dict(model.named_parameters())[half[0]].dtype
+        raise ValueError(
+            f"the model holds {len(half)} trainable {dtype} parameter(s) ({_names(half)}) but "
+            "this learner trains in fp32: the optimizer would step the half weights directly "
+            "and lose every update below half precision's resolution. Call learn.to_fp16() "
+            "for fp32 master weights, or learn.to_fp32() to train in fp32."
+        )
+
+
+def check_engine_options(clip: Any, data_parallel: Any) -> float | None:
+    """Validate the options both optimizer wrappers take; return `clip` as a float or None."""
+    if clip is not None and (
+        isinstance(clip, bool)
+        or not isinstance(clip, (int, float))
+        or not math.isfinite(clip)
+        or clip <= 0
+    ):
+        raise ValueError(f"clip must be None or a positive finite max norm; got {clip!r}.")
+    if not isinstance(data_parallel, bool):
+        raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
+    return None if clip is None else float(clip)

@@ -1,0 +1,234 @@
+"""AutocastOptimizer: loss scaling for an fp32 model whose forward runs under `torch.autocast`.
+
+The second precision mode ("autocast"; see `mixprec.core.modes`): no half model and no masters.
+The same `LossScaler` and the same pure functions as `MixedPrecisionOptimizer`, the same
+methods, so a loop or a callback drives either one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mixprec.core.checks import check_engine_options
+from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.modes import check_mode_options, check_saved_mode
+from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
+from mixprec.engine.telemetry import NO_TELEMETRY
+from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.parallel.distributed import all_reduce_overflow_
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["AutocastOptimizer", "autocast_region", "device_type_of"]
+
+
+def device_type_of(params: Iterable[torch.Tensor]) -> str:
+    """The one device type ("cpu", "cuda", ...) of `params`; "cpu" if there are none."""
+    types = sorted({p.device.type for p in params})
+    if len(types) > 1:
+        raise ValueError(
+            f"the parameters span device types {types}; autocast covers one: pass "
+            "device_type= explicitly."
+        )
+    return types[0] if types else "cpu"
+
+
+def autocast_region(device_type: str, dtype: torch.dtype) -> AbstractContextManager:
+    """`torch.autocast(device_type, dtype)`: the region the forward and the loss run in."""
+    return torch.autocast(device_type, dtype=dtype)
+
+
+class AutocastOptimizer(OptimizerWrapper):
+    """Wraps an optimizer of an fp32 model whose forward and loss run under `torch.autocast`.
+
+    The loop::
+
+        model = make_model()                                  # stays fp32
+        opt = AutocastOptimizer(torch.optim.AdamW(model.parameters()), "dynamic")
+        for x, y in data:
+            with opt.autocast():                              # ops in fp16 where safe
+                loss = loss_fn(model(x), y)
+            opt.backward(loss)                                # scaled backward
+            if opt.step():                                    # False: overflow, skipped
+                scheduler.step()
+            opt.zero_grad()
+
+    The methods, the keyword options (those of `LossScaler`, `clip`, `data_parallel`) and
+    the step-or-skip rule are `MixedPrecisionOptimizer`'s. Autocast's casts are
+    differentiable, so the gradients arrive in fp32 on the fp32 parameters: `unscale_`
+    unscales and checks them in place (one fused kernel), `step` makes the one host sync per
+    step, and an overflowing step changes no weight and no optimizer state. Several
+    `backward` calls before `step` accumulate in fp32. `dtype` is the half dtype autocast
+    runs in (fp16 or bf16), `device_type` the device autocast covers (default: the
+    parameters').
+    """
+
+    mode = "autocast"
+    flat_master = False  # no masters, so neither flat nor fused ones
+    fused = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss_scale: LossScale = "dynamic",
+        *,
+        dtype: torch.dtype = torch.float16,
+        clip: float | None = None,
+        device_type: str | None = None,
+        process_group: ProcessGroup | None = None,
+        data_parallel: bool = True,
+        **scaler_options: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "expected a torch.optim.Optimizer built on the fp32 model's parameters; got "
+                f"{type(optimizer).__name__}."
+            )
+        if hasattr(optimizer, "scaler"):
+            raise TypeError(
+                f"the optimizer is already a {type(optimizer).__name__}; wrap a plain "
+                "torch optimizer, once."
+            )
+        check_mode_options("autocast", "AutocastOptimizer", show_mode=False, **scaler_options)
+        for name in ("flat_master", "fused"):  # False is harmless: nothing to lay out or fuse
+            scaler_options.pop(name, None)
+        clip = check_engine_options(clip, data_parallel)
+        for group in optimizer.param_groups:
+            _check_fp32(group["params"])
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.device_type = device_type_of(params) if device_type is None else device_type
+        if not torch.amp.is_autocast_available(self.device_type):
+            raise ValueError(f"torch.autocast does not support device type {self.device_type!r}.")
+        self.dtype = check_half_dtype(dtype)
+        self.scaler = LossScaler(loss_scale, **scaler_options)
+        self.optimizer = optimizer
+        self.clip = clip
+        self.process_group = process_group
+        self.data_parallel = data_parallel
+        self.telemetry = NO_TELEMETRY
+        self.last_grad_norm: torch.Tensor | None = None
+        self._has_grads = False  # backward ran since the last step
+        self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
+        enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of the fp32 model's parameters."""
+        params = param_group["params"]
+        _check_fp32([params] if isinstance(params, torch.Tensor) else list(params))
+        self.optimizer.add_param_group(param_group)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def autocast(self) -> AbstractContextManager:
+        """The region for the forward pass and the loss: `torch.autocast` in `dtype`."""
+        return autocast_region(self.device_type, self.dtype)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return the fp32 loss times the loss scale, ready for `.backward()`."""
+        if self._found_inf is not None:
+            raise RuntimeError(
+                "unscale_() was already called for this step; call step() before the next "
+                "backward. Expected order: backward(loss) [x N], unscale_() (optional), step()."
+            )
+        self._has_grads = True
+        return self.scaler.scale_loss(loss)
+
+    def backward(self, loss: torch.Tensor, **backward_kwargs: Any) -> None:
+        """Backward of the scaled loss; several calls before `step()` accumulate in fp32."""
+        self.scale_loss(loss).backward(**backward_kwargs)
+
+    def unscale_(self) -> None:
+        """Unscale the gradients in place, check them for inf/nan and clip them; `step()`
+        does this itself when it was not called. No host sync."""
+        if self._found_inf is not None:
+            raise RuntimeError(
+                "unscale_() has already been called since the last step(); call step() next."
+            )
+        if not self._has_grads:
+            raise RuntimeError(
+                "no gradients to step on: call backward(loss) (or .backward() on "
+                "scale_loss(loss)) before unscale_() or step()."
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
+        if found_inf is None:
+            found_inf = torch.zeros(1, device=params[0].device if params else "cpu")
+        if self.data_parallel:
+            all_reduce_overflow_(found_inf, self.process_group)
+        self.telemetry.record_(found_inf, self.scaler.scale, lambda: grads)
+        if self.clip is not None:
+            self.last_grad_norm = nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
+        self._found_inf = found_inf
+
+    def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
+        """Apply the step unless the gradients overflowed; return whether it was applied."""
+        if closure is not None:
+            raise TypeError(
+                "AutocastOptimizer.step() takes no closure: compute the loss, call "
+                "backward(loss), then step()."
+            )
+        if self._found_inf is None:
+            self.unscale_()
+        assert self._found_inf is not None
+        overflow = bool(self._found_inf.item())  # the one host sync of the step
+        self._found_inf = None
+        self._has_grads = False
+        if not overflow:
+            self.optimizer.step()
+        self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
+        return not overflow
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of the current step."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._has_grads = False
+        self._found_inf = None
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The mode, the wrapped optimizer's state and the scaler's state (the weights are the
+        model's own: save `model.state_dict()` beside it)."""
+        return {
+            "mode": self.mode,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore the optimizer and scaler state; refuses another mode's state."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"expected an AutocastOptimizer state_dict; got {type(state_dict)}.")
+        check_saved_mode(state_dict, "autocast")
+        missing = {"optimizer", "scaler"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"not an AutocastOptimizer state_dict: missing {sorted(missing)}; got keys "
+                f"{sorted(state_dict)}."
+            )
+        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.scaler.load_state_dict(state_dict["scaler"])
+        self.zero_grad()
+
+    def __repr__(self) -> str:
+        return (
+            f"AutocastOptimizer({self.optimizer.__class__.__name__}, scaler={self.scaler!r}, "
+            f"dtype={self.dtype}, device_type={self.device_type!r}, clip={self.clip})"
+        )
+
+
+def _check_fp32(params: Iterable[torch.Tensor]) -> None:
+    half = sorted({str(p.dtype) for p in params if p.dtype in HALF_DTYPES})
+    if half:
+        raise ValueError(
+            f"mode='autocast' trains an fp32 model, but the optimizer holds {', '.join(half)} "
+            "parameters. Keep the model in fp32 (model_to_float(model)), or train the half "
+            "model with MixedPrecisionOptimizer (mode='master')."
+        )

@@ -1,0 +1,149 @@
+"""Overflow forensics: which parameters had inf/nan gradients when a step was skipped.
+
+Nothing here runs on a clean step. `MixedPrecisionOptimizer` builds an `OverflowReport`
+only after its one host sync per step has said that the step overflowed, from the
+gradients it still holds at that point (the unscaled fp32 master gradients, or the half
+gradients on the fused path), and keeps it as `opt.last_overflow`::
+
+    opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), model=model)
+    ...
+    if not opt.step():
+        print(opt.last_overflow)   # step 3 (counted from 0; loss scale 4.0): inf/nan
+                                   # gradients in 1 parameter(s): encoder.0.weight (3 inf of 4096)
+
+Names come from `model.named_parameters()` (`model=` given to the optimizer; the
+`MixedPrecision` callback passes the learner's model); without them a parameter is named
+by its place in the optimizer, e.g. "param_groups[0][3]".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mixprec.core.checks import check_optimizer_holds
+from mixprec.parallel.distributed import unwrap
+
+__all__ = [
+    "GradFault",
+    "OverflowReport",
+    "clip_grad_norm_if_finite_",
+    "naming_overflow",
+    "overflow_report",
+    "param_names",
+]
+
+SHOWN = 8  # parameters named in a message; the report itself holds them all
+
+
+class GradFault(NamedTuple):
+    """One parameter whose gradient held inf/nan: its name, shape and how many of each."""
+
+    name: str
+    shape: tuple[int, ...]
+    nan: int
+    inf: int
+
+    def __str__(self) -> str:
+        parts = [f"{n} {what}" for n, what in ((self.nan, "nan"), (self.inf, "inf")) if n]
+        return f"{self.name} ({', '.join(parts)} of {math.prod(self.shape)})"
+
+
+@dataclass(frozen=True)
+class OverflowReport:
+    """What a skipped step's gradients held: `step` is its index (0 for the first step the
+    optimizer took: a Learner's `iteration`), `loss_scale` the scale its loss was multiplied
+    by, `faults` every parameter with an inf/nan gradient, in the optimizer's order."""
+
+    step: int
+    loss_scale: float
+    faults: tuple[GradFault, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the parameters whose gradients held inf/nan."""
+        return [f.name for f in self.faults]
+
+    def __str__(self) -> str:
+        head = f"step {self.step} (counted from 0; loss scale {self.loss_scale})"
+        if not self.faults:
+            return (
+                f"{head}: no inf/nan in this process's gradients; another rank's gradients "
+                "overflowed (every rank skips together)"
+            )
+        shown = ", ".join(map(str, self.faults[:SHOWN]))
+        more = f" and {len(self.faults) - SHOWN} more" if len(self.faults) > SHOWN else ""
+        return f"{head}: inf/nan gradients in {len(self.faults)} parameter(s): {shown}{more}"
+
+
+def param_names(
+    model: nn.Module, held: Iterable[Iterable[torch.Tensor]] = ()
+) -> dict[torch.Tensor, str]:
+    """Each parameter of `model` (inside DDP, if wrapped) to its qualified name; raise a
+    ValueError if the optimizer's parameters `held` (per param group) are not all `model`'s."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be the nn.Module whose parameters the optimizer holds; got "
+            f"{type(model).__name__}."
+        )
+    model = unwrap(model)
+    check_optimizer_holds(model, (p for group in held for p in group), every_trainable=False)
+    return {p: name for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def overflow_report(
+    named_grads: Iterable[tuple[str, tuple[int, ...], torch.Tensor]], step: int, scale: float
+) -> OverflowReport:
+    """The report of skipped step `step` at loss scale `scale`, from the (name, shape, grad)
+    of every parameter with a gradient. Call it only once the step is known to have
+    overflowed: it costs a pass over the gradients and a host sync."""
+    named = list(named_grads)
+    faults: tuple[GradFault, ...] = ()
+    if named:
+        device = named[0][2].device
+        counts = torch.stack(
+            [torch.stack((g.isnan().sum(), g.isinf().sum())).to(device) for _, _, g in named]
+        ).tolist()
+        faults = tuple(
+            GradFault(name, shape, nan, inf)
+            for (name, shape, _), (nan, inf) in zip(named, counts)
+            if nan or inf
+        )
+    return OverflowReport(step, scale, faults)
+
+
+@contextmanager
+def naming_overflow(report: OverflowReport | None) -> Iterator[None]:
+    """Within: a FloatingPointError (the scaler's persistent-overflow error) is raised again
+    with `report`'s parameter names added to its message."""
+    try:
+        yield
+    except FloatingPointError as error:
+        if report is None:
+            raise
+        raise FloatingPointError(f"{error} The last skipped step, {report}.") from None
+
+
+@torch.no_grad()
+def clip_grad_norm_if_finite_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (foreach), except that gradients whose total norm is
+    inf/nan are left as they are; returns the norm.
+
+    Such a step is skipped anyway; torch's version would multiply every gradient by nan
+    (or 0), wiping out where the inf/nan were. Same numbers on a finite norm; no host sync.
+    """
+    params = list(parameters)
+    if not hasattr(nn.utils, "clip_grads_with_norm_"):  # torch < 2.6: torch's own clipping
+        return nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = nn.utils.get_total_norm(grads, foreach=True)
+    finite_or_zero = torch.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0)  # 0: no clipping
+    nn.utils.clip_grads_with_norm_(params, max_norm, finite_or_zero, foreach=True)
+    return norm

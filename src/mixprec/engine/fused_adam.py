@@ -1,0 +1,329 @@
+"""Adam(W) on fp32 masters straight from half gradients, with no fp32 gradient kept.
+
+A step streams over the parameters in cache-sized chunks. Each chunk's half gradients are
+cast into a small fp32 scratch buffer, torch's fused Adam(W) kernel unscales (and clips)
+them through its `grad_scale` argument and updates the masters and moments, and the new
+masters are rounded straight back into the half model while still in cache. The only fp32
+gradient memory is the scratch (`CHUNK_NUMEL` elements per device), so Adam's training
+state is 16 bytes per parameter: half params and grads, fp32 masters and two moments.
+
+The numbers are those of the wrapped `torch.optim.Adam`/`AdamW` stepping unscaled fp32
+gradients, within fp32 rounding; its `state` and `param_groups` are used as they are, so
+schedulers, `state_dict()` and the unfused path all see one optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from mixprec.core.chunked import CHUNK_NUMEL
+from mixprec.core.master import FlatGroup, ParamGroups
+
+__all__ = [
+    "FUSED_TYPES",
+    "FusedAdamStep",
+    "FusedItem",
+    "fused_device_supported",
+    "fused_items",
+    "fused_unsupported_reason",
+]
+
+FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
+"""The optimizers the fused step implements (exact types: a subclass may change `step`)."""
+
+
+class FusedItem(NamedTuple):
+    """One block to update: `view` of `master` at element `offset` (None: the whole master),
+    from the half gradient `grad`, rounding the result into the half tensor `half`."""
+
+    master: torch.Tensor
+    view: torch.Tensor
+    offset: int | None
+    grad: torch.Tensor
+    half: torch.Tensor
+
+
+@dataclass
+class _Chunk:
+    group: int
+    params: list[torch.Tensor] = field(default_factory=list)
+    scratch: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    max_exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    halves: list[torch.Tensor] = field(default_factory=list)
+    numel: int = 0
+
+
+def fused_unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the fused step cannot stand in for `optimizer.step()`; None if it can."""
+    if type(optimizer) not in FUSED_TYPES:
+        return (
+            f"the fused step implements torch.optim.Adam and AdamW; got {type(optimizer).__name__}"
+        )
+    if not hasattr(torch, "_fused_adamw_"):
+        return f"this torch ({torch.__version__}) has no fused Adam kernels"
+    for group in optimizer.param_groups:
+        if group.get("differentiable", False):
+            return "differentiable=True is not supported by the fused kernels"
+    return None
+
+
+def fused_device_supported(device: torch.device) -> bool:
+    """Whether torch has fused Adam kernels for `device`."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: the two it always had
+        return device.type in ("cpu", "cuda")
+
+
+def _scalar(x: Any) -> float:
+    return float(x.item()) if torch.is_tensor(x) else float(x)
+
+
+def fused_items(
+    model_params: ParamGroups, master_params: ParamGroups, flat_groups: Sequence[FlatGroup]
+) -> list[list[FusedItem]]:
+    """Per param group, the blocks a fused step updates: every flat buffer's slice of the
+    group's master (`flat_groups` given, one per non-empty group), or every master whose
+    parameter has a gradient."""
+    if not flat_groups:
+        return [
+            [
+                FusedItem(m, m.detach(), None, p.grad, p)
+                for p, m in zip(ps, ms)
+                if p.grad is not None
+            ]
+            for ps, ms in zip(model_params, master_params)
+        ]
+    flat = iter(flat_groups)
+    items: list[list[FusedItem]] = []
+    for params, masters in zip(model_params, master_params):
+        if not params:
+            items.append([])
+            continue
+        fg = next(flat)
+        fg.repair_grads()
+        md = masters[0].detach()
+        items.append(
+            [
+                FusedItem(masters[0], md[a:b], a, g, d)
+                for (a, b), g, d in zip(fg.slices, fg.grads, fg.data)
+            ]
+        )
+    return items
+
+
+class FusedAdamStep:
+    """Runs the wrapped Adam/AdamW's update from half gradients, chunk by chunk."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, chunk: int = CHUNK_NUMEL) -> None:
+        reason = fused_unsupported_reason(optimizer)
+        if reason is not None:
+            raise ValueError(f"fused=True cannot be used: {reason}. Pass fused=False.")
+        self.optimizer = optimizer
+        self.chunk = int(chunk)
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._one: dict[torch.device, torch.Tensor] = {}
+        self._cache: tuple[tuple[int, ...], list[_Chunk], list[torch.Tensor]] | None = None
+
+    # -- state ------------------------------------------------------------------------------
+    def _state(self, master: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
+        """The optimizer's state for `master`, created as torch's Adam would if empty."""
+        state = self.optimizer.state[master]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
+            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        elif state["step"].device != master.device or state["step"].dtype != torch.float32:
+            state["step"] = state["step"].to(master.device, torch.float32)  # kernels need both
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        return state
+
+    def _scratch_for(self, device: torch.device) -> torch.Tensor:
+        if device not in self._scratch:
+            self._scratch[device] = torch.empty(self.chunk, dtype=torch.float32, device=device)
+        return self._scratch[device]
+
+    # -- the plan: chunks of views, rebuilt only when a tensor behind them changes ---------
+    def plan(
+        self, groups: Sequence[Sequence[FusedItem]], cache: bool
+    ) -> tuple[list[_Chunk], list[torch.Tensor]]:
+        """The chunks to run and the distinct step counters, for items per param group."""
+        states = [
+            [self._state(it.master, bool(pg["amsgrad"])) for it in items]
+            for items, pg in zip(groups, self.optimizer.param_groups)
+        ]
+        key: tuple[int, ...] = ()
+        if cache:
+            # The chunks' views keep every object named here alive, so no id can be reused.
+            key = tuple(
+                x
+                for items, sts in zip(groups, states)
+                for it, st in zip(items, sts)
+                for x in (id(it.master), it.offset, id(it.grad), id(it.half), *map(id, st.values()))
+            )
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1], self._cache[2]
+        chunks: list[_Chunk] = []
+        steps: dict[int, torch.Tensor] = {}
+        for g, (items, sts) in enumerate(zip(groups, states)):
+            for it, st in zip(items, sts):
+                steps[id(st["step"])] = st["step"]
+                self._add_item(chunks, g, it, st)
+        result = (chunks, list(steps.values()))
+        self._cache = (key, *result) if cache else None
+        return result
+
+    def _add_item(self, chunks: list[_Chunk], g: int, it: FusedItem, st: dict[str, Any]) -> None:
+        moments = [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq")]
+        if it.offset is not None:  # a slice of a flat master: slice its state the same way
+            n = it.view.numel()
+            moments = [
+                None if m is None else m.view(-1)[it.offset : it.offset + n] for m in moments
+            ]
+        parts = [it.view, it.grad, it.half, *(m for m in moments if m is not None)]
+        contiguous = all(t.is_contiguous() for t in parts)
+        if contiguous:
+            flat = [
+                None if t is None else t.view(-1) for t in (it.view, it.grad, it.half, *moments)
+            ]
+            bounds = range(0, it.view.numel(), self.chunk)
+            pieces = [[None if t is None else t[a : a + self.chunk] for t in flat] for a in bounds]
+        else:  # an odd layout: one piece with its own scratch (allocated per step)
+            pieces = [[it.view, it.grad, it.half, *moments]]
+        for view, grad, half, exp_avg, exp_avg_sq, max_sq in pieces:
+            n = view.numel()
+            if not chunks or chunks[-1].group != g or chunks[-1].numel + n > self.chunk:
+                chunks.append(_Chunk(group=g))
+            c = chunks[-1]
+            if contiguous:
+                scratch = self._scratch_for(view.device)[c.numel : c.numel + n]
+                c.numel += n
+            else:  # same layout as the master, as the kernel expects
+                scratch = torch.empty_like(view, memory_format=torch.preserve_format)
+            c.params.append(view)
+            c.scratch.append(scratch)
+            c.exp_avgs.append(exp_avg)
+            c.exp_avg_sqs.append(exp_avg_sq)
+            if max_sq is not None:
+                c.max_exp_avg_sqs.append(max_sq)
+            c.steps.append(st["step"])
+            c.grads.append(grad)
+            c.halves.append(half)
+
+    # -- the two passes ----------------------------------------------------------------------
+    def check_(
+        self, chunks: Sequence[_Chunk], found_inf: torch.Tensor, want_norm: bool
+    ) -> torch.Tensor | None:
+        """Set `found_inf` if any half gradient is inf/nan; with `want_norm` return the global
+        2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync."""
+        if not want_norm:  # x * 1.0 == x: a pure check, one kernel over the half grads
+            one = self._one.get(found_inf.device)
+            if one is None:
+                one = self._one[found_inf.device] = torch.ones(1, device=found_inf.device)
+            grads = [g for c in chunks for g in c.grads]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+            return None
+        norms: list[torch.Tensor] = []
+        for c in chunks:  # norms of half tensors are slow: take them in fp32, in cache
+            torch._foreach_copy_(c.scratch, c.grads)
+            norms.extend(torch._foreach_norm(c.scratch))
+        if not norms:
+            return torch.zeros((), device=found_inf.device)
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    def update_(
+        self,
+        chunks: Sequence[_Chunk],
+        steps: list[torch.Tensor],
+        grad_scale: torch.Tensor,
+        zero_grads: bool,
+    ) -> None:
+        """One Adam(W) step of every chunk from its half gradients divided by `grad_scale`; the
+        new masters are rounded into the half model, and the half gradients zeroed if asked."""
+        if steps:
+            torch._foreach_add_(steps, 1)
+        groups = self.optimizer.param_groups
+        for c in chunks:
+            pg = groups[c.group]
+            beta1, beta2 = pg["betas"]
+            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or pg.get(
+                "decoupled_weight_decay", False
+            )
+            kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            torch._foreach_copy_(c.scratch, c.grads)
+            if zero_grads:
+                torch._foreach_zero_(c.grads)
+            lr = pg["lr"]
+            if torch.is_tensor(lr) and lr.device != c.params[0].device:
+                lr = lr.item()
+            kernel(
+                c.params,
+                c.scratch,
+                c.exp_avgs,
+                c.exp_avg_sqs,
+                c.max_exp_avg_sqs,
+                c.steps,
+                amsgrad=bool(pg["amsgrad"]),
+                lr=lr,
+                beta1=_scalar(beta1),
+                beta2=_scalar(beta2),
+                weight_decay=float(pg["weight_decay"]),
+                eps=float(pg["eps"]),
+                maximize=bool(pg["maximize"]),
+                grad_scale=grad_scale,
+                found_inf=None,
+            )
+            torch._foreach_copy_(c.halves, c.params)  # fp32 -> half while in cache
+
+    def step(
+        self,
+        items: Sequence[Sequence[FusedItem]],
+        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        scale: float,
+        clip: float | None,
+        flat: bool,
+        sync: Callable[[torch.Tensor], None] | None = None,
+    ) -> tuple[bool, torch.Tensor | None]:
+        """A whole step at loss scale `scale`: check (and with `clip`, the global norm of the
+        unscaled gradients, clipped as `clip_grad_norm_` does), one host sync, then the update
+        unless a gradient overflowed; `flat` items' gradients are zeroed as they are read.
+
+        `buffers` are 1-element fp32 tensors (found_inf, unused, scale) reused across steps;
+        `sync` may all-reduce found_inf across ranks. Returns (overflowed, unscaled gradient
+        norm or None). Call under `torch.no_grad()`.
+        """
+        found_inf, _, scale_buf = buffers
+        found_inf.zero_()
+        state = self.optimizer.state
+        fresh = [it.master for group in items for it in group if not state.get(it.master)]
+        chunks, steps = self.plan(items, cache=flat)
+        norm = self.check_(chunks, found_inf, want_norm=clip is not None)
+        if norm is not None:
+            norm = norm / scale
+            found_inf.copy_((~torch.isfinite(norm)).reshape(1))
+        if sync is not None:
+            sync(found_inf)
+        overflow = bool(found_inf.item())  # the one host sync of the step
+        if not overflow:
+            scale_buf.fill_(scale)
+            grad_scale = scale_buf  # the kernel divides the gradients by it
+            if norm is not None:
+                grad_scale = scale_buf / torch.clamp(clip / (norm + 1e-6), max=1.0)
+            self.update_(chunks, steps, grad_scale, zero_grads=flat)
+        elif fresh:  # a skipped step leaves no trace: drop the state plan() just created
+            for master in fresh:
+                state.pop(master, None)
+            self._cache = None
+        return overflow, norm

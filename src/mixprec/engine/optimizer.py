@@ -1,0 +1,408 @@
+"""MixedPrecisionOptimizer: any torch optimizer stepping fp32 masters of a half model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mixprec.core.checks import check_engine_options
+from mixprec.core.chunked import (
+    Chunk,
+    copy_unscale_check_,
+    master_grad_pairs,
+    pair_chunks,
+    step_buffers,
+)
+from mixprec.core.dtypes import HALF_DTYPES
+from mixprec.core.master import (
+    FlatGroup,
+    check_saved_masters,
+    make_masters,
+    master2model,
+    model_g2master_g,
+    move_state_to_masters,
+    new_group_params,
+)
+from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
+from mixprec.engine import forensics
+from mixprec.engine.fused_adam import FusedAdamStep, fused_device_supported, fused_items
+from mixprec.engine.telemetry import NO_TELEMETRY
+from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.parallel.distributed import all_reduce_overflow_, is_data_parallel
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["MixedPrecisionOptimizer"]
+
+
+class MixedPrecisionOptimizer(OptimizerWrapper):
+    """Wraps an optimizer built on a half model so that it steps fp32 master weights.
+
+    The loop::
+
+        model = model_to_half(model)                      # fp16 (or bf16), norm layers fp32
+        opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "dynamic")
+        for x, y in data:
+            loss = loss_fn(model(x.half()).float(), y)
+            opt.backward(loss)                            # scaled backward
+            if opt.step():                                # False: overflow, step skipped
+                scheduler.step()                          # advance only on applied steps
+            opt.zero_grad()
+
+    `backward` may be called several times before `step`: gradients accumulate in fp32.
+    `step` moves the half gradients into the fp32 masters, unscales them and checks them for
+    inf/nan in one fused pass (one host sync per step), clips them to the global norm
+    `clip`, steps the wrapped optimizer and copies the masters back into the model.
+    An overflowing step changes no weight and no optimizer state. The keyword options are
+    those of `LossScaler`.
+
+    `fused=True` (torch.optim.Adam/AdamW only) steps the masters straight from the half
+    gradients with torch's fused kernel and keeps no fp32 gradient (16 bytes of state per
+    parameter, not 20); same numbers within fp32 rounding. See `mixprec.engine.fused_adam`.
+
+    Data-parallel (`torch.distributed` initialized with more than one process in
+    `process_group`, None meaning the default group): the overflow flag is all-reduced, so
+    every rank steps or skips together even when only one rank saw an inf; and between
+    backward() calls gradients accumulate in the model's half grads, where DDP's `no_sync()`
+    leaves them for the backward that reduces them (moving them to the masters early would
+    keep earlier micro-batches out of the reduction). `data_parallel=False` opts out, for an
+    optimizer used on some ranks only.
+
+    `model` names the parameters in a skipped step's `last_overflow` report and in the
+    persistent-overflow error (see `mixprec.engine.forensics`).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss_scale: LossScale = "dynamic",
+        *,
+        flat_master: bool = False,
+        clip: float | None = None,
+        fused: bool = False,
+        process_group: ProcessGroup | None = None,
+        data_parallel: bool = True,
+        model: nn.Module | None = None,
+        **scaler_options: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"expected a torch.optim.Optimizer built on the half model's parameters; got "
+                f"{type(optimizer).__name__}."
+            )
+        if isinstance(optimizer, MixedPrecisionOptimizer):
+            raise TypeError("the optimizer is already a MixedPrecisionOptimizer; wrap it once.")
+        clip = check_engine_options(clip, data_parallel)
+        model_params = [list(group["params"]) for group in optimizer.param_groups]
+        dtypes = {p.dtype for group in model_params for p in group}
+        if not dtypes & set(HALF_DTYPES):
+            raise ValueError(
+                "the optimizer holds no fp16/bf16 parameters (dtypes: "
+                f"{sorted(str(d) for d in dtypes)}). Convert the model first and build the "
+                "optimizer on it: model_to_half(model); opt = torch.optim.AdamW(model.parameters())."
+            )
+        self.param_names = {} if model is None else forensics.param_names(model, model_params)
+        self.scaler = LossScaler(loss_scale, **scaler_options)
+        self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
+        self.optimizer = optimizer
+        self.flat_master = bool(flat_master)
+        self.clip = clip
+        self.process_group = process_group
+        self.data_parallel = data_parallel
+        self.model_params = model_params
+        self.master_params = make_masters(model_params, self.flat_master)
+        self._flat_groups = (
+            [FlatGroup(ps, ms[0]) for ps, ms in zip(model_params, self.master_params) if ps]
+            if self.flat_master
+            else []
+        )
+        move_state_to_masters(optimizer.state, model_params, self.master_params, self.flat_master)
+        for group, masters in zip(optimizer.param_groups, self.master_params):
+            group["params"] = masters
+        if self._fused is not None:
+            self._release_master_grads()
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self.telemetry = NO_TELEMETRY  # or a mixprec.Telemetry: per-step records, no host sync
+        self._pending = False  # model grads hold gradients not yet moved to the masters
+        self._accumulated = False  # master grads hold gradients of this step
+        self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
+        self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
+        enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
+
+    @property
+    def fused(self) -> bool:
+        """Whether Adam(W) steps run fused from the half gradients (see the class docstring)."""
+        return self._fused is not None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
+        params = new_group_params(param_group["params"], self.model_params)
+        (masters,) = make_masters([params], self.flat_master)
+        if self.flat_master and params:
+            self._flat_groups.append(FlatGroup(params, masters[0]))
+        self.optimizer.add_param_group({**param_group, "params": masters})
+        self.model_params.append(params)
+        self.master_params.append(masters)
+        self._buffers = None  # the masters may now span another device
+        if self._fused is not None:
+            self._release_master_grads()
+
+    # -- the mixed-precision loop -----------------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return the fp32 loss times the loss scale, ready for `.backward()`."""
+        if self._found_inf is not None:
+            raise RuntimeError(
+                "unscale_() was already called for this step; call step() before the next "
+                "backward. Expected order: backward(loss) [x N], unscale_() (optional), step()."
+            )
+        if self._pending and not self._is_data_parallel():
+            self._move_grads_to_masters()  # accumulating: keep earlier micro-batches' sum in fp32
+        self._pending = True
+        return self.scaler.scale_loss(loss)
+
+    def backward(self, loss: torch.Tensor, **backward_kwargs: Any) -> None:
+        """Backward of the scaled loss; several calls before `step()` accumulate in fp32."""
+        self.scale_loss(loss).backward(**backward_kwargs)
+
+    def unscale_(self) -> None:
+        """Move the gradients into the fp32 masters, unscale them, check them for inf/nan and
+        clip them; `step()` does this itself when it was not called. No host sync."""
+        if self._found_inf is not None:
+            raise RuntimeError(
+                "unscale_() has already been called since the last step(); call step() next."
+            )
+        if not (self._pending or self._accumulated):
+            raise RuntimeError(
+                "no gradients to step on: call backward(loss) (or .backward() on "
+                "scale_loss(loss)) before unscale_() or step()."
+            )
+        buffers = self._step_buffers()
+        if self._pending and not self._accumulated and buffers is not None:
+            # The common case, one backward per step: cast, unscale and check in one sweep.
+            found_inf, inv_scale, _ = buffers
+            found_inf.zero_()
+            inv_scale.fill_(1.0 / self.scaler.scale)
+            with torch.no_grad():
+                copy_unscale_check_(
+                    self._grad_chunks(), found_inf, inv_scale, zero_src=self.flat_master
+                )
+            if not self.flat_master:
+                self._zero_model_grads()
+            self._pending, self._accumulated = False, True
+        else:
+            if self._pending:
+                self._move_grads_to_masters()
+            grads = [m.grad for group in self.master_params for m in group if m.grad is not None]
+            found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
+            if found_inf is None:
+                found_inf = torch.zeros(1, device=self._device())
+        self._all_reduce_overflow(found_inf)
+        self.telemetry.record_(found_inf, self.scaler.scale, self._master_grads)  # before clip
+        if self.clip is not None:
+            masters = [m for group in self.master_params for m in group]
+            self.last_grad_norm = forensics.clip_grad_norm_if_finite_(masters, self.clip)
+        self._found_inf = found_inf
+
+    def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
+        """Apply the step unless the gradients overflowed; return whether it was applied."""
+        if closure is not None:
+            raise TypeError(
+                "MixedPrecisionOptimizer.step() takes no closure: compute the loss, call "
+                "backward(loss), then step()."
+            )
+        if self._found_inf is None:
+            if self._fused is not None and self._pending and not self._accumulated:  # noqa: SIM102
+                if self._step_buffers() is not None and fused_device_supported(self._device()):
+                    return self._fused_step()
+            self.unscale_()
+        assert self._found_inf is not None
+        overflow = bool(self._found_inf.item())  # the one host sync of the step
+        self._found_inf = None
+        if overflow:  # only now: forensics cost nothing on clean steps
+            self.last_overflow = self._overflow_report(from_model_grads=False)
+        if not overflow:
+            self.optimizer.step()
+            self._copy_masters_to_model()
+        # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
+        if self._fused is not None:
+            self._release_master_grads()
+        self._pending = self._accumulated = False
+        with forensics.naming_overflow(self.last_overflow if overflow else None):
+            self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
+        return not overflow
+
+    def _fused_step(self) -> bool:
+        """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
+        assert self._fused is not None and self._buffers is not None
+        items = fused_items(self.model_params, self.master_params, self._flat_groups)
+        scale = self.scaler.scale
+
+        def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
+            self._all_reduce_overflow(found_inf)
+            half_grads = lambda: [it.grad for group in items for it in group]  # noqa: E731
+            self.telemetry.record_(found_inf, scale, half_grads, grad_scale=scale)
+
+        how = (self._buffers, scale, self.clip, self.flat_master, checked)
+        with torch.no_grad():
+            overflow, norm = self._fused.step(items, *how)
+            if overflow:  # read the half grads before they are zeroed
+                self.last_overflow = self._overflow_report(from_model_grads=True)
+            if norm is not None:
+                self.last_grad_norm = norm
+            if overflow or not self.flat_master:
+                self._zero_model_grads()
+        self._pending = self._accumulated = False
+        with forensics.naming_overflow(self.last_overflow if overflow else None):
+            self.scaler.update(overflow)
+        return not overflow
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of the current step, in the model and the masters."""
+        self._zero_model_grads(set_to_none)
+        if self._fused is not None and self._accumulated:
+            self._release_master_grads()  # the fused path keeps no fp32 grads between steps
+        self._pending = self._accumulated = False
+        self._found_inf = None
+
+    # -- internals ----------------------------------------------------------------------------
+    def _is_data_parallel(self) -> bool:
+        return self.data_parallel and is_data_parallel(self.process_group)
+
+    def _all_reduce_overflow(self, found_inf: torch.Tensor) -> None:
+        if self.data_parallel:
+            all_reduce_overflow_(found_inf, self.process_group)
+
+    def _device(self) -> torch.device:
+        for group in self.master_params:
+            for m in group:
+                return m.device
+        return torch.device("cpu")
+
+    def _step_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(found_inf, inv_scale, scale), reused every step; None if masters span devices."""
+        if self._buffers is None:
+            self._buffers = step_buffers([m for group in self.master_params for m in group])
+        return self._buffers
+
+    def _grad_chunks(self) -> list[Chunk]:
+        """(master grad, model grad) pairs in cache-sized chunks; cached for flat buffers."""
+        dst, src = master_grad_pairs(self.model_params, self.master_params, self._flat_groups)
+        if not self.flat_master:
+            return pair_chunks(dst, src)
+        key = tuple(map(id, dst + src))
+        if self._grad_chunks_cache is None or self._grad_chunks_cache[0] != key:
+            self._grad_chunks_cache = (key, pair_chunks(dst, src))
+        return self._grad_chunks_cache[1]
+
+    def _overflow_report(self, from_model_grads: bool) -> forensics.OverflowReport:
+        """The report of the step being skipped, from the master gradients (or, with
+        `from_model_grads`, the model's half gradients)."""
+        return forensics.overflow_report(
+            self._named_grads(from_model_grads), self.scaler.steps, self.scaler.scale
+        )
+
+    def _named_grads(
+        self, from_model_grads: bool
+    ) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
+        """(name, shape, gradient) of every parameter with one, in the optimizer's order."""
+        names = self.param_names
+        for i, (params, masters) in enumerate(zip(self.model_params, self.master_params)):
+            if from_model_grads:
+                grads = [p.grad for p in params]
+            elif self.flat_master:
+                flat = masters[0].grad if masters else None
+                sizes = [p.numel() for p in params]
+                grads = [None] * len(params) if flat is None else list(flat.detach().split(sizes))
+            else:
+                grads = [m.grad for m in masters]
+            for j, (p, g) in enumerate(zip(params, grads)):
+                if g is not None:
+                    yield names.get(p, f"param_groups[{i}][{j}]"), tuple(p.shape), g
+
+    def _master_grads(self) -> list[torch.Tensor]:
+        return [m.grad for group in self.master_params for m in group if m.grad is not None]
+
+    def _release_master_grads(self) -> None:
+        """Free the fp32 master gradients: the fused path keeps none between steps."""
+        self._grad_chunks_cache = None
+        for fg in self._flat_groups:
+            fg.release_master_grad()
+        for group in self.master_params:
+            for m in group:
+                m.grad = None
+
+    def _move_grads_to_masters(self) -> None:
+        """Model grads -> master grads (copy on the first micro-batch, add after), then zero
+        the model grads."""
+        if self.flat_master:
+            dst, src = master_grad_pairs(self.model_params, self.master_params, self._flat_groups)
+            with torch.no_grad():
+                if dst:
+                    (torch._foreach_add_ if self._accumulated else torch._foreach_copy_)(dst, src)
+        else:
+            model_g2master_g(self.model_params, self.master_params, accumulate=self._accumulated)
+        self._zero_model_grads()
+        self._pending = False
+        self._accumulated = True
+
+    def _copy_masters_to_model(self) -> None:
+        if self.flat_master:
+            dst = [d for fg in self._flat_groups for d in fg.data]
+            src = [s for fg in self._flat_groups for s in fg.master_slices()]
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        else:
+            master2model(self.model_params, self.master_params)
+
+    def _zero_model_grads(self, set_to_none: bool = True) -> None:
+        if self.flat_master:  # the grads are views into the flat buffers: keep them
+            for fg in self._flat_groups:
+                fg.repair_grads()
+            torch._foreach_zero_([g for fg in self._flat_groups for g in fg.grads])
+            return
+        for group in self.model_params:
+            for p in group:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """fp32 masters, the wrapped optimizer's state and the scaler's state (references)."""
+        return {
+            "masters": [[m.detach() for m in group] for group in self.master_params],
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "flat_master": self.flat_master,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore masters, optimizer and scaler state, and copy the masters into the model."""
+        saved = check_saved_masters(state_dict, self.master_params, self.flat_master)
+        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.scaler.load_state_dict(state_dict["scaler"])
+        with torch.no_grad():
+            torch._foreach_copy_(
+                [m for group in self.master_params for m in group],
+                [m for group in saved for m in group],
+            )
+        self._copy_masters_to_model()
+        self.zero_grad()
+
+    def __repr__(self) -> str:
+        return (
+            f"MixedPrecisionOptimizer({self.optimizer.__class__.__name__}, "
+            f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
+            f"fused={self.fused})"
+        )

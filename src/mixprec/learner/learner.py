@@ -1,0 +1,394 @@
+"""`Learner`: a small fastai-v1-style training loop over a model, a `DataBunch` and callbacks."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from mixprec.core.checkpoint import load_checkpoint, loader_generators, rng_state, set_rng_state
+from mixprec.core.checks import (
+    check_not_half_without_masters,
+    check_optimizer_holds,
+    check_trainable,
+    held_params,
+)
+from mixprec.core.convert import cast_floats, input_dtype, model_to_float
+from mixprec.core.dtypes import HALF_DTYPES
+from mixprec.core.scaler import LossScale
+from mixprec.engine.optimizer import MixedPrecisionOptimizer
+from mixprec.learner.callback import Callback, CallbackHandler
+from mixprec.learner.checks import check_metrics
+from mixprec.learner.compat import check_checkpoint_fits
+from mixprec.learner.data import DataBunch, batch_size, loader_length, to_device
+from mixprec.learner.layer_groups import freeze_to, split_params
+from mixprec.learner.mixed_precision import MixedPrecision
+from mixprec.learner.ranks import Ranks, set_epoch
+from mixprec.learner.recorder import Recorder
+
+__all__ = ["DEFAULT_LR", "Learner"]
+
+DEFAULT_LR = 3e-3
+CHECKPOINT_FORMAT = "mixprec.learner"
+
+OptFunc = Callable[..., torch.optim.Optimizer]
+Metric = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+class Learner:
+    """Trains `model` on `data` with `opt_func(param_groups, lr=lr)`, `loss_func` and callbacks.
+
+    The optimizer is built once (at the first `fit`, or by `to_fp16`) over every parameter of
+    `layer_groups` (default `[model]`), frozen or not, and kept: its state carries across
+    `fit()` calls and frozen parameters (no grad) are left alone. Each layer group gives three
+    param groups, in order: weights, biases and norm-layer parameters; the last two get no
+    weight decay unless `bn_wd`. `wd` (if not None) sets the weights' decay.
+
+    Checkpoints go to `path / model_dir / f"{name}.pth"`. Under torchrun: data parallel (`Ranks`).
+    """
+
+    def __init__(
+        self,
+        data: DataBunch,
+        model: nn.Module,
+        opt_func: OptFunc = torch.optim.AdamW,
+        loss_func: Callable[..., torch.Tensor] = F.cross_entropy,
+        metrics: Sequence[Metric] | Metric = (),
+        layer_groups: Sequence[nn.Module] | None = None,
+        callbacks: Iterable[Callback] | Callback = (),
+        *,
+        wd: float | None = None,
+        bn_wd: bool = False,
+        path: str | os.PathLike = ".",
+        model_dir: str = "models",
+        progress: bool = True,
+        distributed: bool = True,
+    ) -> None:
+        if not isinstance(data, DataBunch):
+            raise TypeError(
+                f"data must be a DataBunch; got {type(data).__name__}. "
+                "Wrap your loaders: DataBunch(train_dl, valid_dl)."
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+        self.ranks = Ranks(distributed)  # first: under NCCL it picks this rank's GPU
+        self.data = data
+        self.model = model.to(data.device)
+        self.ranks.setup_(data, self.model)
+        self.opt_func = opt_func
+        self.loss_func = loss_func
+        self.metrics = check_metrics(metrics)
+        self.layer_groups = list(layer_groups) if layer_groups is not None else [model]
+        for group in self.layer_groups:
+            if not isinstance(group, nn.Module):
+                raise TypeError(f"layer_groups must hold nn.Modules; got {type(group).__name__}.")
+        self.callbacks: list[Callback] = []
+        for cb in [callbacks] if isinstance(callbacks, Callback) else callbacks:
+            self.add_cb(cb)
+        self.wd = wd
+        self.bn_wd = bool(bn_wd)
+        self.path = Path(path)
+        self.model_dir = model_dir
+        self.progress = bool(progress)
+        self.opt: torch.optim.Optimizer | None = None
+        self.recorder = Recorder()
+        self.epoch = 0  # epochs trained, over every fit()
+        self.iteration = 0  # steps trained (applied or skipped), over every fit()
+
+    # -- the optimizer -------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Three param groups per layer group: weights, biases, norm-layer parameters."""
+        no_decay = {} if self.bn_wd else {"weight_decay": 0.0}
+        decay = {} if self.wd is None else {"weight_decay": float(self.wd)}
+        groups = []
+        for weights, biases, norms in split_params(self.layer_groups):
+            groups.append({"params": weights, **decay})
+            groups.append({"params": biases, **(decay if self.bn_wd else no_decay)})
+            groups.append({"params": norms, **(decay if self.bn_wd else no_decay)})
+        return groups
+
+    def create_opt(self, lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
+        """Build `self.opt` afresh with `opt_func(self.param_groups(), lr=lr)`."""
+        opt = self.opt_func(self.param_groups(), lr=lr)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                "opt_func(param_groups, lr=lr) must return a torch.optim.Optimizer; got "
+                f"{type(opt).__name__}."
+            )
+        self.opt = opt
+        return opt
+
+    def add_new_params(self) -> int:
+        """Add the layer groups' parameters the optimizer does not hold yet (under mixed
+        precision they get masters); return how many were added."""
+        if self.opt is None:
+            return 0
+        held = (
+            self.opt.model_params
+            if isinstance(self.opt, MixedPrecisionOptimizer)
+            else [g["params"] for g in self.opt.param_groups]
+        )
+        held_ids = {id(p) for group in held for p in group}
+        added = 0
+        for group in self.param_groups():
+            fresh = [p for p in group["params"] if id(p) not in held_ids]
+            if fresh:
+                self.opt.add_param_group({**group, "params": fresh})
+                added += len(fresh)
+        return added
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, epochs: int, lr: float = DEFAULT_LR) -> None:
+        """Train for `epochs` epochs at learning rate `lr`, validating after each."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1; got {epochs!r}.")
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr <= 0
+        ):
+            raise ValueError(f"lr must be a positive finite number; got {lr!r}.")
+        check_trainable(self.model)
+        if self.mixed_precision is None:
+            check_not_half_without_masters(self.model)
+        if self.opt is None:
+            self.create_opt(lr)
+        self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
+        self._set_lr(lr)
+        handler = CallbackHandler([self.recorder, *self.callbacks], learn=self, n_epochs=epochs)
+        exception: BaseException | None = None
+        try:
+            handler("on_train_begin")
+            self.add_new_params()
+            check_optimizer_holds(self.model, held_params(self.opt))
+            self._set_lr(lr)
+            with self.ranks.training(self.model, self.opt):  # DDP under torchrun
+                for k in range(epochs):
+                    self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
+        except BaseException as e:  # KeyboardInterrupt too: on_train_end must still run
+            exception = e
+            raise
+        finally:
+            handler("on_train_end", exception=exception)
+
+    def _fit_epoch(self, handler: CallbackHandler, desc: str) -> None:
+        model = self.ranks.train_module(self.model)  # DDP under torchrun
+        self.model.train()
+        handler("on_epoch_begin", epoch=self.epoch, train=True)
+        dl = self.data.train_dl
+        set_epoch(dl.dl, self.epoch)  # a DistributedSampler reshuffles per epoch
+        off = None if self.progress and self.ranks.is_main else True
+        with tqdm(total=loader_length(dl), desc=desc, leave=False, disable=off) as pbar:
+            for i, (x, y) in enumerate(dl):
+                x, y = handler(
+                    "on_batch_begin",
+                    last_input=x,
+                    last_target=y,
+                    num_batch=i,
+                    iteration=self.iteration,
+                    step_applied=None,
+                    pbar=pbar,
+                )
+                with self.forward_context():  # entered and left here, even on an exception
+                    output = handler("on_loss_begin", last_output=model(x))
+                    raw_loss = self.loss_func(output, y)
+                loss = handler("on_backward_begin", last_loss=raw_loss)
+                loss.backward()
+                handler("on_backward_end")
+                applied = self.opt.step() is not False  # plain optimizers return None
+                self.iteration += 1  # counted at once: a stop in the events below keeps it
+                handler("on_step_end", step_applied=applied)
+                self.opt.zero_grad()
+                handler("on_batch_end", last_loss=self.ranks.mean(handler.state["last_loss"]))
+                pbar.update()
+        self.ranks.end_epoch_(self.model)
+        metrics = self.validate() if self.data.valid_dl is not None else None
+        handler("on_epoch_end", last_metrics=metrics, train=False)
+        self.epoch += 1
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, dl: Iterable | None = None) -> list[float]:
+        """`[valid_loss, *metrics]` over `dl` (default: the validation loader), averaged
+        over samples. Inputs are cast to the model's dtype, outputs to fp32. Under torchrun
+        a collective: every rank calls it, evaluates its shard, and gets the total averages."""
+        dl = self.data.valid_dl if dl is None else dl
+        if dl is None:
+            raise ValueError(
+                "no validation data: build the DataBunch with a valid_dl or pass validate(dl)."
+            )
+        dtype = input_dtype(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        # A DataLoader draws a seed from the global RNG per pass: validating must not shift
+        # the shuffling of later epochs (fit(1); validate(); fit(1) == fit(2)).
+        with torch.random.fork_rng(devices=[]), self.forward_context():
+            try:
+                totals, count = self._evaluate(dl, dtype)
+            finally:
+                self.model.train(was_training)
+        totals, count = self.ranks.sum_totals(totals, count, 1 + len(self.metrics))
+        if totals is None:
+            raise ValueError("the validation loader yielded no batches.")
+        return (totals / count).tolist()  # one host sync for the whole pass
+
+    def _evaluate(self, dl: Iterable, dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
+        """Sample-weighted sums of [loss, *metrics] over `dl`, and the sample count."""
+        totals, count = None, 0
+        for x, y in dl:
+            x, y = to_device((x, y), self.data.device)
+            output = cast_floats(self.model(cast_floats(x, dtype)), torch.float32)
+            n = batch_size(y)
+            values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
+            batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n
+            totals = batch if totals is None else totals + batch
+            count += n
+        return totals, count
+
+    @torch.no_grad()
+    def predict(self, x: Any) -> Any:
+        """The model's output (fp32) for a batch `x`, in eval mode; `x` is moved to the data's
+        device and cast to the model's dtype."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            x = cast_floats(to_device(x, self.data.device), input_dtype(self.model))
+            with self.forward_context():
+                return cast_floats(self.model(x), torch.float32)
+        finally:
+            self.model.train(was_training)
+
+    # -- freezing ------------------------------------------------------------------------
+    def freeze_to(self, n: int) -> None:
+        """Freeze the layer groups before index `n` (their norm layers stay trainable) and
+        unfreeze the others."""
+        freeze_to(self.layer_groups, n)
+
+    def freeze(self) -> None:
+        """Freeze every layer group but the last, keeping norm layers trainable."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Make every layer group trainable."""
+        self.freeze_to(0)
+
+    # -- precision -----------------------------------------------------------------------
+    @property
+    def mixed_precision(self) -> MixedPrecision | None:
+        """The `MixedPrecision` callback, if this learner trains in mixed precision."""
+        return next((cb for cb in self.callbacks if isinstance(cb, MixedPrecision)), None)
+
+    def forward_context(self) -> AbstractContextManager:
+        """The region the forward pass and the loss run in: `torch.autocast` when training
+        with `to_fp16(mode="autocast")`, else nothing."""
+        mp = self.mixed_precision
+        return nullcontext() if mp is None else mp.forward_context()
+
+    def to_fp16(
+        self, loss_scale: LossScale = 512.0, flat_master: bool = False, **options: Any
+    ) -> Learner:
+        """Convert the model to half now and train it with a `MixedPrecision` callback built
+        with these options (`dtype`, `clip`, `fused`, `mode`, `telemetry`, the `LossScaler`
+        keywords); returns self. `mode="autocast"` keeps the model fp32 under torch.autocast."""
+        if self.mixed_precision is not None:
+            raise ValueError(
+                "this learner is already in mixed precision; call learn.to_fp32() first to "
+                "change the options."
+            )
+        cb = MixedPrecision(self, loss_scale, flat_master, **options)
+        cb.prepare()
+        self.callbacks.append(cb)
+        return self
+
+    def to_fp32(self) -> Learner:
+        """Back to fp32: the model takes the fp32 master weights and the optimizer, with
+        its state, steps the model again; returns self."""
+        for cb in [cb for cb in self.callbacks if isinstance(cb, MixedPrecision)]:
+            cb.release()
+            self.callbacks.remove(cb)
+        if input_dtype(self.model) in HALF_DTYPES:  # converted by hand
+            model_to_float(self.model)
+        return self
+
+    def add_cb(self, cb: Callback) -> None:
+        """Add a callback for the next `fit()` calls."""
+        if not isinstance(cb, Callback):
+            raise TypeError(
+                f"callbacks must be Callback instances; got {type(cb).__name__}. "
+                "Subclass mixprec.Callback and pass an instance."
+            )
+        self.callbacks.append(cb)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, name: str) -> Path:
+        """Write the model, the optimizer (fp32 masters, state, loss scaler), the epoch and
+        step counts, the history and the random state to `path/model_dir/{name}.pth`,
+        atomically; return that path. Under torchrun every rank calls it and rank 0 writes."""
+        mp = self.mixed_precision
+        if mp is not None:
+            mp.prepare()
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "mixed_precision": mp is not None,
+            "dtype": None if mp is None else str(mp.dtype),
+            "model": self.model.state_dict(),
+            "opt": None if self.opt is None else self.opt.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "recorder": self.recorder.state_dict(),
+            "rng": rng_state(loader_generators(self.data.train_dl.dl)),
+        }
+        return self.ranks.save(checkpoint, self._checkpoint_path(name))  # rank 0 writes
+
+    def load(self, name: str) -> Learner:
+        """Restore what `save(name)` wrote, random state included, so training resumes as if
+        it had never stopped (on every rank, under torchrun); returns self."""
+        path = self._checkpoint_path(name)
+        checkpoint = load_checkpoint(path, map_location=self.data.device)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a Learner checkpoint (written by learn.save).")
+        mp = self.mixed_precision
+        if bool(checkpoint.get("mixed_precision")) != (mp is not None):
+            fix = "learn.to_fp16(...)" if mp is None else "learn.to_fp32()"
+            saved = "in mixed precision" if mp is None else "in fp32"
+            raise ValueError(f"{path} was saved {saved}; call {fix} before learn.load().")
+        if mp is not None:
+            mp.check_state_dict(checkpoint.get("opt"))  # another mode's: refuse, load nothing
+            mp.prepare()
+        check_checkpoint_fits(self, checkpoint, path)  # all of it, before anything changes
+        self.model.load_state_dict(checkpoint["model"])
+        if checkpoint.get("opt") is not None:
+            if self.opt is None:
+                self.create_opt()
+            self.opt.load_state_dict(checkpoint["opt"])  # masters -> model, under mixed precision
+        self.epoch = int(checkpoint.get("epoch", 0))
+        self.iteration = int(checkpoint.get("iteration", 0))
+        self.recorder.load_state_dict(checkpoint.get("recorder", {}))
+        if (rng := self.ranks.own_rng(checkpoint)) is not None:  # under torchrun, this rank's
+            set_rng_state(rng, loader_generators(self.data.train_dl.dl))
+        return self
+
+    def _checkpoint_path(self, name: str) -> Path:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string; got {name!r}.")
+        return self.path / self.model_dir / f"{name}.pth"
+
+    def __repr__(self) -> str:
+        return (
+            f"Learner(model={type(self.model).__name__}, opt={type(self.opt).__name__}, "
+            f"epoch={self.epoch}, callbacks={self.callbacks})"
+        )

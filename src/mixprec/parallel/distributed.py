@@ -1,0 +1,265 @@
+"""Data-parallel mixed precision on torch.distributed: torchrun's environment, DDP, no_sync.
+
+The loop, launched with ``torchrun --nproc_per_node=2 train.py``::
+
+    env = init_distributed()                       # RANK, WORLD_SIZE, ... as torchrun set them
+    model = wrap_ddp(model_to_half(make_model()))  # DDP all-reduces the half grads
+    opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "dynamic")
+    for micro_batches in loader:                   # one list of micro-batches per step
+        for x, y in accumulate(model, micro_batches):   # no_sync() for all but the last
+            opt.backward(loss_fn(model(x.half()).float(), y) / len(micro_batches))
+        opt.step()                                 # every rank steps or skips together
+        opt.zero_grad()
+    cleanup_distributed()
+
+Build the optimizer after `wrap_ddp`: DDP copies rank 0's weights into every rank when it
+wraps the model, and the fp32 masters must be made from those. In a single process every
+helper here is a pass-through, so the same script runs with plain ``python``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mixprec.core.checkpoint import save_checkpoint
+
+__all__ = [
+    "DistEnv",
+    "accumulate",
+    "all_reduce_overflow_",
+    "check_reducible",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_data_parallel",
+    "no_sync",
+    "read_env",
+    "save_on_rank0",
+    "unwrap",
+    "wrap_ddp",
+]
+
+T = TypeVar("T")
+
+TORCHRUN_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+"""The environment variables torchrun sets for each process that `read_env` reads."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a torchrun launch; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read torchrun's RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE (default `os.environ`);
+    with neither RANK nor WORLD_SIZE set, a single process."""
+    environ = os.environ if environ is None else environ
+    if "RANK" not in environ and "WORLD_SIZE" not in environ:
+        return DistEnv()
+    values: dict[str, int] = {}
+    for name in TORCHRUN_VARS:
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ValueError(
+                f"environment variable {name} must be an integer; got {raw!r}. Launch with "
+                "torchrun, which sets it, or unset it to run as a single process."
+            ) from None
+    missing = [name for name in ("RANK", "WORLD_SIZE") if name not in values]
+    if missing:
+        raise ValueError(
+            f"torchrun's environment is incomplete: {missing[0]} is not set but "
+            f"{'WORLD_SIZE' if missing[0] == 'RANK' else 'RANK'} is. Launch with torchrun, or "
+            "set both (or neither, for a single process)."
+        )
+    rank, world_size = values["RANK"], values["WORLD_SIZE"]
+    local_rank = values.get("LOCAL_RANK", rank)
+    local_world_size = values.get("LOCAL_WORLD_SIZE", world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"expected 0 <= RANK < WORLD_SIZE; got RANK={rank}, WORLD_SIZE={world_size}."
+        )
+    if local_world_size < 1 or not 0 <= local_rank < local_world_size:
+        raise ValueError(
+            "expected 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE; got "
+            f"LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world_size}."
+        )
+    return DistEnv(rank, local_rank, world_size, local_world_size)
+
+
+def init_distributed(backend: str | None = None, *, timeout: timedelta | None = None) -> DistEnv:
+    """Join the process group torchrun describes and return this process's place.
+
+    `backend` defaults to "nccl" when CUDA is available, else "gloo"; under NCCL the current
+    CUDA device becomes cuda:LOCAL_RANK. A single process, or a group already initialized,
+    is left as it is.
+    """
+    env = read_env()
+    if not env.is_distributed or (dist.is_available() and dist.is_initialized()):
+        return env
+    if not dist.is_available():
+        raise RuntimeError(
+            "this torch build has no torch.distributed; install a build with it to run "
+            f"{env.world_size} processes."
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
+        torch.cuda.set_device(env.local_rank)
+    options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **options)
+    return env
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if one was initialized."""
+    if dist.is_available() and dist.is_initialized():
+        # A dropped DDP model lingers in a reference cycle until the next collection; left
+        # to the interpreter's exit, it can abort the process ("terminate called without an
+        # active exception") once the group is gone. Free it while the group still exists.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def is_data_parallel(process_group: dist.ProcessGroup | None = None) -> bool:
+    """Whether torch.distributed is initialized with more than one process in `process_group`
+    (None: the default group)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def all_reduce_overflow_(
+    found_inf: torch.Tensor, process_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Take the maximum of the overflow flag `found_inf` over the ranks of `process_group`, in
+    place, so every rank makes the same step-or-skip decision; a no-op in one process."""
+    if is_data_parallel(process_group):
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=process_group)
+    return found_inf
+
+
+def check_reducible(
+    dtypes: Iterable[torch.dtype],
+    device: torch.device | str = "cpu",
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    """Raise a TypeError naming the dtype if the backend cannot all-reduce it (one probe each).
+
+    A collective: every rank of `process_group` must call it with the same dtypes.
+    """
+    if not is_data_parallel(process_group):
+        return
+    for dtype in dtypes:
+        probe = torch.zeros(1, dtype=dtype, device=device)
+        try:
+            dist.all_reduce(probe, group=process_group)
+        except (RuntimeError, TypeError, ValueError) as error:
+            backend = dist.get_backend(process_group)
+            raise TypeError(
+                f"the {backend} backend of torch {torch.__version__} cannot all-reduce "
+                f"{dtype} tensors on {device} ({error}). Use a backend or torch version that "
+                "can (gloo in torch 2.13 reduces fp16 and bf16 on CPU; NCCL reduces both on "
+                "GPU), or train in the other half dtype."
+            ) from error
+
+
+def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+    """Wrap a (half) model in DistributedDataParallel; return it unchanged in one process.
+
+    DDP buckets gradients by dtype, so a half model's grads are all-reduced in half precision
+    (the fp32 norm layers in a bucket of their own). Checks first that the backend can
+    reduce every dtype the model trains. `ddp_kwargs` go to DDP; wrap after `model_to_half`
+    and before building the optimizer.
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("the model is already wrapped in DistributedDataParallel; wrap it once.")
+    process_group = ddp_kwargs.get("process_group")
+    if not is_data_parallel(process_group):
+        return model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dtypes = sorted({p.dtype for p in trainable}, key=str)
+    device = trainable[0].device if trainable else torch.device("cpu")
+    check_reducible(dtypes, device, process_group)
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (for its state_dict); any other module as it is."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextmanager
+def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within: DDP does not reduce gradients in backward (they accumulate in the model's grads
+    until a backward outside); a no-op when not `enabled` or for a module that is not DDP."""
+    if enabled and isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def accumulate(model: nn.Module, micro_batches: Iterable[T]) -> Iterator[T]:
+    """Yield the micro-batches of one step; the loop body runs under DDP's `no_sync()` for all
+    but the last, so gradients are all-reduced once per step, in its last backward."""
+    batches = iter(micro_batches)
+    try:
+        current = next(batches)
+    except StopIteration:
+        return
+    for following in batches:
+        with no_sync(model):
+            yield current
+        current = following
+    yield current
+
+
+def save_on_rank0(
+    obj: Any, path: str | os.PathLike[str], process_group: dist.ProcessGroup | None = None
+) -> Path:
+    """Write `obj` to `path` atomically (`save_checkpoint`: a temporary file, then a rename) on
+    rank 0 of `process_group` only; every rank returns once the file is there (a barrier, so
+    every rank can load it next), or raises if rank 0 could not write it. Returns the path."""
+    if not is_data_parallel(process_group):
+        return save_checkpoint(obj, path)
+    error: BaseException | None = None
+    if dist.get_rank(process_group) == 0:
+        try:
+            save_checkpoint(obj, path)
+        except Exception as e:  # tell the other ranks before raising, or they would wait
+            error = e
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, group=process_group, group_src=0)  # also the barrier
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise RuntimeError(f"rank 0 could not write {path}: {status[0]}")
+    return Path(path)
