@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from learner_helpers import assert_identical, make_learner, snapshot, tiny_data, tiny_model
+from helpers.learner import assert_identical, make_learner, snapshot, tiny_data, tiny_model
 from mixprec import DataBunch, Learner, MixedPrecisionOptimizer, model_to_half
 
 # -- the engine -------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from faults_worker import FAULTS_PER_RUN, STEPS
-from launch import launch
+from helpers.faults_worker import FAULTS_PER_RUN, STEPS
+from helpers.launch import launch
 from mixprec.cli.bench.fault_injection import CONFIGS
 
 pytestmark = pytest.mark.skipif(
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with gloo",
 )
 
-WORKER = Path(__file__).with_name("faults_worker.py")
+WORKER = Path(__file__).parents[1] / "helpers" / "faults_worker.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import mixprec.engine.optimizer as mpo
-from _dispatch import OpRecorder
-from learner_helpers import make_learner
+from helpers.dispatch import OpRecorder
+from helpers.learner import make_learner
 from mixprec import Callback, MixedPrecisionOptimizer, model_to_half
 from mixprec.engine.forensics import (
     GradFault,

@@ -2,8 +2,8 @@
 
 import torch
 
-from _dispatch import OpRecorder
-from learner_helpers import make_learner, tiny_data
+from helpers.dispatch import OpRecorder
+from helpers.learner import make_learner, tiny_data
 from mixprec import Recorder
 from mixprec.learner.recorder import plot_runs
 

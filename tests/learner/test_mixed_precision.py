@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 import mixprec
-from learner_helpers import (
+from helpers.learner import (
     Probe,
     assert_identical,
     make_learner,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _dispatch import OpRecorder
+from helpers.dispatch import OpRecorder
 from mixprec import MixedPrecisionOptimizer, model_to_half
 
 CASES = {

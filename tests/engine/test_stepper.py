@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
+from helpers.tensors import tensors_in
 from mixprec import MixedPrecisionOptimizer, Stepper, model_to_half
-from tensor_helpers import tensors_in
 
 BATCH, NOISE = 16, 4
 
@@ -146,7 +146,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_the_gan_example_runs(capsys, monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "examples" / "gan.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "gan.py"
     spec = importlib.util.spec_from_file_location("gan_example", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gan_example", module)  # dataclasses look it up

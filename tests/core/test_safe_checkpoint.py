@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner_helpers import assert_identical, make_learner, snapshot
+from helpers.learner import assert_identical, make_learner, snapshot
 from mixprec import load_checkpoint, save_checkpoint
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from learner_helpers import make_learner
+from helpers.learner import make_learner
 from mixprec.core.checkpoint import load_checkpoint
 from mixprec.learner.ranks import Ranks, distributed_loader, set_epoch, shard_loader
 

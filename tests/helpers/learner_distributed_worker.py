@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from learner_helpers import snapshot
+from helpers.learner import snapshot
 from mixprec import Callback, DataBunch, Learner, accuracy
 from mixprec.parallel.distributed import cleanup_distributed, read_env
 

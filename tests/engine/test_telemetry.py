@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from learner_helpers import make_learner
+from helpers.learner import make_learner
 from mixprec import (
     AutocastOptimizer,
     CSVLogger,

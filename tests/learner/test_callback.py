@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from learner_helpers import Probe, make_learner
+from helpers.learner import Probe, make_learner
 from mixprec import Callback
 from mixprec.learner.callback import EVENTS, CallbackHandler
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_worker import (
+from helpers.distributed_worker import (
     DistEnv,
     make_net,
     masters,
@@ -22,14 +22,14 @@ from distributed_worker import (
     sgd_run,
     train,
 )
-from launch import WORLD_SIZE, launch
+from helpers.launch import WORLD_SIZE, launch
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
     reason="needs torch.distributed with gloo",
 )
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).parents[1] / "helpers" / "distributed_worker.py"
 # The 2-rank runs differ from one process by the order of fp16 sums (about 6e-4 here, with
 # weights moving by 0.5-0.8); a rank that missed the other's gradients is off by 0.5 or more.
 FP16_ROUNDING = 5e-3

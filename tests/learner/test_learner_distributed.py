@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import run_ranks
-from learner_distributed_worker import (
+from helpers.launch import run_ranks
+from helpers.learner import assert_identical
+from helpers.learner_distributed_worker import (
     BATCH,
     DYNAMIC,
     INIT_SEED,
@@ -28,7 +29,6 @@ from learner_distributed_worker import (
     net,
     tensors,
 )
-from learner_helpers import assert_identical
 from mixprec import Learner, accuracy
 
 pytestmark = pytest.mark.skipif(
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with gloo",
 )
 
-WORKER = Path(__file__).with_name("learner_distributed_worker.py")
+WORKER = Path(__file__).parents[1] / "helpers" / "learner_distributed_worker.py"
 STEPS_PER_EPOCH = N_TRAIN // (2 * BATCH)  # each of the 2 ranks: half of each epoch
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import mixprec.core.checkpoint
-from learner_helpers import assert_identical, make_learner, snapshot
+from helpers.learner import assert_identical, make_learner, snapshot
 from mixprec.core.checkpoint import rng_state, set_rng_state
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
 DYNAMIC = {"loss_scale": "dynamic", "init_scale": 2.0**20, "growth_interval": 3}
 # (name, to_fp16 options or None for fp32): the configurations the resume test covers
@@ -23,8 +23,8 @@ RESUME = """
 import sys
 import torch
 torch.set_num_threads(1)
-from learner_helpers import make_learner
-from test_checkpoint import CONFIGS
+from helpers.learner import make_learner
+from core.test_checkpoint import CONFIGS
 for name, options in CONFIGS:
     learn = make_learner(sys.argv[1], seed=123)  # another init: load must replace it
     if options is not None:

@@ -12,7 +12,7 @@ import torch
 from mixprec import cli
 from mixprec.cli.bench import gpu, memory, overhead
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _last_json(text: str) -> dict:

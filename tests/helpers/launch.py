@@ -30,9 +30,10 @@ def run_ranks(
     """Run `python *args` on `world_size` ranks at once; return each rank's (stdout, stderr).
     Fails the test, with every rank's output, if any exits with an error."""
     src = str(Path(mixprec.__file__).resolve().parents[1])  # the mixprec under test
+    tests = str(Path(__file__).resolve().parents[1])  # the workers import tests/helpers
     base = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (src, tests, os.environ.get("PYTHONPATH")) if p),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world_size),

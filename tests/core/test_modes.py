@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from learner_helpers import assert_identical, make_learner, master_of
+from helpers.learner import assert_identical, make_learner, master_of
 from mixprec import AutocastOptimizer, Callback, MixedPrecision, MixedPrecisionOptimizer
 from mixprec.cli.main import main
 
