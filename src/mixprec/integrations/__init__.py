@@ -1,0 +1,7 @@
+"""Mixed precision inside other training frameworks, driven by the mixprec engine.
+
+Each framework module imports its framework, so none is imported by `import mixprec`; import
+the one you use: `from mixprec.integrations.lightning import MixedPrecisionPlugin`
+(`pip install mixprec[lightning]`). `mixprec.integrations.engines` holds the framework-free
+glue they share. Imports only from the layers below (core, parallel, engine).
+"""
