@@ -439,8 +439,17 @@ class MixedPrecisionPlugin(Precision):
             )
         engine = self._wrap(optimizer, self._module)
         if self._saved_state is not None:
+            # fabric.load() came before the optimizer was known; loading drops the gradients
+            # of any backward since, so they are put back.
+            grads = {p: p.grad.clone() for p in self._module.parameters() if p.grad is not None}
             engine.load_state_dict(self._saved_state)
             self._saved_state = None
+            with torch.no_grad():
+                for p, grad in grads.items():
+                    if p.grad is None:
+                        p.grad = grad
+                    else:
+                        p.grad.copy_(grad)
         if self._early_backward:  # that backward's gradients (at the initial scale) count
             engine.scale_loss(torch.zeros(()))
             self._early_backward = False
