@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from helpers.lightning_modules import Tiny, make_net, tiny_loader, trainer
 from helpers.tensors import tensors_in
 from mixprec import AutocastOptimizer, MixedPrecisionOptimizer, model_to_half
-from mixprec.integrations.engines import exact_fp32_values, wrap_optimizer
+from mixprec.integrations.engines import exact_fp32_values, masters_by_param, wrap_optimizer
 from mixprec.integrations.lightning import MixedPrecisionPlugin
 
 
@@ -70,9 +70,10 @@ def test_masters_take_the_exact_fp32_weights_not_their_rounding():
 
 
 # -- master mode: a skipped step ----------------------------------------------------------
-def test_skipped_step_is_not_applied_reported_and_holds_the_scheduler():
+@pytest.mark.parametrize("fused", [False, True])
+def test_skipped_step_is_not_applied_reported_and_holds_the_scheduler(fused):
     snaps = Snapshots()
-    plugin = MixedPrecisionPlugin(torch.bfloat16, growth_interval=1000)
+    plugin = MixedPrecisionPlugin(torch.bfloat16, fused=fused, growth_interval=1000)
     module = Tiny(inf_at=(2,), schedule=True)
     trainer(plugin, max_steps=4, callbacks=[snaps]).fit(module, tiny_loader())
 
@@ -147,9 +148,45 @@ def test_trainer_matches_the_engine_loop_with_accumulation_and_clipping(accumula
     assert same(params_of(module), engine_loop(accumulate, clip, steps=3))
 
 
+def test_manual_optimization_with_clipping_matches_the_engine_loop():
+    class Manual(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+            opt.step()
+
+    module = Manual()
+    trainer(MixedPrecisionPlugin(), max_steps=3).fit(module, tiny_loader())
+    assert same(params_of(module), engine_loop(1, 0.05, steps=3))
+
+
+def test_validate_outside_fit_runs_half_and_leaves_the_exact_fp32_weights():
+    class Validated(Tiny):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+    module = Validated()
+    fp32 = params_of(module)
+    dtypes = []
+    module.on_validation_batch_start = lambda *a: dtypes.append(module.net[0].weight.dtype)
+    (metrics,) = trainer(MixedPrecisionPlugin()).validate(module, tiny_loader(n=16))
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert 0 < metrics["val_loss"] < 10
+    assert same(params_of(module), fp32)
+
+
 # -- checkpoints ------------------------------------------------------------------------------
-def test_resume_from_a_checkpoint_gives_the_same_numbers(tmp_path):
-    options = {"growth_interval": 3, "init_scale": 2.0**10}  # the scale moves within a run
+@pytest.mark.parametrize("flat_master", [False, True])
+def test_resume_from_a_checkpoint_gives_the_same_numbers(tmp_path, flat_master):
+    # the scale moves within a run
+    options = {"growth_interval": 3, "init_scale": 2.0**10, "flat_master": flat_master}
     # 8 batches an epoch; an inf in epoch 1 (step 2), so the scaler state matters
     straight = Tiny(inf_at=(2,), schedule=False)
     trainer(MixedPrecisionPlugin(**options), max_epochs=2).fit(straight, tiny_loader())
@@ -162,7 +199,7 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(tmp_path):
 
     ckpt = torch.load(path, weights_only=True)
     engine = t1.precision_plugin.optimizer
-    masters = [m.detach() for group in engine.master_params for m in group]
+    masters = list(masters_by_param(engine).values())
     assert same([ckpt["state_dict"][n] for n, _ in first.named_parameters()], masters)
     assert "masters" not in ckpt["optimizer_states"][0]  # stored once, in state_dict
     assert ckpt["optimizer_states"][0]["scaler"]["skipped_steps"] == 1
