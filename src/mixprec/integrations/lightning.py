@@ -248,7 +248,9 @@ class MixedPrecisionPlugin(Precision):
         if not self._trainer:
             if kwargs.get("closure") is not None:
                 raise TypeError(_NO_CLOSURE)
-            applied = self._engine(optimizer).step()
+            engine = self._engine(optimizer)
+            self._unscaled = False  # the next step unscales afresh, even if this one raises
+            applied = engine.step()
             self._after_step(applied, None)
             return applied
         if isinstance(optimizer, torch.optim.LBFGS):
@@ -265,6 +267,7 @@ class MixedPrecisionPlugin(Precision):
         if not engine.fused:  # the fused step unscales itself, unless clipping asks first
             self._unscale_once()
         self._after_closure(model, optimizer)  # hooks, then configure_gradient_clipping
+        self._unscaled = False  # the next step unscales afresh, even if this one raises
         applied = engine.step()
         self._after_step(applied, model)
         return closure_result
@@ -483,7 +486,6 @@ class MixedPrecisionPlugin(Precision):
     def _after_step(self, applied: bool, model: nn.Module | None) -> None:
         engine = self._engine()
         self.step_was_skipped = not applied
-        self._unscaled = False
         norm, self._norm = self._norm, None
         if norm is None and engine.fused and engine.clip is not None:
             norm = engine.last_grad_norm  # the fused step computed it
