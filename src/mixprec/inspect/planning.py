@@ -165,6 +165,7 @@ def plan(
     rows: list[ModulePlan] = []
     buffers: list[BufferPlan] = []
     warnings: list[str] = []
+    advised: list[str] = []  # the rules the warnings advise, in order
     seen: set[int] = set()  # a shared parameter is counted at its first owner only
     for name, module in model.named_modules():
         own = [
@@ -208,7 +209,11 @@ def plan(
         if not rule:
             for pname, p in own:
                 if id(p) not in by_name:
-                    warnings += range_warnings(pname, advice_rule(name, module, pname), p, dtype)
+                    advice = advice_rule(name, module, pname)
+                    found = range_warnings(pname, advice, p, dtype)
+                    warnings += found
+                    advised += [advice] if found and advice not in advised else []
+    warnings += _summary(advised)
     warnings += _origin_warnings(model, dtype)
     if not policy.strict:
         warnings += [
@@ -227,6 +232,16 @@ def plan(
         tuple(warnings),
         tuple(buffers),
     )
+
+
+def _summary(advised: list[str]) -> list[str]:
+    """One rule set that follows every piece of advice at once, by last name part
+    ('stages.0.gamma', 'stages.1.gamma' -> '*.gamma'), when that is shorter."""
+    patterns = list(dict.fromkeys(f"*.{r.rpartition('.')[2]}" if "." in r else r for r in advised))
+    if len(patterns) >= len(advised):
+        return []
+    shown = ", ".join(map(repr, patterns))
+    return [f"to follow all {len(advised)} at once: PrecisionPolicy().keep({shown})."]
 
 
 def _bytes_as(p: torch.Tensor, dtype: torch.dtype) -> int:
