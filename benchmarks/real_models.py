@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from helpers import timm_style  # noqa: E402
-
 from mixprec import AutocastOptimizer, MixedPrecisionOptimizer  # noqa: E402
 from mixprec.core.policy import is_norm  # noqa: E402
 
@@ -108,7 +107,7 @@ def train(name: str, build, steps: int, lr: float) -> dict:
         else:
             opt = inner
 
-        def loss():
+        def loss(model=model, dtype=dtype, region=region):
             if region is None:
                 return loss_of(model, dtype)
             with region():

@@ -36,7 +36,7 @@ def test_flat_master_keeps_channels_last_and_trains_like_per_tensor_masters():
             model=m,
             dtype=torch.bfloat16,
             flat_master=flat,
-        )  # fmt: skip
+        )
         for m, flat in zip(models, [True, False])
     ]
     x = torch.randn(2, 3, 6, 6).to(torch.bfloat16, memory_format=torch.channels_last)

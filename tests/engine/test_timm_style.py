@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from helpers.timm_style import MODELS, ConvNeXt, GlobalResponseNorm, LayerNorm2d
 
+from helpers.timm_style import MODELS, ConvNeXt, GlobalResponseNorm, LayerNorm2d
 from mixprec import MixedPrecisionOptimizer, PrecisionPolicy, model_to_half, plan
 from mixprec.core.master import flat_views
 
