@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="keep modules whose qualified name matches PATTERN in fp32 (repeatable), "
+        help="keep modules (or parameters) whose qualified name matches PATTERN in fp32 (repeatable), "
         "e.g. 'head' or '*.attn.softmax'",
     )
     parser.add_argument(
