@@ -1,6 +1,8 @@
 """Flat buffers keep each parameter's memory format, and parameters that cannot have an fp32
 master (integer, complex, already held, bare tensors as layer groups) are refused clearly."""
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,22 @@ def test_a_parameter_held_by_another_wrapper_is_refused_until_released():
     with pytest.raises(RuntimeError, match="was released"):
         first.step()
     MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()))  # free again
+
+
+def test_a_dropped_wrapper_does_not_hold_its_parameters():
+    model = model_to_half(nn.Linear(3, 3), torch.bfloat16)
+
+    def train_once():  # the wrapper is garbage afterwards, if only through a reference cycle
+        opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()))
+        opt.backward(model(torch.randn(2, 3, dtype=torch.bfloat16)).float().sum())
+        assert opt.step()
+
+    gc.disable()
+    try:
+        train_once()
+        MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()))
+    finally:
+        gc.enable()
 
 
 def test_get_master_refuses_tensors_for_layer_groups():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -492,11 +493,20 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         )
 
 
+def _held_by_others(ids: set[int]) -> list[torch.Tensor]:
+    for other in list(_HOLDERS):
+        shared = [p for group in other.model_params for p in group if id(p) in ids]
+        if shared:
+            return shared
+    return []
+
+
 def _check_not_held(model_params: ParamGroups) -> None:
     """Raise a ValueError if another live MixedPrecisionOptimizer holds one of the parameters."""
     ids = {id(p) for group in model_params for p in group}
-    for other in list(_HOLDERS):
-        shared = [p for group in other.model_params for p in group if id(p) in ids]
+    if _held_by_others(ids):
+        gc.collect()  # a dropped wrapper may live on in a reference cycle until collected
+        shared = _held_by_others(ids)
         if shared:
             shapes = ", ".join(str(tuple(p.shape)) for p in shared[:4])
             raise ValueError(
