@@ -95,6 +95,11 @@ def test_a_refused_conversion_leaves_the_model_exactly_as_it_was():
     other = nn.Linear(2, 2)
     foreign = torch.optim.AdamW([*model.parameters(), *other.parameters()])
     _refused(model, "not parameters of the model", inner=foreign)
+    partial = torch.optim.AdamW(model.parameters())
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    partial.step()  # state for one parameter only: one flat master per group cannot merge it
+    model[0].weight.grad = None
+    _refused(model, "cannot be merged", inner=partial, flat_master=True)
     model.register_parameter("count", nn.Parameter(torch.tensor([3, 4]), requires_grad=False))
     _refused(model, "integer parameter", flat_master=True)
 

@@ -148,7 +148,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             try:
                 model_to_half(model, self.dtype, policy)
             except BaseException:  # e.g. interrupted: the model back as it was
-                restore_fp32_(model, masters_by_param(model_params, self.master_params, False))
+                exact = masters_by_param(model_params, self.master_params, self.flat_master)
+                restore_fp32_(model, exact)
                 raise
         self._flat_groups = (
             [FlatGroup(ps, ms[0]) for ps, ms in zip(model_params, self.master_params) if ps]
