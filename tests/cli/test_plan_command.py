@@ -68,7 +68,10 @@ def test_a_factory_from_the_current_directory(capsys, tmp_path, monkeypatch):
         ),
         (["mixprec.cli.demo.data:__doc__"], "mixprec.cli.demo.data.__doc__ is not callable"),
         (["digits-cnn", "--dtype", "fp32"], "unsupported dtype 'fp32'; choose from fp16, float16"),
-        (["digits-cnn", "--keep-fp32", "head"], "'head' match no module of Sequential"),
+        (
+            ["digits-cnn", "--keep-fp32", "head"],
+            "'head' match no module or parameter of Sequential",
+        ),
         (["digits-cnn", "--keep-fp32", "a b"], "bad module name pattern 'a b'"),
         (["digits-cnn", "--keep-fp32-type", "Lineer"], "unknown module type 'Lineer'"),
         (["digits-cnn", "--keep-fp32-type", "mixprec:plan"], "unknown module type 'mixprec:plan'"),

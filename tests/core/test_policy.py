@@ -4,7 +4,7 @@ from torch import nn
 
 from mixprec import MixedPrecisionOptimizer, PrecisionPolicy, model_to_float, model_to_half
 from mixprec.cli.demo.transformer import tiny_transformer
-from mixprec.core.policy import NORM_TYPES
+from mixprec.core.policy import DEFAULT_FP32, NORM_TYPES
 
 
 def _net():
@@ -27,7 +27,7 @@ def test_default_policy_converts_exactly_like_the_default_tuple():
     a, b = _net(), _net()
     model_to_half(a)
     model_to_half(b, keep_fp32=PrecisionPolicy())
-    assert PrecisionPolicy().rules == NORM_TYPES
+    assert PrecisionPolicy().rules == DEFAULT_FP32 and set(NORM_TYPES) < set(DEFAULT_FP32)
     assert _dtypes(a) == _dtypes(b) and _hooked(a) == _hooked(b) == ["1"]
     assert _dtypes(a)["1.weight"] == torch.float32 and _dtypes(a)["0.weight"] == torch.float16
 
@@ -111,17 +111,18 @@ def test_changing_the_policy_reconverts_and_model_to_float_undoes_it():
 def test_keep_returns_a_new_policy():
     base = PrecisionPolicy()
     more = base.keep("head", nn.Linear, "head")
-    assert base.rules == NORM_TYPES
-    assert more.rules == (*NORM_TYPES, "head", nn.Linear)
+    assert base.rules == DEFAULT_FP32
+    assert more.rules == (*DEFAULT_FP32, "head", nn.Linear)
     assert more.patterns == ("head",) and nn.Linear in more.types
-    assert more == PrecisionPolicy((*NORM_TYPES, "head", nn.Linear)) and more != base
+    assert more == PrecisionPolicy((*DEFAULT_FP32, "head", nn.Linear)) and more != base
     assert "head" in repr(more) and "LayerNorm" in repr(more)
 
 
 def test_a_typo_in_a_pattern_is_an_error_unless_not_strict():
     model = tiny_transformer()
     with pytest.raises(
-        ValueError, match=r"'haed' match no module of TinyTransformer.*did you mean 'head'"
+        ValueError,
+        match=r"'haed' match no module or parameter of TinyTransformer.*did you mean 'head'",
     ):
         model_to_half(model, keep_fp32=PrecisionPolicy().keep("haed"))
     assert model.head.weight.dtype == torch.float32  # nothing was converted

@@ -71,7 +71,7 @@ def test_weights_beyond_the_fp16_range_are_warned_about_unless_kept_or_bf16():
     model[8].weight.data[0, :3] = torch.tensor([7e4, -1e6, 1.0])
     (warning,) = plan(model).warnings
     assert "8.weight: 2 value(s) beyond the float16 range (max |w| = 1e+06 > 65504)" in warning
-    assert "policy.keep('8')" in warning
+    assert "PrecisionPolicy().keep('8')" in warning
     assert plan(model, PrecisionPolicy().keep("8")).warnings == ()
     assert plan(model, dtype=torch.bfloat16).warnings == ()
 
@@ -119,7 +119,9 @@ def test_a_half_model_can_be_planned_again():
 def test_printing_and_json():
     result = plan(tiny_transformer(), PrecisionPolicy().keep("head"))
     text = str(result)
-    assert text.startswith("plan: TinyTransformer to float16; fp32 kept for norm layers, 'head'")
+    assert text.startswith(
+        "plan: TinyTransformer to float16; fp32 kept for norm layers, HF _keep_in_fp32_modules, 'head'"
+    )
     assert "blocks.0.attn.qkv" in text and "name 'head'" in text and "warnings: none" in text
     assert str(plan(digits_cnn(), PrecisionPolicy((nn.BatchNorm2d, "8")))).startswith(
         "plan: Sequential to float16; fp32 kept for BatchNorm2d, '8'\n"
@@ -133,7 +135,7 @@ def test_printing_and_json():
 def test_unmatched_patterns_are_warnings_when_not_strict():
     policy = PrecisionPolicy(strict=False).keep("classifier")
     assert plan(digits_cnn(), policy).warnings == (
-        "fp32 pattern 'classifier' matches no module of Sequential.",
+        "fp32 pattern 'classifier' matches no module or parameter of Sequential.",
     )
     with pytest.raises(ValueError, match="'classifier' match no module"):
         plan(digits_cnn(), PrecisionPolicy().keep("classifier"))

@@ -283,7 +283,7 @@ def test_a_refused_to_fp16_leaves_the_fp32_weights_exact(tmp_path):
 def test_create_opt_after_to_fp16_keeps_the_fp32_masters(tmp_path, flat_master):
     """A fresh optimizer (learn.create_opt(), as fastai v1 users reset it) is wrapped with
     the masters the old one had, never rebuilt from the rounded half weights."""
-    from mixprec.learner.mixed_precision import _master_views
+    from mixprec.core.master import master_views as _master_views
 
     def masters(opt):
         return {

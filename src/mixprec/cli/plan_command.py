@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mixprec.core.policy import NORM_TYPES, PrecisionPolicy
+from mixprec.core.policy import DEFAULT_FP32, PrecisionPolicy
 from mixprec.inspect.planning import plan
 
 __all__ = ["DTYPES", "MODEL_SPECS", "add_arguments", "load_model", "parse_dtype", "run"]
@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="keep modules whose qualified name matches PATTERN in fp32 (repeatable), "
+        help="keep modules (or parameters) whose qualified name matches PATTERN in fp32 (repeatable), "
         "e.g. 'head' or '*.attn.softmax'",
     )
     parser.add_argument(
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         dtype = parse_dtype(args.dtype)
         types = [_module_type(t) for t in args.keep_fp32_type]
-        base = () if args.no_norms else NORM_TYPES
+        base = () if args.no_norms else DEFAULT_FP32
         policy = PrecisionPolicy((*base, *types, *args.keep_fp32))
         result = plan(load_model(args.model), policy, dtype)
     except (ValueError, TypeError) as e:

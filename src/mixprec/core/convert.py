@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
-from mixprec.core.policy import NORM_TYPES, PrecisionPolicy
+from mixprec.core.policy import DEFAULT_FP32, PrecisionPolicy, Rule, as_policy
 from mixprec.core.ranges import warn_out_of_range
 
-__all__ = ["cast_floats", "input_dtype", "model_to_float", "model_to_half"]
+__all__ = ["cast_floats", "input_dtype", "model_to_float", "model_to_half", "restore_fp32_"]
 
 _HOOKS_ATTR = "_mixprec_fp32_hooks"
 
@@ -81,34 +81,51 @@ def _remove_fp32_hooks(module: nn.Module) -> None:
 def model_to_half(
     model: nn.Module,
     dtype: torch.dtype = torch.float16,
-    keep_fp32: tuple[type[nn.Module], ...] | PrecisionPolicy = NORM_TYPES,
+    keep_fp32: tuple[Rule, ...] | PrecisionPolicy = DEFAULT_FP32,
 ) -> nn.Module:
-    """Convert `model` in place to `dtype`, keeping modules of the `keep_fp32` types in fp32.
+    """Convert `model` in place to `dtype`, keeping what `keep_fp32` says in fp32.
 
-    `keep_fp32` is a tuple of module types or a `PrecisionPolicy` (rules by type or by name
-    pattern). A kept module stays fp32 with everything inside it, receives its floating
-    inputs cast to fp32 and returns its floating outputs cast back to `dtype`, so the half
-    model takes and returns `dtype`. Returns the same module.
+    `keep_fp32` is a tuple of rules (module types, name patterns, rule objects) or a
+    `PrecisionPolicy`; the default keeps the norm layers (by type and by class name) and
+    what a Hugging Face model declares in `_keep_in_fp32_modules`. A kept module stays fp32
+    with everything inside it, receives its floating inputs cast to fp32 and returns its
+    floating outputs cast back to `dtype`, so the half model takes and returns `dtype`. A
+    parameter owned by several modules is fp32 if any of them is kept (and then they all
+    are). A parameter kept by name stays fp32 in its half module, whose outputs are cast to
+    `dtype`. Float buffers of half modules are cast, except those the policy's
+    `fp32_buffers` name (rotary `inv_freq` by default). Returns the same module.
     Weights that `dtype` cannot hold (beyond fp16's range, or already inf/nan) are warned
     about (RuntimeWarning) before anything is converted.
     """
     check_half_dtype(dtype)
-    policy = keep_fp32 if isinstance(keep_fp32, PrecisionPolicy) else PrecisionPolicy(keep_fp32)
-    roots = [m for m, _ in policy.fp32_roots(model).values()]
+    policy = as_policy(keep_fp32)
+    roots = [m for m, _ in policy.fp32_roots(model, dtype).values()]
     root_ids = {id(m) for m in roots}
     kept = {id(m) for r in roots for m in r.modules()}
+    kept_params = {id(p) for p, _ in policy.fp32_params(model, dtype).values()}
     warn_out_of_range(((n, m) for n, m in model.named_modules() if id(m) not in kept), dtype)
-    for module in model.modules():
+    cast_out = _output_caster(dtype)
+    for name, module in model.named_modules():
         _remove_fp32_hooks(module)
         if id(module) in kept:
             _convert_own_tensors_(module, torch.float32)
             if id(module) in root_ids:  # casts at the boundary only: fp32 all the way inside
                 module.__dict__[_HOOKS_ATTR] = [
                     module.register_forward_pre_hook(_to_fp32_inputs),
-                    module.register_forward_hook(_output_caster(dtype)),
+                    module.register_forward_hook(cast_out),
                 ]
-        else:
-            _convert_own_tensors_(module, dtype)
+            continue
+        own = list(module.parameters(recurse=False))
+        for p in own:
+            _cast_tensor_(p, torch.float32 if id(p) in kept_params else dtype)
+        for bname, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                keep = policy.keeps_buffer(f"{name}.{bname}" if name else bname)
+                target = torch.float32 if keep else dtype
+                if b.dtype != target:
+                    setattr(module, bname, b.to(target))
+        if any(id(p) in kept_params for p in own):  # computes by promotion: hand half on
+            module.__dict__[_HOOKS_ATTR] = [module.register_forward_hook(cast_out)]
     return model
 
 
@@ -117,6 +134,17 @@ def model_to_float(model: nn.Module) -> nn.Module:
     for module in model.modules():
         _remove_fp32_hooks(module)
         _convert_own_tensors_(module, torch.float32)
+    return model
+
+
+@torch.no_grad()
+def restore_fp32_(model: nn.Module, exact: Mapping[int, torch.Tensor]) -> nn.Module:
+    """Undo `model_to_half`: `model` back to fp32, each parameter whose id is in `exact`
+    holding that exact value (not the fp32 of its rounded half copy)."""
+    model_to_float(model)
+    for p in model.parameters():
+        if id(p) in exact:
+            p.copy_(exact[id(p)])
     return model
 
 

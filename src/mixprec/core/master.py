@@ -3,6 +3,12 @@
 These are the documented fastai v1 primitives (`get_master`, `model_g2master_g`,
 `master2model`) plus `FlatGroup`, which lays a group's model parameters and gradients out
 as views into contiguous buffers so each copy is one kernel per buffer.
+
+In a flat buffer (a flat master, its gradient, a FlatGroup's half buffers) each parameter
+takes `numel()` consecutive elements laid out in the parameter's own memory format: a
+channels_last weight keeps its channels_last strides, so the model's view of it is as fast
+as before and every copy between buffers stays one 1-D kernel. A contiguous parameter's
+elements are in row-major order, as `p.reshape(-1)` gives them.
 """
 
 from __future__ import annotations
@@ -17,10 +23,15 @@ from mixprec.core.modes import check_saved_mode
 
 __all__ = [
     "FlatGroup",
+    "check_master_params",
     "check_saved_masters",
+    "flat_views",
     "get_master",
+    "load_masters_",
     "make_masters",
     "master2model",
+    "master_views",
+    "masters_by_param",
     "model_g2master_g",
     "move_state_to_masters",
     "new_group_params",
@@ -32,10 +43,26 @@ ParamGroups = list[list[torch.Tensor]]
 
 
 def trainable_params(layer_groups: Iterable[nn.Module | Iterable[torch.Tensor]]) -> ParamGroups:
-    """One list per group of its parameters with requires_grad, each tensor once overall."""
+    """One list per group of its parameters with requires_grad, each tensor once overall.
+
+    A group is a module (its `.parameters()`) or an iterable of parameters; a bare tensor is
+    refused (iterating it would yield its rows, which are not parameters)."""
+    if isinstance(layer_groups, (torch.Tensor, nn.Module)) and not isinstance(
+        layer_groups, (nn.ModuleList, nn.Sequential)
+    ):
+        raise TypeError(
+            "layer_groups must be a collection of nn.Module (one per layer group); got a "
+            f"single {type(layer_groups).__name__}. Pass [model] for one group."
+        )
     seen: set[int] = set()
     groups = []
-    for group in layer_groups:
+    for i, group in enumerate(layer_groups):
+        if isinstance(group, torch.Tensor):
+            raise TypeError(
+                f"layer group {i} is a Tensor (shape {tuple(group.shape)}), not an nn.Module: "
+                "get_master takes layer groups of modules, e.g. get_master([model]) or "
+                "get_master([nn.ModuleList(blocks), head]), not a list of parameters."
+            )
         params = group.parameters() if isinstance(group, nn.Module) else group
         kept = []
         for p in params:
@@ -46,26 +73,108 @@ def trainable_params(layer_groups: Iterable[nn.Module | Iterable[torch.Tensor]])
     return groups
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether `t` covers exactly `numel()` consecutive elements (any dim order, no gaps)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides `t` takes in a flat buffer: its own if dense (keeps channels_last), else
+    row-major."""
+    if _is_dense(t):
+        return tuple(t.stride())
+    strides, n = [], 1
+    for size in reversed(t.shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
+
+
+def flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of the 1-D `flat` shaped like `params`, in order, each in its parameter's memory
+    format (see the module docstring)."""
+    views, offset = [], 0
+    base = flat.storage_offset()
+    for p in params:
+        views.append(flat.as_strided(p.shape, _layout(p), base + offset))
+        offset += p.numel()
+    return views
+
+
+def _flatten(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """One 1-D fp32 tensor holding `tensors` laid out as `flat_views` lays out `like`."""
+    flat = torch.empty(sum(t.numel() for t in like), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for view, t in zip(flat_views(flat, like), tensors):
+            view.copy_(t.detach())
+    return flat
+
+
+_COMPLEX_FIX = (
+    "mixprec cannot keep fp32 masters of complex parameters (the overflow check and the flat "
+    "buffers are real); store the parameter as a real tensor, nn.Parameter(torch.view_as_real(w)), "
+    "and use torch.view_as_complex(self.w) in forward."
+)
+
+
+def check_master_params(model_params: ParamGroups, flat_master: bool) -> None:
+    """Raise a TypeError/ValueError if some parameter cannot get an fp32 master: an integer
+    or bool one (no gradient, nothing to step), a complex one, or (`flat_master`) a group
+    spanning devices."""
+    for i, group in enumerate(model_params):
+        for j, p in enumerate(group):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"param_groups[{i}][{j}] is a {type(p).__name__}, not a tensor: build the "
+                    "optimizer on model.parameters()."
+                )
+            if p.is_complex():
+                raise TypeError(
+                    f"param_groups[{i}][{j}] is a complex parameter ({p.dtype}, shape "
+                    f"{tuple(p.shape)}). {_COMPLEX_FIX}"
+                )
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"param_groups[{i}][{j}] is an integer parameter ({p.dtype}, shape "
+                    f"{tuple(p.shape)}): it has no gradient and no master can step it (a flat "
+                    "master would let weight decay change it). Leave it out of the optimizer: "
+                    "torch.optim.AdamW(p for p in model.parameters() if p.is_floating_point())."
+                )
+        if flat_master:
+            devices = {p.device for p in group}
+            if len(devices) > 1:
+                raise ValueError(
+                    "flat_master=True needs every parameter of a layer group on one device; "
+                    f"got {sorted(str(d) for d in devices)}. Move the model to one device or "
+                    "use flat_master=False."
+                )
+
+
 def _flat_master(params: Sequence[torch.Tensor]) -> nn.Parameter:
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        raise ValueError(
-            "flat_master=True needs every parameter of a layer group on one device; got "
-            f"{sorted(str(d) for d in devices)}. Move the model to one device or use "
-            "flat_master=False."
-        )
-    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-    master = nn.Parameter(flat)
-    master.grad = torch.zeros_like(flat)
+    master = nn.Parameter(_flatten(params, params, params[0].device))
+    master.grad = torch.zeros_like(master)
     return master
 
 
 def make_masters(model_params: ParamGroups, flat_master: bool = False) -> ParamGroups:
-    """fp32 copies of `model_params`, per group (one flat fp32 Parameter if `flat_master`)."""
+    """fp32 copies of `model_params`, per group (one flat fp32 Parameter if `flat_master`),
+    each in its parameter's memory format. Given fp32 parameters, the masters are exact."""
+    check_master_params(model_params, flat_master)
     if flat_master:
         return [[_flat_master(group)] if group else [] for group in model_params]
     return [
-        [p.detach().clone().float().requires_grad_(True) for p in group] for group in model_params
+        [
+            p.detach()
+            .to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            .requires_grad_(True)
+            for p in group
+        ]
+        for group in model_params
     ]
 
 
@@ -78,14 +187,40 @@ def get_master(
     return model_params, make_masters(model_params, flat_master)
 
 
-def _flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of `flat` shaped like `params`, in order."""
-    views, offset = [], 0
-    for p in params:
-        n = p.numel()
-        views.append(flat[offset : offset + n].view_as(p))
-        offset += n
-    return views
+def master_views(
+    params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor], flat_master: bool
+) -> list[torch.Tensor]:
+    """Per model parameter of one group, the (detached) master or flat-master view holding
+    its fp32 value, shaped and strided like the parameter."""
+    if not flat_master:
+        return [m.detach() for m in masters]
+    return flat_views(masters[0].detach(), params) if params else []
+
+
+@torch.no_grad()
+def load_masters_(
+    model_params: ParamGroups,
+    master_params: ParamGroups,
+    flat_master: bool,
+    exact: Mapping[int, torch.Tensor],
+) -> None:
+    """Copy the fp32 values in `exact` (by model parameter id) into their masters, so masters
+    built from a rounded half model start from the exact weights."""
+    for params, masters in zip(model_params, master_params):
+        for p, view in zip(params, master_views(params, masters, flat_master)):
+            if id(p) in exact:
+                view.copy_(exact[id(p)])
+
+
+def masters_by_param(
+    model_params: ParamGroups, master_params: ParamGroups, flat_master: bool
+) -> dict[int, torch.Tensor]:
+    """A copy of each model parameter's master value, by parameter id."""
+    return {
+        id(p): view.clone()
+        for params, masters in zip(model_params, master_params)
+        for p, view in zip(params, master_views(params, masters, flat_master))
+    }
 
 
 def model_g2master_g(
@@ -109,7 +244,7 @@ def model_g2master_g(
                 (master,) = master_group
                 if master.grad is None:
                     master.grad = torch.zeros_like(master)
-                for view, p in zip(_flat_views(master.grad, model_group), model_group):
+                for view, p in zip(flat_views(master.grad, model_group), model_group):
                     if p.grad is not None:
                         dst.append(view)
                         src.append(p.grad)
@@ -139,7 +274,7 @@ def master2model(
             continue
         dst.extend(model_group)
         if flat_master:
-            src.extend(_flat_views(master_group[0].detach(), model_group))
+            src.extend(flat_views(master_group[0].detach(), model_group))
         else:
             src.extend(m.detach() for m in master_group)
     if dst:
@@ -180,7 +315,7 @@ class FlatGroup:
         data = torch.empty(n, dtype=run[0].dtype, device=run[0].device)
         grad = torch.zeros_like(data)
         with torch.no_grad():
-            for p, view, grad_view in zip(run, _flat_views(data, run), _flat_views(grad, run)):
+            for p, view, grad_view in zip(run, flat_views(data, run), flat_views(grad, run)):
                 view.copy_(p)
                 if p.grad is not None:
                     grad_view.copy_(p.grad)
@@ -284,9 +419,7 @@ def _merged_state(state: dict, params: Sequence[torch.Tensor], master: torch.Ten
         if all(
             torch.is_tensor(v) and v.dim() and v.shape == p.shape for v, p in zip(values, params)
         ):
-            merged[key] = torch.cat([v.detach().reshape(-1).float() for v in values]).to(
-                master.device
-            )
+            merged[key] = _flatten(values, params, master.device)
         elif all(_same_value(v, values[0]) for v in values):
             merged[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
     if len(merged) != len(keys) or not all(states):

@@ -9,7 +9,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["FLUSH_WARN_FRACTION", "range_warnings", "smallest_subnormal", "warn_out_of_range"]
+__all__ = [
+    "FLUSH_WARN_FRACTION",
+    "SUBNORMAL_WARN_FRACTION",
+    "advice_rule",
+    "range_warnings",
+    "smallest_subnormal",
+    "warn_out_of_range",
+]
 
 FLUSH_WARN_FRACTION = 1e-3
 """Warn when more than this fraction of a tensor's nonzero weights would round to zero.
@@ -18,14 +25,29 @@ A continuous weight distribution always puts a few values below the smallest sub
 losing a handful is harmless, losing a whole tensor (e.g. a scale set to 1e-9) is not."""
 
 
+SUBNORMAL_WARN_FRACTION = 0.5
+"""Warn when more than this fraction of a tensor's nonzero weights are subnormal in the half
+dtype (e.g. layer-scale gammas of 1e-6 in fp16), where they keep fewer significant bits."""
+
+
+def advice_rule(module_name: str, module: nn.Module, pname: str) -> str:
+    """The rule that keeps parameter `pname` (of `module`, named `module_name`) fp32: the module
+    if it is a leaf (a Linear, a LayerScale), else the parameter itself (a token or a scale a
+    block or the model owns, which it uses elementwise)."""
+    if module_name and next(module.children(), None) is None:
+        return module_name
+    return pname
+
+
 @torch.no_grad()
-def range_warnings(pname: str, module: str, p: torch.Tensor, dtype: torch.dtype) -> list[str]:
-    """Values that turn into inf, or nonzero values that round to zero, in `dtype`."""
+def range_warnings(pname: str, rule: str, p: torch.Tensor, dtype: torch.dtype) -> list[str]:
+    """Values that turn into inf, nonzero values that round to zero, and tensors mostly made
+    of subnormals, in `dtype`; the advice names `rule` (see `advice_rule`)."""
     if not p.is_floating_point() or p.numel() == 0:
         return []
     w = p.detach()
     cast = w.to(dtype)
-    where = f"keep {module!r} in fp32 (policy.keep({module!r}))" if module else "keep it in fp32"
+    where = f"keep {rule!r} in fp32 (PrecisionPolicy().keep({rule!r}))"
     out = []
     finite = w.isfinite()
     if not bool(finite.all()):
@@ -46,6 +68,16 @@ def range_warnings(pname: str, module: str, p: torch.Tensor, dtype: torch.dtype)
             f"{str(dtype).removeprefix('torch.')} (smallest subnormal {smallest_subnormal(dtype):.3g}) and would "
             f"flush to zero; {where}."
         )
+    subnormal = nonzero & (cast != 0) & (w.abs() < torch.finfo(dtype).smallest_normal)
+    count = int(subnormal.sum())
+    if count and count > SUBNORMAL_WARN_FRACTION * int(nonzero.sum()):
+        err = ((cast[subnormal].float() - w[subnormal]).abs() / w[subnormal].abs()).max().item()
+        out.append(
+            f"{pname}: {count} of {int(nonzero.sum())} nonzero value(s) are "
+            f"{str(dtype).removeprefix('torch.')} subnormals (below "
+            f"{torch.finfo(dtype).smallest_normal:.3g}), rounded by up to {100 * err:.2g}%; "
+            f"{where}."
+        )
     return out
 
 
@@ -61,7 +93,7 @@ def warn_out_of_range(modules: Iterable[tuple[str, nn.Module]], dtype: torch.dty
     if dtype != torch.float16:  # bf16 has the range of fp32
         return
     named = [
-        (f"{name}.{pname}" if name else pname, name, p.detach())
+        (qual := f"{name}.{pname}" if name else pname, advice_rule(name, module, qual), p.detach())
         for name, module in modules
         for pname, p in module.named_parameters(recurse=False)
         if p.dtype == torch.float32 and p.numel() and p.device.type != "meta"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mixprec.core.checks import check_engine_options
+from mixprec.core.checks import check_engine_options, check_optimizer_holds
 from mixprec.core.chunked import (
     Chunk,
     copy_unscale_check_,
@@ -17,16 +19,21 @@ from mixprec.core.chunked import (
     pair_chunks,
     step_buffers,
 )
-from mixprec.core.dtypes import HALF_DTYPES
+from mixprec.core.convert import model_to_half, restore_fp32_
+from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.master import (
     FlatGroup,
+    ParamGroups,
+    check_master_params,
     check_saved_masters,
     make_masters,
     master2model,
+    masters_by_param,
     model_g2master_g,
     move_state_to_masters,
     new_group_params,
 )
+from mixprec.core.policy import PrecisionPolicy, Rule, as_policy
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
 from mixprec.engine.fused_adam import FusedAdamStep, fused_device_supported, fused_items
@@ -39,14 +46,18 @@ if TYPE_CHECKING:
 
 __all__ = ["MixedPrecisionOptimizer"]
 
+# Every wrapper that holds model parameters: two stepping one parameter would overwrite
+# each other's update, so a second one is refused (see `release`).
+_HOLDERS: weakref.WeakSet[MixedPrecisionOptimizer] = weakref.WeakSet()
+
 
 class MixedPrecisionOptimizer(OptimizerWrapper):
-    """Wraps an optimizer built on a half model so that it steps fp32 master weights.
+    """Wraps a torch optimizer so that it steps fp32 master weights of a half model.
 
     The loop::
 
-        model = model_to_half(model)                      # fp16 (or bf16), norm layers fp32
-        opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "dynamic")
+        opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "dynamic",
+                                      model=model, dtype=torch.float16)  # converts model
         for x, y in data:
             loss = loss_fn(model(x.half()).float(), y)
             opt.backward(loss)                            # scaled backward
@@ -73,8 +84,20 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     keep earlier micro-batches out of the reduction). `data_parallel=False` opts out, for an
     optimizer used on some ranks only.
 
-    `model` names the parameters in a skipped step's `last_overflow` report and in the
+    Built on the fp32 model's optimizer with `model=`, the wrapper converts `model` in
+    place as `model_to_half(model, dtype, keep_fp32)` does (`dtype` default torch.float16,
+    `keep_fp32` a tuple of rules or a `PrecisionPolicy`, default the norm layers) and takes
+    the masters from the exact fp32 weights. Everything is checked before the model is
+    touched: a refused wrapper leaves it fp32 with its weights bit-identical. An optimizer
+    built on an already converted model works too, but its masters start from the rounded
+    half weights (up to 2^-8 = 0.39 % relative in bf16, 2^-11 in fp16, from the fp32 values).
+    Existing optimizer state moves to the masters either way.
+
+    `model` also names the parameters in a skipped step's `last_overflow` report and in the
     persistent-overflow error (see `mixprec.engine.forensics`).
+
+    A parameter is held by one wrapper at a time (two would overwrite each other's update):
+    `release()` hands them back.
     """
 
     def __init__(
@@ -88,24 +111,27 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
         model: nn.Module | None = None,
+        dtype: torch.dtype | None = None,
+        keep_fp32: tuple[Rule, ...] | PrecisionPolicy | None = None,
         **scaler_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"expected a torch.optim.Optimizer built on the half model's parameters; got "
+                f"expected a torch.optim.Optimizer built on the model's parameters; got "
                 f"{type(optimizer).__name__}."
             )
         if isinstance(optimizer, MixedPrecisionOptimizer):
             raise TypeError("the optimizer is already a MixedPrecisionOptimizer; wrap it once.")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(
+                "model must be the nn.Module whose parameters the optimizer holds; got "
+                f"{type(model).__name__}."
+            )
         clip = check_engine_options(clip, data_parallel)
         model_params = [list(group["params"]) for group in optimizer.param_groups]
-        dtypes = {p.dtype for group in model_params for p in group}
-        if not dtypes & set(HALF_DTYPES):
-            raise ValueError(
-                "the optimizer holds no fp16/bf16 parameters (dtypes: "
-                f"{sorted(str(d) for d in dtypes)}). Convert the model first and build the "
-                "optimizer on it: model_to_half(model); opt = torch.optim.AdamW(model.parameters())."
-            )
+        check_master_params(model_params, bool(flat_master))
+        _check_not_held(model_params)
+        policy = self._conversion(model_params, model, dtype, keep_fp32)
         self.param_names = {} if model is None else forensics.param_names(model, model_params)
         self.scaler = LossScaler(loss_scale, **scaler_options)
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
@@ -115,13 +141,21 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.model_params = model_params
+        # Given an fp32 model, the masters are made before converting it: exact copies.
         self.master_params = make_masters(model_params, self.flat_master)
+        move_state_to_masters(optimizer.state, model_params, self.master_params, self.flat_master)
+        if policy is not None:
+            try:
+                model_to_half(model, self.dtype, policy)
+            except BaseException:  # e.g. interrupted: the model back as it was
+                exact = masters_by_param(model_params, self.master_params, self.flat_master)
+                restore_fp32_(model, exact)
+                raise
         self._flat_groups = (
             [FlatGroup(ps, ms[0]) for ps, ms in zip(model_params, self.master_params) if ps]
             if self.flat_master
             else []
         )
-        move_state_to_masters(optimizer.state, model_params, self.master_params, self.flat_master)
         for group, masters in zip(optimizer.param_groups, self.master_params):
             group["params"] = masters
         if self._fused is not None:
@@ -134,7 +168,53 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._accumulated = False  # master grads hold gradients of this step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
+        self._released = False
+        _HOLDERS.add(self)
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
+
+    def _conversion(
+        self,
+        model_params: ParamGroups,
+        model: nn.Module | None,
+        dtype: torch.dtype | None,
+        keep_fp32: tuple[Rule, ...] | PrecisionPolicy | None,
+    ) -> PrecisionPolicy | None:
+        """The policy to convert `model` with (the optimizer holds fp32 parameters), or None
+        (it holds a half model's); sets `self.dtype`. Raises before anything is converted."""
+        dtypes = {p.dtype for group in model_params for p in group}
+        if dtypes & set(HALF_DTYPES):
+            if dtype is not None or keep_fp32 is not None:
+                raise ValueError(
+                    "dtype= and keep_fp32= say how to convert the fp32 model, but the optimizer "
+                    f"already holds half parameters ({sorted(str(d) for d in dtypes)}). Drop "
+                    "them, or build the optimizer on the fp32 model and pass model=model."
+                )
+            self.dtype = next(d for d in HALF_DTYPES if d in dtypes)
+            return None
+        held = f"the optimizer holds no fp16/bf16 parameters (dtypes: {sorted(map(str, dtypes))})"
+        if model is None:
+            raise ValueError(
+                f"{held}. Pass the fp32 model to convert it with masters from its exact "
+                "weights: MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "
+                "model=model, dtype=torch.bfloat16)."
+            )
+        if any(p.dtype in HALF_DTYPES for p in model.parameters()):
+            raise ValueError(
+                f"{held} but the model is already converted to half: build the optimizer on "
+                "its parameters, torch.optim.AdamW(model.parameters()), or on the fp32 model "
+                "before converting it (then MixedPrecisionOptimizer converts it, model=model)."
+            )
+        self.dtype = check_half_dtype(torch.float16 if dtype is None else dtype)
+        policy = as_policy(keep_fp32)
+        policy.fp32_roots(model, self.dtype)  # a bad rule raises here, not half-way through
+        check_optimizer_holds(model, [p for g in model_params for p in g], every_trainable=False)
+        return policy
+
+    def release(self) -> None:
+        """Stop holding the model's parameters, so another wrapper may take them; this one
+        refuses to step from now on."""
+        self._released = True
+        _HOLDERS.discard(self)
 
     @property
     def fused(self) -> bool:
@@ -144,6 +224,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
         params = new_group_params(param_group["params"], self.model_params)
+        _check_not_held([params])
         (masters,) = make_masters([params], self.flat_master)
         if self.flat_master and params:
             self._flat_groups.append(FlatGroup(params, masters[0]))
@@ -216,6 +297,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             raise TypeError(
                 "MixedPrecisionOptimizer.step() takes no closure: compute the loss, call "
                 "backward(loss), then step()."
+            )
+        if self._released:
+            raise RuntimeError(
+                "this MixedPrecisionOptimizer was released (release()): its parameters may be "
+                "held by another wrapper now; step that one."
             )
         if self._found_inf is None:
             if self._fused is not None and self._pending and not self._accumulated:  # noqa: SIM102
@@ -406,3 +492,28 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
             f"fused={self.fused})"
         )
+
+
+def _held_by_others(ids: set[int]) -> list[torch.Tensor]:
+    for other in list(_HOLDERS):
+        shared = [p for group in other.model_params for p in group if id(p) in ids]
+        if shared:
+            return shared
+    return []
+
+
+def _check_not_held(model_params: ParamGroups) -> None:
+    """Raise a ValueError if another live MixedPrecisionOptimizer holds one of the parameters."""
+    ids = {id(p) for group in model_params for p in group}
+    if _held_by_others(ids):
+        gc.collect()  # a dropped wrapper may live on in a reference cycle until collected
+        shared = _held_by_others(ids)
+        if shared:
+            shapes = ", ".join(str(tuple(p.shape)) for p in shared[:4])
+            raise ValueError(
+                f"{len(shared)} of these parameters (shapes {shapes}"
+                f"{', ...' if len(shared) > 4 else ''}) are already held by another "
+                "MixedPrecisionOptimizer: both would step them and overwrite each other's "
+                "update. Use one wrapper per parameter (one optimizer with several param "
+                "groups), or call release() on the other first."
+            )

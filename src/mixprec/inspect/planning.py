@@ -9,10 +9,17 @@ import torch
 from torch import nn
 
 from mixprec.core.dtypes import check_half_dtype
-from mixprec.core.policy import NORM_TYPES, PrecisionPolicy, Rule
-from mixprec.core.ranges import range_warnings
+from mixprec.core.policy import (
+    HF_FP32_MODULES,
+    NORM_CLASS_NAMES,
+    NORM_TYPES,
+    ClassNameRule,
+    PrecisionPolicy,
+    rule_text,
+)
+from mixprec.core.ranges import advice_rule, range_warnings
 
-__all__ = ["ModulePlan", "Plan", "plan"]
+__all__ = ["BufferPlan", "ModulePlan", "Plan", "plan"]
 
 _BF16_EVIDENCE = 256  # nonzero fp32 values, all exact in bf16, that make "loaded from bf16" likely
 
@@ -28,6 +35,17 @@ class ModulePlan:
     params: int  # elements of its own parameters (shared ones counted at their first owner)
     bytes_before: int
     bytes_after: int
+    fp32_params: str = ""  # own parameters kept fp32 by name in a half module, and the rule
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """One float buffer under the plan: its dtype now and after, and why it stays fp32."""
+
+    name: str  # qualified name
+    dtype_before: torch.dtype
+    dtype: torch.dtype  # after conversion
+    rule: str  # why it stays fp32 ("in rotary_emb", "buffer '*inv_freq'"); "" if cast
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,7 @@ class Plan:
     modules: tuple[ModulePlan, ...]
     master_bytes: int  # fp32 masters that MixedPrecisionOptimizer adds for trainable params
     warnings: tuple[str, ...] = field(default=())
+    buffers: tuple[BufferPlan, ...] = field(default=())  # every float buffer
 
     @property
     def bytes_before(self) -> int:
@@ -63,6 +82,10 @@ class Plan:
             "dtype": _short(self.dtype),
             "policy": repr(self.policy),
             "modules": [{**vars(m), "dtype": _short(m.dtype)} for m in self.modules],
+            "buffers": [
+                {**vars(b), "dtype_before": _short(b.dtype_before), "dtype": _short(b.dtype)}
+                for b in self.buffers
+            ],
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "master_bytes": self.master_bytes,
@@ -79,7 +102,7 @@ class Plan:
                 f"{m.params:,}",
                 f"{m.bytes_before:,}",
                 f"{m.bytes_after:,}",
-                m.rule or "-",
+                m.rule or m.fp32_params or "-",
             )
             for m in self.modules
         ]
@@ -107,6 +130,14 @@ class Plan:
             f"+ {_human(self.master_bytes)} of fp32 masters under MixedPrecisionOptimizer "
             f"= {_human(self.bytes_after + self.master_bytes)}",
         ]
+        if self.buffers:
+            width = max(len(b.name) for b in self.buffers)
+            lines.append("float buffers:")
+            lines += [
+                f"  {b.name.ljust(width)}  {_short(b.dtype_before)} -> {_short(b.dtype)}"
+                f"  {b.rule or 'cast'}"
+                for b in self.buffers
+            ]
         lines += [f"warning: {w}" for w in self.warnings] or ["warnings: none"]
         return "\n".join(lines)
 
@@ -118,20 +149,23 @@ def plan(
     parameter bytes before and after, and warnings; `model` is left untouched."""
     check_half_dtype(dtype)
     if policy is None:
-        policy = PrecisionPolicy(NORM_TYPES)
+        policy = PrecisionPolicy()
     elif not isinstance(policy, PrecisionPolicy):
         raise TypeError(
             f"policy must be a PrecisionPolicy or None; got {type(policy).__name__}. Build one "
             "with PrecisionPolicy(keep_fp32=(...)) or PrecisionPolicy().keep('head')."
         )
-    roots = policy.fp32_roots(model)
+    roots = policy.fp32_roots(model, dtype)
     why: dict[int, str] = {}
     for root_name, (root, rule) in roots.items():
         for m in root.modules():
-            why.setdefault(id(m), _rule_text(rule) if m is root else f"in {root_name or '(model)'}")
+            why.setdefault(id(m), rule_text(rule) if m is root else f"in {root_name or '(model)'}")
     root_ids = {id(root) for root, _ in roots.values()}
+    by_name = {id(p): rule for p, rule in policy.fp32_params(model, dtype).values()}
     rows: list[ModulePlan] = []
+    buffers: list[BufferPlan] = []
     warnings: list[str] = []
+    advised: list[str] = []  # the rules the warnings advise, in order
     seen: set[int] = set()  # a shared parameter is counted at its first owner only
     for name, module in model.named_modules():
         own = [
@@ -140,12 +174,21 @@ def plan(
             if id(p) not in seen
         ]
         seen.update(id(p) for _, p in own)
+        rule = why.get(id(module), "")
+        target = torch.float32 if rule else dtype
+        for bname, b in module.named_buffers(prefix=name, recurse=False):
+            if b is not None and b.is_floating_point():
+                kept = f"in {name or '(model)'}" if id(module) in root_ids else rule
+                pattern = policy.keeps_buffer(bname)
+                reason = kept or (f"buffer {pattern!r}" if pattern else "")
+                buffers.append(
+                    BufferPlan(bname, b.dtype, torch.float32 if reason else dtype, reason)
+                )
         is_leaf = next(module.children(), None) is None
         has_buffers = next(module.buffers(recurse=False), None) is not None
         if not (own or has_buffers or is_leaf or id(module) in root_ids):
             continue  # a plain container: its children are listed
-        rule = why.get(id(module), "")
-        target = torch.float32 if rule else dtype
+        kept_params = [(pname, p) for pname, p in own if id(p) in by_name]
         rows.append(
             ModulePlan(
                 name=name,
@@ -154,26 +197,51 @@ def plan(
                 rule=rule,
                 params=sum(p.numel() for _, p in own),
                 bytes_before=sum(p.numel() * p.element_size() for _, p in own),
-                bytes_after=sum(_bytes_as(p, target) for _, p in own),
+                bytes_after=sum(
+                    _bytes_as(p, torch.float32 if id(p) in by_name else target) for _, p in own
+                ),
+                fp32_params=", ".join(
+                    f"param {pname.rpartition('.')[2]}: name {by_name[id(p)]!r}"
+                    for pname, p in kept_params
+                ),
             )
         )
         if not rule:
             for pname, p in own:
-                warnings += range_warnings(pname, name, p, dtype)
+                if id(p) not in by_name:
+                    advice = advice_rule(name, module, pname)
+                    found = range_warnings(pname, advice, p, dtype)
+                    warnings += found
+                    advised += [advice] if found and advice not in advised else []
+    warnings += _summary(advised)
     warnings += _origin_warnings(model, dtype)
     if not policy.strict:
         warnings += [
-            f"fp32 pattern {p!r} matches no module of {type(model).__name__}."
+            f"fp32 pattern {p!r} matches no module or parameter of {type(model).__name__}."
             for p in policy.unmatched_patterns(model)
         ]
     masters = sum(
         4 * p.numel() for p in model.parameters() if p.requires_grad and p.is_floating_point()
     )
-    return Plan(type(model).__name__, dtype, policy, tuple(rows), masters, tuple(warnings))
+    return Plan(
+        type(model).__name__,
+        dtype,
+        policy,
+        tuple(rows),
+        masters,
+        tuple(warnings),
+        tuple(buffers),
+    )
 
 
-def _rule_text(rule: Rule) -> str:
-    return f"name {rule!r}" if isinstance(rule, str) else f"type {rule.__name__}"
+def _summary(advised: list[str]) -> list[str]:
+    """One rule set that follows every piece of advice at once, by last name part
+    ('stages.0.gamma', 'stages.1.gamma' -> '*.gamma'), when that is shorter."""
+    patterns = list(dict.fromkeys(f"*.{r.rpartition('.')[2]}" if "." in r else r for r in advised))
+    if len(patterns) >= len(advised):
+        return []
+    shown = ", ".join(map(repr, patterns))
+    return [f"to follow all {len(advised)} at once: PrecisionPolicy().keep({shown})."]
 
 
 def _bytes_as(p: torch.Tensor, dtype: torch.dtype) -> int:
@@ -209,10 +277,18 @@ def _origin_warnings(model: nn.Module, dtype: torch.dtype) -> list[str]:
 
 
 def _describe(policy: PrecisionPolicy) -> str:
-    all_norms = set(NORM_TYPES) <= set(policy.rules)
-    rules = [r for r in policy.rules if not (all_norms and r in NORM_TYPES)]
+    norm_rules = (*NORM_TYPES, NORM_CLASS_NAMES)
+    all_norms = set(norm_rules) <= set(policy.rules)
     names = ["norm layers"] if all_norms else []
-    names += [repr(r) if isinstance(r, str) else r.__name__ for r in rules]
+    for r in policy.rules:
+        if all_norms and r in norm_rules:
+            continue
+        if r == HF_FP32_MODULES:
+            names.append("HF _keep_in_fp32_modules")
+        elif isinstance(r, ClassNameRule):
+            names.append(f"class names /{r.regex}/")
+        else:
+            names.append(repr(r) if isinstance(r, str) else r.__name__)
     return ", ".join(names) or "nothing"
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from mixprec.core.policy import NORM_TYPES
+from mixprec.core.policy import is_norm
 
 __all__ = ["freeze_to", "split_params"]
 
@@ -25,7 +25,7 @@ def split_params(layer_groups: Sequence[nn.Module]) -> list[ParamSplit]:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                if isinstance(module, NORM_TYPES):
+                if is_norm(module):
                     norms.append(p)
                 elif name == "bias":
                     biases.append(p)

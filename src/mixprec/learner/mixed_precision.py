@@ -20,9 +20,16 @@ from mixprec.core.checks import (
     check_trainable,
     held_params,
 )
-from mixprec.core.convert import cast_floats, model_to_float, model_to_half
+from mixprec.core.convert import cast_floats, model_to_float, model_to_half, restore_fp32_
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
-from mixprec.core.master import get_master, master2model, model_g2master_g
+from mixprec.core.master import (
+    get_master,
+    load_masters_,
+    master2model,
+    master_views,
+    masters_by_param,
+    model_g2master_g,
+)
 from mixprec.core.modes import Mode, check_mode, check_mode_options, check_saved_mode
 from mixprec.core.scaler import LossScale, LossScaler
 from mixprec.engine.autocast import AutocastOptimizer, autocast_region, device_type_of
@@ -122,12 +129,13 @@ class MixedPrecision(Callback):
                 )
             if isinstance(self.opt, MixedPrecisionOptimizer):  # learn.create_opt() replaced it
                 exact.update(_masters_by_param(self.opt))  # keep its masters, not the rounding
+                self.opt.release()  # the new wrapper holds the parameters from now on
             inner = learn.opt if learn.opt is not None else learn.create_opt()
             try:
                 self.opt = self._engine(inner)
             except BaseException:  # refused: the learner stays fp32, its weights exact
                 if exact:
-                    _restore_fp32_(learn.model, exact)
+                    restore_fp32_(learn.model, exact)
                 raise
             learn.opt = self.opt
         if self.telemetry is not None and self.opt.telemetry is not self.telemetry:
@@ -174,8 +182,10 @@ class MixedPrecision(Callback):
         learn = self.learn
         learn.data.remove_tfm(self._tfm)
         opt, self.opt = self.opt, None
+        if isinstance(opt, MixedPrecisionOptimizer):
+            opt.release()  # its parameters are the fp32 model's again
         if isinstance(opt, MixedPrecisionOptimizer) and learn.opt is not opt:  # create_opt()
-            _restore_fp32_(learn.model, _masters_by_param(opt))
+            restore_fp32_(learn.model, _masters_by_param(opt))
         elif opt is None or learn.opt is not opt:
             model_to_float(learn.model)
         elif isinstance(opt, AutocastOptimizer):  # the model is fp32 already
@@ -227,44 +237,14 @@ class MixedPrecision(Callback):
         )
 
 
-def _master_views(
-    params: list[torch.Tensor], masters: list[torch.Tensor], flat: bool
-) -> list[torch.Tensor]:
-    """Per model parameter, the (detached) master tensor or flat-master slice holding it."""
-    if not flat:
-        return [m.detach() for m in masters]
-    flat_master = masters[0].detach()
-    sizes = [p.numel() for p in params]
-    return [v.view_as(p) for v, p in zip(flat_master.split(sizes), params)]
-
-
-@torch.no_grad()
 def _load_masters_(opt: MixedPrecisionOptimizer, exact: dict[int, torch.Tensor]) -> None:
     """Copy the fp32 values in `exact` (by parameter id) into their masters."""
-    for params, masters in zip(opt.model_params, opt.master_params):
-        if params:
-            for p, view in zip(params, _master_views(params, masters, opt.flat_master)):
-                if id(p) in exact:
-                    view.copy_(exact[id(p)])
+    load_masters_(opt.model_params, opt.master_params, opt.flat_master, exact)
 
 
 def _masters_by_param(opt: MixedPrecisionOptimizer) -> dict[int, torch.Tensor]:
     """A copy of each model parameter's master value, by parameter id."""
-    return {
-        id(p): view.clone()
-        for params, masters in zip(opt.model_params, opt.master_params)
-        if params
-        for p, view in zip(params, _master_views(params, masters, opt.flat_master))
-    }
-
-
-@torch.no_grad()
-def _restore_fp32_(model: torch.nn.Module, exact: dict[int, torch.Tensor]) -> None:
-    """Undo `model_to_half`: the model back to fp32, with the exact values in `exact`."""
-    model_to_float(model)
-    for p in model.parameters():
-        if id(p) in exact:
-            p.copy_(exact[id(p)])
+    return masters_by_param(opt.model_params, opt.master_params, opt.flat_master)
 
 
 def _frozen_flat_masters(opt: MixedPrecisionOptimizer) -> list[torch.Tensor]:
@@ -296,10 +276,9 @@ def _unwrap(opt: MixedPrecisionOptimizer, model: torch.nn.Module) -> torch.optim
         if opt.flat_master and masters:
             saved = inner.state.pop(masters[0], None)
             if saved:
-                sizes = [p.numel() for p in params]
                 for i, p in enumerate(params):
                     inner.state[p] = {
-                        k: _slice_state(v, masters[0], sizes, i, p) for k, v in saved.items()
+                        k: _slice_state(v, masters[0], params, i) for k, v in saved.items()
                     }
         elif not opt.flat_master:
             for p, m in zip(params, masters):
@@ -311,12 +290,10 @@ def _unwrap(opt: MixedPrecisionOptimizer, model: torch.nn.Module) -> torch.optim
     return inner
 
 
-def _slice_state(
-    value: Any, master: torch.Tensor, sizes: list[int], i: int, p: torch.Tensor
-) -> Any:
+def _slice_state(value: Any, master: torch.Tensor, params: list[torch.Tensor], i: int) -> Any:
     """Parameter `i`'s part of one entry of a flat master's optimizer state."""
     if not torch.is_tensor(value):
         return value
-    if value.shape == master.shape:  # per-element (moments): the parameter's slice
-        return value.split(sizes)[i].view_as(p).clone()
+    if value.shape == master.shape:  # per-element (moments): the parameter's view, its strides
+        return master_views(params, [value], True)[i].clone()
     return value.clone()  # per-tensor (e.g. Adam's step count): shared by every parameter
