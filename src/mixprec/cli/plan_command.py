@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL_SPEC",
         help=f"{' or '.join(MODEL_SPECS)}, or module:function returning an nn.Module",
     )
-    parser.add_argument("--dtype", default="fp16", help="fp16 (default) or bf16")
+    parser.add_argument("--dtype", default="fp16", help="fp16 or bf16")
     parser.add_argument(
         "--keep-fp32",
         action="append",
