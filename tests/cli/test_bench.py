@@ -42,9 +42,11 @@ def test_overhead_cli_prints_a_table_then_one_json_row_per_size(capsys):
     assert all(r[k] > 0 for r in rows for k in overhead.KEYS)
 
 
-def test_overhead_rejects_bad_sizes():
-    with pytest.raises(ValueError, match=r"--repeats and --sizes must be >= 1"):
+def test_overhead_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "overhead", "--sizes", "0", "--repeats", "1"])
+    assert exit_info.value.code == 2
+    assert "--sizes: expected a whole number >= 1 (e.g. 1e6), got '0'" in capsys.readouterr().err
 
 
 def test_benchmark_script_runs_from_a_checkout():

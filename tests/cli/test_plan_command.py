@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -77,9 +78,12 @@ def test_a_factory_from_the_current_directory(capsys, tmp_path, monkeypatch):
         (["digits-cnn", "--keep-fp32-type", "mixprec:plan"], "unknown module type 'mixprec:plan'"),
     ],
 )
-def test_bad_specs_and_options_exit_with_a_message(args, message):
-    with pytest.raises(SystemExit, match=f"^mixprec plan: .*{message}"):
+def test_bad_specs_and_options_exit_with_a_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["plan", *args])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.match(f"^mixprec plan: error: .*{message}", line), line
 
 
 def test_parse_dtype():

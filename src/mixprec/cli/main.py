@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "main"]
+from mixprec.cli.bench import BENCHMARKS
+from mixprec.cli.experiments.command import EXPERIMENTS
+from mixprec.cli.options import Parser
+
+__all__ = ["COMMANDS", "main", "make_parser"]
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,28 +19,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mixprec.cli.plan_command",
         "show each module's dtype, bytes and risks before training",
     ),
-    "bench": ("mixprec.cli.bench", "benchmarks: overhead, memory, gpu (mixprec bench NAME --help)"),
+    "bench": (
+        "mixprec.cli.bench",
+        f"benchmarks: {', '.join(BENCHMARKS)} (mixprec bench NAME --help)",
+    ),
     "diagnose": (
         "mixprec.cli.experiments.diagnose_command",
         "histogram a demo model's gradients against the fp16 and bf16 ranges",
     ),
     "experiment": (
         "mixprec.cli.experiments.command",
-        "reproduce the mixed-precision paper's claims: parity, underflow",
+        f"reproduce the mixed-precision paper's claims: {', '.join(EXPERIMENTS)}",
     ),
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` and run the chosen subcommand; return its exit status."""
-    parser = argparse.ArgumentParser(prog="mixprec", description="Mixed-precision training.")
+def make_parser() -> Parser:
+    """The `mixprec` parser with every subcommand and its options."""
+    parser = Parser(prog="mixprec", description="Mixed-precision training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run the chosen subcommand; return its exit status (2: a bad option)."""
+    args = make_parser().parse_args(argv)
     return int(args._run(args) or 0)
 
 

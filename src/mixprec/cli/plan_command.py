@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL_SPEC",
         help=f"{' or '.join(MODEL_SPECS)}, or module:function returning an nn.Module",
     )
-    parser.add_argument("--dtype", default="fp16", help="fp16 (default) or bf16")
+    parser.add_argument("--dtype", default="fp16", help="fp16 or bf16")
     parser.add_argument(
         "--keep-fp32",
         action="append",
@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         base = () if args.no_norms else DEFAULT_FP32
         policy = PrecisionPolicy((*base, *types, *args.keep_fp32))
         result = plan(load_model(args.model), policy, dtype)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"mixprec plan: {e}") from e
+    except (ValueError, TypeError) as e:  # a bad MODEL_SPEC or option: one line, status 2
+        print(f"mixprec plan: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
     print(json.dumps(result.to_dict()) if args.json else result)
     return 0

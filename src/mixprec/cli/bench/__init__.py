@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from mixprec.cli.options import Parser
+
 __all__ = ["BENCHMARKS", "add_arguments", "main", "run"]
 
 # name -> (module, one-line help)
@@ -47,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
 def main(name: str, argv: list[str] | None = None) -> int:
     """Entry point of `benchmarks/NAME.py`: parse `argv` with NAME's options and run it."""
     module = importlib.import_module(BENCHMARKS[name][0])
-    parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=BENCHMARKS[name][1])
+    parser = Parser(prog=f"benchmarks/{name}.py", description=BENCHMARKS[name][1])
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(argv)) or 0)

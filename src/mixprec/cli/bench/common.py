@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from mixprec.cli.options import add_threads, pin_threads
+
 __all__ = [
     "Case",
     "add_common_arguments",
@@ -82,14 +84,9 @@ def add_common_arguments(parser: Any) -> None:
     parser.add_argument(
         "--json", action="store_true", help="end with the results as one JSON object"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
-    )
+    add_threads(parser)
 
 
-def apply_threads(threads: int | None) -> None:
-    """Set torch's CPU thread count if asked."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {threads}.")
-        torch.set_num_threads(threads)
+def apply_threads(threads: int) -> None:
+    """Pin torch's CPU thread count, so the numbers reproduce."""
+    pin_threads(threads)

@@ -43,6 +43,7 @@ from mixprec.cli.bench.fault_learner import (
     run_grad_faults,
     run_stop,
 )
+from mixprec.cli.options import non_negative_int, positive_int
 from mixprec.parallel.distributed import DistEnv
 
 __all__ = ["Tally", "add_arguments", "measure", "run"]
@@ -185,10 +186,12 @@ def measure(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options."""
-    parser.add_argument("--runs", type=int, default=12, help="seeded runs per engine configuration")
-    parser.add_argument("--steps", type=int, default=8, help="steps per run")
-    parser.add_argument("--faults", type=int, default=3, help="faults per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--runs", type=positive_int, default=12, help="seeded runs per engine configuration"
+    )
+    parser.add_argument("--steps", type=positive_int, default=8, help="steps per run")
+    parser.add_argument("--faults", type=positive_int, default=3, help="faults per run")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed")
     parser.add_argument(
         "--no-distributed", action="store_true", help="skip the 2-process gloo runs"
     )
@@ -198,8 +201,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the table; exit status 1 if anything was lost or a report was wrong."""
     apply_threads(args.threads)
-    if min(args.runs, args.steps, args.faults) < 1:
-        raise ValueError("--runs, --steps and --faults must be >= 1.")
     result = measure(args.runs, args.steps, args.faults, args.seed, not args.no_distributed)
     rows = [Tally(**s).row() for s in result["scenarios"]] + [Tally(**result["total"]).row()]
     text = "\n".join(

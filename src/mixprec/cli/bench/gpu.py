@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from mixprec.cli.bench.common import add_common_arguments, apply_threads, format_table, print_result
 from mixprec.cli.bench.models import gpt2_small, resnet50_like, tiny_gpt, tiny_resnet
+from mixprec.cli.options import non_negative_int, positive_int
 from mixprec.core.convert import model_to_half
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 
@@ -176,13 +177,19 @@ def format_report(result: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mixprec bench gpu`."""
-    parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    parser.add_argument("--device", default="cuda", help="torch device")
     parser.add_argument("--tiny", action="store_true", help="tiny models: a quick smoke run")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default per model)")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to run"
+    )
+    parser.add_argument(
+        "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="precisions to run"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps")
+    parser.add_argument(
+        "--batch", type=positive_int, default=None, help="batch size (default: per model)"
+    )
     add_common_arguments(parser)
 
 
@@ -192,10 +199,6 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU machine, or try `--device cpu --tiny`.")
         return 2
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError(
-            f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}."
-        )
     result = measure(
         args.device, tiny=args.tiny, models=args.models, configs=args.configs,
         warmup=args.warmup, steps=args.steps, batch=args.batch,

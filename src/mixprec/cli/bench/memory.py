@@ -30,6 +30,7 @@ from mixprec.cli.bench.common import (
 )
 from mixprec.cli.bench.models import tiny_gpt, tiny_resnet
 from mixprec.cli.bench.overhead import layer_shapes
+from mixprec.cli.options import count, positive_int
 from mixprec.core.convert import model_to_half
 from mixprec.core.master import get_master, master2model, model_g2master_g
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
@@ -218,9 +219,9 @@ def format_report(result: dict[str, Any], d: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mixprec bench memory`."""
     parser.add_argument(
-        "--n-params", type=float, default=4e6, help="model size for the state count (default 4e6)"
+        "--n-params", type=count(1000), default=4e6, help="model size for the state count"
     )
-    parser.add_argument("--batch", type=int, default=16, help="images per forward (default 16)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="images per forward")
     add_common_arguments(parser)
 
 

@@ -29,6 +29,7 @@ from mixprec.cli.bench.common import (
 )
 from mixprec.cli.bench.memory import saved_bytes
 from mixprec.cli.demo.train import TrainConfig, train_digits
+from mixprec.cli.options import comma_list, non_negative_int, positive_int
 from mixprec.learner.callback import Callback
 
 __all__ = ["CASES", "add_arguments", "measure", "run", "training_state_bytes"]
@@ -149,11 +150,14 @@ def format_report(result: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mixprec bench modes`."""
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per fit (default 8)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed fits per case (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=8, help="epochs per fit")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed fits per case")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed")
     parser.add_argument(
-        "--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}"
+        "--cases",
+        type=comma_list(list(CASES)),
+        default=",".join(CASES),
+        help=f"comma-separated, from {', '.join(CASES)}",
     )
     add_common_arguments(parser)
 
@@ -161,7 +165,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure and print; 0 on success."""
     apply_threads(args.threads)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    result = measure(args.epochs, args.repeats, args.seed, cases)
+    result = measure(args.epochs, args.repeats, args.seed, args.cases)
     print_result(format_report(result), result, args.json)
     return 0

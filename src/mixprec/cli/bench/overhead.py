@@ -39,6 +39,7 @@ from mixprec.cli.bench.common import (
     print_result,
     side_by_side,
 )
+from mixprec.cli.options import count, positive_int
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 
 __all__ = ["KEYS", "SIZES", "add_arguments", "layer_shapes", "measure", "run"]
@@ -227,19 +228,19 @@ def format_report(result: dict[str, Any], prealloc: Sequence[float]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mixprec bench overhead`."""
     parser.add_argument(
-        "--sizes", type=float, nargs="+", default=list(SIZES),
-        help="parameter counts to measure (default: 1e6 1e7 5e7)",
+        "--sizes", type=count(1), nargs="+", default=list(SIZES),
+        help="parameter counts to measure",
     )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per case (median)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=15, help="timed steps per case (median)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device")
     add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print; 0 on success."""
     apply_threads(args.threads)
-    if args.repeats < 1 or any(s < 1 for s in args.sizes):
-        raise ValueError(f"--repeats and --sizes must be >= 1; got {args.repeats}, {args.sizes}.")
     result, prealloc = _measure([int(s) for s in args.sizes], args.repeats, args.device)
     print_result(format_report(result, prealloc), result, args.json)
     return 0

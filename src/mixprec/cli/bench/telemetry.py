@@ -28,6 +28,7 @@ from mixprec.cli.bench.common import (
     side_by_side,
 )
 from mixprec.cli.bench.overhead import layer_shapes
+from mixprec.cli.options import count, positive_int
 from mixprec.engine.autocast import AutocastOptimizer
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.engine.telemetry import NO_TELEMETRY, Telemetry
@@ -93,8 +94,8 @@ def format_report(r: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mixprec bench telemetry`."""
-    parser.add_argument("--n-params", type=float, default=1e6, help="parameters (default 1e6)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per case")
+    parser.add_argument("--n-params", type=count(1), default=1e6, help="parameters")
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed steps per case")
     add_common_arguments(parser)
 
 

@@ -17,6 +17,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixprec.cli.demo.data import digits_cnn, digits_tensors
+from mixprec.cli.options import (
+    add_threads,
+    comma_list,
+    loss_scale,
+    non_negative_int,
+    pin_threads,
+    plot_path,
+    positive_float,
+    positive_int,
+    report_file,
+)
 from mixprec.core.modes import MODES
 from mixprec.learner.callback import Callback
 from mixprec.learner.data import DataBunch
@@ -40,7 +51,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
-    loss_scale: str = "dynamic"
+    loss_scale: float | str = "dynamic"
     growth_interval: int = 50  # short, so 8 epochs (184 steps) show the scale move
     flat_master: bool = True  # mode "master" only
     mode: str = "master"  # or "autocast": fp32 model under torch.autocast
@@ -55,10 +66,6 @@ class RunResult:
     loss_scale: float | None
     final_loss: float
     mode: str = "master"
-
-
-def _loss_scale(text: str) -> float | str:
-    return text if text == "dynamic" else float(text)
 
 
 def train_digits(
@@ -82,7 +89,7 @@ def train_digits(
     learn = Learner(data, digits_cnn(), metrics=[accuracy], callbacks=callbacks, progress=progress)
     if dtype != torch.float32:
         learn.to_fp16(
-            _loss_scale(config.loss_scale),
+            config.loss_scale,
             flat_master=config.flat_master and config.mode == "master",
             dtype=dtype,
             growth_interval=config.growth_interval,
@@ -122,30 +129,31 @@ def format_table(results: list[RunResult]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="epochs")
     parser.add_argument(
-        "--loss-scale", default=defaults.loss_scale, help='"dynamic" or a number (static)'
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="images per step"
+    )
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate")
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seed")
+    parser.add_argument(
+        "--loss-scale",
+        type=loss_scale,
+        default=defaults.loss_scale,
+        help="half precisions: 'dynamic' or a positive number (static)",
     )
     parser.add_argument(
         "--growth-interval",
-        type=int,
+        type=positive_int,
         default=defaults.growth_interval,
         help="clean steps before a dynamic loss scale doubles",
     )
     parser.add_argument(
         "--precisions",
+        type=comma_list(list(PRECISIONS)),
         default="fp32,fp16,bf16",
         help=f"comma-separated, from {', '.join(PRECISIONS)}",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: kernels on 8x8 images gain nothing from more)",
-    )
+    add_threads(parser)
     parser.add_argument(
         "--mode",
         default=defaults.mode,
@@ -154,17 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--plot", metavar="PATH", help="write a PNG of the loss and loss scale per step here"
+        "--plot",
+        type=plot_path,
+        metavar="PATH.png",
+        help="write a PNG of the loss and loss scale per step here",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown:
-        raise SystemExit(
-            f"mixprec train: unknown precision {unknown}; choose from {list(PRECISIONS)}"
-        )
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -174,13 +179,11 @@ def run(args: argparse.Namespace) -> int:
         growth_interval=args.growth_interval,
         mode=args.mode,
     )
-    if args.threads < 1:
-        raise SystemExit(f"mixprec train: --threads must be >= 1; got {args.threads}")
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     owns_group = not (dist.is_available() and dist.is_initialized())
     init_distributed()  # under torchrun: join its process group (gloo on CPU, NCCL on GPU)
     try:
-        runs = {p: train_digits(p, config, progress=not args.json) for p in precisions}
+        runs = {p: train_digits(p, config, progress=not args.json) for p in args.precisions}
         processes = dist.get_world_size() if is_data_parallel() else 1
         if processes == 1 or dist.get_rank() == 0:
             _report(args, config, runs, processes)
@@ -196,19 +199,20 @@ def _report(
     runs: dict[str, tuple[RunResult, Recorder]],
     processes: int,
 ) -> None:
-    """Print the table (or JSON) and write the plot: on rank 0 only, under torchrun."""
+    """Print the table (or JSON), then write the plot: on rank 0 only, under torchrun."""
     results = [result for result, _ in runs.values()]
+    if args.json:
+        print(json.dumps({"processes": processes, "runs": [asdict(r) for r in results]}))
+    else:
+        if processes > 1:
+            print(
+                f"data-parallel: {processes} processes ({dist.get_backend()}), batch "
+                f"{config.batch_size} per process, {config.batch_size * processes} per step"
+            )
+        print(format_table(results))
     if args.plot:
         title = f"digits CNN, {config.epochs} epochs, loss scale {config.loss_scale}"
         if config.loss_scale == "dynamic":
             title += f" (growth interval {config.growth_interval})"
-        plot_runs({p: recorder for p, (_, recorder) in runs.items()}, args.plot, title=title)
-    if args.json:
-        print(json.dumps({"processes": processes, "runs": [asdict(r) for r in results]}))
-        return
-    if processes > 1:
-        print(
-            f"data-parallel: {processes} processes ({dist.get_backend()}), batch "
-            f"{config.batch_size} per process, {config.batch_size * processes} per step"
-        )
-    print(format_table(results))
+        path = plot_runs({p: recorder for p, (_, recorder) in runs.items()}, args.plot, title=title)
+        report_file("plot", path, args.json)

@@ -11,6 +11,15 @@ import torch
 from mixprec.cli.experiments.loop import Task, train_run
 from mixprec.cli.experiments.parity import PARITY_TASKS
 from mixprec.cli.experiments.underflow import underflow_task
+from mixprec.cli.options import (
+    add_threads,
+    non_negative_int,
+    pin_threads,
+    plot_path,
+    positive_int,
+    report_file,
+    share,
+)
 from mixprec.inspect.diagnose import diagnose
 
 __all__ = ["DEMO_TASKS", "add_arguments", "run"]
@@ -25,22 +34,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(DEMO_TASKS),
         help="digits CNN, sort transformer, or the underflow setting (digits, loss x 2^-16)",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="examples (default: the task's)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed")
     parser.add_argument(
         "--train-epochs",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="train in fp32 for this many epochs first (gradients shrink as a model learns)",
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny model and data")
-    parser.add_argument("--underflow-threshold", type=float, default=1e-3)
-    parser.add_argument("--overflow-threshold", type=float, default=0.0)
-    parser.add_argument("--plot", default="", help="write the histogram to this PNG")
+    parser.add_argument(
+        "--underflow-threshold",
+        type=share,
+        default=1e-3,
+        help="largest share of gradient values that may flush to zero",
+    )
+    parser.add_argument(
+        "--overflow-threshold",
+        type=share,
+        default=0.0,
+        help="largest share of gradient values that may overflow",
+    )
+    parser.add_argument(
+        "--plot", type=plot_path, default=None, metavar="PATH.png", help="write the histogram here"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON last")
+    add_threads(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    pin_threads(args.threads)
     task = DEMO_TASKS[args.model](tiny=args.tiny)
     torch.manual_seed(args.seed)
     model = task.make_model()
@@ -62,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
         overflow_threshold=args.overflow_threshold,
     )
     when = f"after {args.train_epochs} fp32 epochs" if args.train_epochs else "at init"
-    print(f"{args.model} model {when}, batch of {n}")
+    print(f"{args.model} model {when}, batch of {len(y[:n])}")
     print(result.summary())
+    if args.json:
+        print(json.dumps({"model": args.model, "batch_size": len(y[:n]), **result.to_dict()}))
     if args.plot:
         path = result.plot(args.plot, title=None)
-        print(f"histogram: {path}")
-    if args.json:
-        print(json.dumps({"model": args.model, "batch_size": n, **result.to_dict()}))
+        report_file("histogram", path, args.json)
     return 0

@@ -49,6 +49,7 @@ class Task:
     lr: float
     weight_decay: float = 0.01
     loss_weight: float = 1.0  # the objective is loss_weight * loss; curves record the loss
+    chance: float = 0.0  # the accuracy of guessing: a run must beat it to have learned
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     scaler_options: dict[str, Any] = field(default_factory=dict)
 

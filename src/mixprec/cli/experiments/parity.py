@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mixprec.cli.experiments.loop import RunRecord, Task, train_run
-from mixprec.cli.experiments.options import (
-    PRECISION_NAMES,
-    add_common_arguments,
-    check_seeds,
-    log_run,
-    parse_list,
-)
+from mixprec.cli.experiments.options import PRECISION_NAMES, add_common_arguments, log_run
 from mixprec.cli.experiments.plots import plot_loss_curves
 from mixprec.cli.experiments.report import Summary, format_table, summarize
 from mixprec.cli.experiments.tasks import digits_task, sort_task
+from mixprec.cli.options import comma_list, pin_threads, report_file
 
 __all__ = ["PARITY_TASKS", "ParityConfig", "add_arguments", "parity_verdict", "run", "run_parity"]
 
@@ -56,12 +51,23 @@ def run_parity(
     return records
 
 
-def parity_verdict(rows: Sequence[Summary], tolerance: float = TOLERANCE) -> str:
-    """One line: is every half precision within `tolerance` of fp32's mean accuracy?"""
+def parity_verdict(
+    rows: Sequence[Summary], tolerance: float = TOLERANCE, chance: Mapping[str, float] | None = None
+) -> str:
+    """One line: is every half precision within `tolerance` of fp32's mean accuracy? PASS only
+    when each compared fp32 run learned something (accuracy above `chance[task]`)."""
     gaps = [(r.task, r.precision, r.delta_vs_fp32) for r in rows if r.precision != "fp32"]
     gaps = [(t, p, d) for t, p, d in gaps if d is not None]
     if not gaps:
-        return "no half-precision run to compare with fp32."
+        return "NO VERDICT: no half-precision run to compare with fp32."
+    chance = chance or {}
+    for r in rows:
+        if r.precision == "fp32" and not r.accuracy_mean > chance.get(r.task, 0.0):
+            return (
+                f"NO VERDICT: fp32 {r.task} accuracy {100 * r.accuracy_mean:.2f}% is not above "
+                f"chance ({100 * chance.get(r.task, 0.0):.2f}%): nothing was learned to compare; "
+                "train longer (--epochs, or without --tiny)."
+            )
     task, precision, worst = min(gaps, key=lambda g: g[2])
     ok = worst >= -tolerance
     return (
@@ -73,34 +79,39 @@ def parity_verdict(rows: Sequence[Summary], tolerance: float = TOLERANCE) -> str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tasks", default="digits,sort", help=f"comma-separated, from {', '.join(PARITY_TASKS)}"
+        "--tasks",
+        type=comma_list(list(PARITY_TASKS)),
+        default="digits,sort",
+        help=f"comma-separated, from {', '.join(PARITY_TASKS)}",
     )
     parser.add_argument(
         "--precisions",
+        type=comma_list(PRECISION_NAMES),
         default="fp32,fp16,bf16",
         help=f"comma-separated, from {', '.join(PRECISION_NAMES)}",
     )
-    add_common_arguments(parser, plot_default="parity.png")
+    add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_seeds(args.seeds)
+    pin_threads(args.threads)
     config = ParityConfig(
-        tasks=parse_list(args.tasks, list(PARITY_TASKS), "task"),
-        precisions=parse_list(args.precisions, PRECISION_NAMES, "precision"),
+        tasks=args.tasks,
+        precisions=args.precisions,
         seeds=args.seeds,
         epochs=args.epochs,
         tiny=args.tiny,
     )
     records = run_parity(config, on_run=log_run)
     rows = summarize(records)
+    chance = {name: PARITY_TASKS[name](tiny=config.tiny).chance for name in config.tasks}
     print(format_table(rows))
-    print(parity_verdict(rows))
+    print(parity_verdict(rows, chance=chance))
+    if args.json:
+        print(json.dumps({"runs": [r.to_dict() for r in rows]}))
     if args.plot:
         path = plot_loss_curves(
             records, args.plot, "Training loss: fp32 vs mixed precision (mean, min-max band)"
         )
-        print(f"loss curves: {path}")
-    if args.json:
-        print(json.dumps({"runs": [r.to_dict() for r in rows]}))
+        report_file("loss curves", path, args.json)
     return 0

@@ -38,6 +38,7 @@ def digits_task(*, tiny: bool = False) -> Task:
         epochs=1 if tiny else 10,
         batch_size=64,
         lr=3e-3,
+        chance=1 / 10,
     )
 
 
@@ -84,4 +85,5 @@ def sort_task(*, tiny: bool = False) -> Task:
         epochs=1 if tiny else 6,
         batch_size=64 if tiny else 128,
         lr=3e-3,
+        chance=1 / 16,
     )

@@ -29,16 +29,11 @@ import torch
 from torch import nn
 
 from mixprec.cli.experiments.loop import RunRecord, Task, train_run
-from mixprec.cli.experiments.options import (
-    PRECISION_NAMES,
-    add_common_arguments,
-    check_seeds,
-    log_run,
-    parse_list,
-)
+from mixprec.cli.experiments.options import PRECISION_NAMES, add_common_arguments, log_run
 from mixprec.cli.experiments.plots import plot_loss_curves
 from mixprec.cli.experiments.report import format_table, summarize
 from mixprec.cli.experiments.tasks import digits_task
+from mixprec.cli.options import comma_list, pin_threads, report_file
 from mixprec.core.convert import cast_floats, model_to_float, model_to_half
 from mixprec.inspect.diagnose import diagnose, record_activation_gradients, weight_gradients
 from mixprec.inspect.gradient_range import GradientHistogram
@@ -169,6 +164,7 @@ def format_census(census: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precisions",
+        type=comma_list(PRECISION_NAMES),
         default="fp32,fp16-noscale,fp16,bf16",
         help=f"comma-separated, from {', '.join(PRECISION_NAMES)}",
     )
@@ -176,15 +172,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--loss-weight-log2",
         type=int,
         default=-16,
-        help="the objective is the loss times 2**this (default -16)",
+        help="the objective is the loss times 2**this",
     )
-    add_common_arguments(parser, plot_default="underflow.png")
+    add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_seeds(args.seeds)
+    pin_threads(args.threads)
     config = UnderflowConfig(
-        precisions=parse_list(args.precisions, PRECISION_NAMES, "precision"),
+        precisions=args.precisions,
         seeds=args.seeds,
         epochs=args.epochs,
         tiny=args.tiny,
@@ -195,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print()
     print(format_census(census))
+    if args.json:
+        print(json.dumps({"runs": [r.to_dict() for r in rows], "census": census}))
     if args.plot:
         path = plot_loss_curves(
             records,
@@ -202,7 +200,5 @@ def run(args: argparse.Namespace) -> int:
             f"Digits CNN, loss weighted by 2^{config.loss_weight_log2}: "
             "fp16 without loss scaling loses its gradients",
         )
-        print(f"loss curves: {path}")
-    if args.json:
-        print(json.dumps({"runs": [r.to_dict() for r in rows], "census": census}))
+        report_file("loss curves", path, args.json)
     return 0
