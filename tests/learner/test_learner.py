@@ -107,7 +107,7 @@ def test_bad_arguments_say_what_was_expected(tmp_path):
     learn = make_learner(tmp_path)
     with pytest.raises(ValueError, match="epochs must be an integer >= 1; got 0"):
         learn.fit(0)
-    with pytest.raises(ValueError, match="lr must be a positive finite number; got nan"):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0; got nan"):
         learn.fit(1, float("nan"))
     with pytest.raises(TypeError, match="data must be a DataBunch; got list"):
         Learner([], learn.model)
