@@ -72,7 +72,9 @@ class Watch(Callback):
         self.first: torch.Tensor | None = None
         self.around: list[torch.Tensor] = []
 
-    def on_batch_begin(self, learn: Learner, last_input: Any, iteration: int, **kwargs):
+    def on_batch_begin(self, learn: Learner, last_input: Any, iteration: int, train: bool, **kw):
+        if not train:  # validate()'s batches
+            return
         self.inputs.append(last_input.float().clone())
         if self.first is None:
             self.first = masters(learn)

@@ -110,12 +110,10 @@ class LRFinder(Callback):
         """Set the lr of the step this (micro-)batch belongs to."""
         self._set_lr(learn, min(iteration - self._start, self.num_it - 1))
 
-    def on_batch_end(
-        self, learn: LearnerLike, last_loss: torch.Tensor, iteration: int, **kwargs: Any
-    ) -> bool:
+    def on_batch_end(self, learn: LearnerLike, last_loss: torch.Tensor, **kwargs: Any) -> bool:
         """Record the step's lr and loss; return True (stop) when the sweep is over."""
-        step = iteration - self._start - 1  # the step just taken (iteration counts it already)
-        loss = float(last_loss)  # one host sync per step: the stop test needs the value
+        step = learn.iteration - self._start - 1  # the step just taken (counted already)
+        loss = float(last_loss.detach())  # a host sync per step: the stop test needs the value
         self.lrs.append(self.lr(step))
         self.raw_losses.append(loss)
         self._avg = self.beta * self._avg + (1 - self.beta) * loss
