@@ -316,9 +316,8 @@ class Learner:
                     break
         self.ranks.end_epoch_(self.model)
         metrics = self.validate() if validate and self.data.valid_dl is not None else None
-        stop = bool(handler("on_epoch_end", last_metrics=metrics, train=False)) or stop
-        self.epoch += 1
-        return stop
+        self.epoch += 1  # before on_epoch_end: a checkpoint saved there counts this epoch
+        return bool(handler("on_epoch_end", last_metrics=metrics, train=False)) or stop
 
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
         """The loss; on the fit's first batch, loss and metrics are checked on this output."""

@@ -1,0 +1,71 @@
+"""Runs on every rank of a 2-process gloo launch by test_accumulate_distributed.py, as torchrun
+would start it: per dtype, 2 micro-batches of 4 per step against one batch of 8, and whether
+DDP left the first micro-batch's gradients unreduced (`no_sync`).
+
+Usage: python accumulate_worker.py OUT_DIR  -> OUT_DIR/rank{RANK}.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mixprec import Callback, DataBunch, Learner
+from mixprec.parallel.distributed import cleanup_distributed, read_env
+
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make(batch_size: int, accumulate: int, dtype: torch.dtype | None) -> Learner:
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    learn = Learner(DataBunch(train, device="cpu"), model, progress=False, accumulate=accumulate)
+    return learn if dtype is None else learn.to_fp16(dtype=dtype)
+
+
+def weights(learn: Learner) -> torch.Tensor:
+    opt = learn.opt
+    params = getattr(opt, "master_params", None) or [list(learn.model.parameters())]
+    return torch.cat([p.detach().float().reshape(-1) for g in params for p in g])
+
+
+class Grads(Callback):
+    """The model's first weight gradient before each micro-batch and before each step."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_batch_begin(self, learn: Learner, num_batch: int, **kwargs: Any) -> None:
+        if num_batch % 2 == 1:  # after the step's first backward
+            self.seen.append(learn.model[0].weight.grad.clone())
+
+    def on_backward_end(self, learn: Learner, **kwargs: Any) -> None:
+        self.seen.append(learn.model[0].weight.grad.clone())
+
+
+def main(out: Path) -> None:
+    env = read_env()
+    result: dict[str, Any] = {}
+    for name, dtype in DTYPES.items():
+        large, accumulated = make(8, 1, dtype), make(4, 2, dtype)
+        grads = Grads()
+        large.fit(1, 1e-2)
+        accumulated.fit(1, 1e-2, callbacks=[grads] if dtype is None else [])
+        result[name] = {"large": weights(large), "accumulated": weights(accumulated)}
+        if dtype is None:
+            result["grads"] = grads.seen
+            result["steps"] = accumulated.iteration
+    torch.save(result, out / f"rank{env.rank}.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
