@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mixprec import DataBunch, Learner
+from mixprec import Callback, DataBunch, Learner
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |w_accumulated - w_large_batch| allowed after 4 AdamW steps at lr 1e-2: a few roundings
@@ -63,8 +63,6 @@ def test_accumulating_4_micro_batches_trains_as_one_4_times_larger_batch(name):
 def test_the_epochs_last_step_takes_the_micro_batches_left():
     learn = learner(8, 3, None)  # 8 batches per epoch: steps of 3, 3 and 2
     sizes = []
-
-    from mixprec import Callback
 
     class Count(Callback):
         def on_batch_begin(self, last_input, **kwargs):

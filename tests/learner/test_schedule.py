@@ -68,6 +68,7 @@ def test_fit_one_cycle_sets_and_records_each_steps_lr_and_beta1(tmp_path):
     # every param group followed it, and beta1 is back to AdamW's 0.9 after the fit
     assert all(g["betas"] == (0.9, 0.999) for g in learn.opt.param_groups)
     assert all(g["lr"] == learn.recorder.lrs[-1] for g in learn.opt.param_groups)
+    assert learn.recorder.plot_lr(tmp_path / "lr.png").stat().st_size > 0
 
 
 def test_sgd_momentum_and_accumulated_steps(tmp_path):
