@@ -82,3 +82,12 @@ def test_save_model_keeps_the_best_epoch_and_loads_it_at_the_end(tmp_path):
     every = SaveModelCallback(every="epoch", name="e")
     learn.fit(2, callbacks=[every])
     assert every.saved == ["e_2", "e_3"] and (tmp_path / "models" / "e_3.pth").exists()
+
+
+def test_trackers_sit_out_the_lr_finders_sweep(tmp_path):
+    early = EarlyStoppingCallback(patience=0)
+    every = SaveModelCallback(every="epoch", name="e")
+    learn = make_learner(tmp_path, callbacks=[early, every])
+    found = learn.lr_find(num_it=12, stop_div=False)  # 3 epochs without validation
+    assert len(found.lrs) == 12 and every.saved == [] and early.stopped_epoch is None
+    assert not (tmp_path / "models").exists()

@@ -250,7 +250,10 @@ class Learner:
         self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
         self._set_lr(lr)
         handler = CallbackHandler(
-            [self.recorder, *self.callbacks, *extra], learn=self, n_epochs=epochs
+            [self.recorder, *self.callbacks, *extra],
+            learn=self,
+            n_epochs=epochs,
+            lr_find=any(isinstance(cb, LRFinder) for cb in extra),  # trackers sit it out
         )
         exception: BaseException | None = None
         self._metrics_checked = not validate or self.data.valid_dl is None or not self.metrics
@@ -360,7 +363,12 @@ class Learner:
     def _eval_handler(self) -> CallbackHandler:
         """The callbacks, for the events of evaluation (`on_batch_begin`, `on_loss_begin`)."""
         return CallbackHandler(
-            self.callbacks, learn=self, train=False, epoch=self.epoch, iteration=self.iteration
+            self.callbacks,
+            learn=self,
+            train=False,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            pbar=None,
         )
 
     def _evaluate(self, dl: Iterable, dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:

@@ -106,9 +106,12 @@ class LRFinder(Callback):
         self.lrs, self.losses, self.raw_losses, self._avg = [], [], [], 0.0
         self._set_lr(learn, 0)
 
-    def on_batch_begin(self, learn: LearnerLike, iteration: int, **kwargs: Any) -> None:
+    def on_batch_begin(
+        self, learn: LearnerLike, iteration: int, train: bool, **kwargs: Any
+    ) -> None:
         """Set the lr of the step this (micro-)batch belongs to."""
-        self._set_lr(learn, min(iteration - self._start, self.num_it - 1))
+        if train:  # not validate()'s batches
+            self._set_lr(learn, min(iteration - self._start, self.num_it - 1))
 
     def on_batch_end(self, learn: LearnerLike, last_loss: torch.Tensor, **kwargs: Any) -> bool:
         """Record the step's lr and loss; return True (stop) when the sweep is over."""

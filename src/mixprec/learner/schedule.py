@@ -142,9 +142,10 @@ class OneCycleScheduler(Callback):
         self._saved_moms = [get_momentum(g) for g in learn.opt.param_groups]
         self._apply(learn.opt, 0)
 
-    def on_batch_begin(self, learn: Any, iteration: int, **kwargs: Any) -> None:
+    def on_batch_begin(self, learn: Any, iteration: int, train: bool, **kwargs: Any) -> None:
         """Set the lr and momentum of the step this (micro-)batch belongs to."""
-        self._apply(learn.opt, min(iteration - self._start, self.total - 1))
+        if train:  # not validate()'s batches
+            self._apply(learn.opt, min(iteration - self._start, self.total - 1))
 
     def on_train_end(self, learn: Any, **kwargs: Any) -> None:
         """Put the momentum back (the lr stays at the cycle's last value, as in fastai v1)."""

@@ -30,6 +30,7 @@ class TrackerCallback(Callback):
     says whether `value` beats the best by more than `min_delta`, and records it if so."""
 
     order = 60  # after the Recorder and most callbacks, before MixedPrecision (99)
+    active = True  # False during lr_find's sweep (no validation): every event is a no-op
 
     def __init__(self, monitor: str = "valid_loss", mode: Mode = "auto", min_delta: float = 0.0):
         if mode not in ("auto", "min", "max"):
@@ -43,8 +44,12 @@ class TrackerCallback(Callback):
         self.min_delta = abs(float(min_delta))
         self.best: float | None = None
 
-    def on_train_begin(self, learn: LearnerLike, **kwargs: Any) -> None:
-        """Check that `monitor` names a value `validate()` returns; start afresh."""
+    def on_train_begin(self, learn: LearnerLike, lr_find: bool = False, **kwargs: Any) -> None:
+        """Check that `monitor` names a value `validate()` returns; start afresh. Sits out
+        lr_find's sweep."""
+        self.active = not lr_find
+        if not self.active:
+            return
         names = metric_names(learn.metrics)
         if self.monitor not in names:
             raise ValueError(
@@ -101,16 +106,21 @@ class SaveModelCallback(TrackerCallback):
         self.every, self.name, self.load_best = every, name, bool(load_best)
         self.saved: list[str] = []  # names written in this fit, in order
 
-    def on_train_begin(self, learn: LearnerLike, **kwargs: Any) -> None:
+    def on_train_begin(self, learn: LearnerLike, lr_find: bool = False, **kwargs: Any) -> None:
         """Check the monitored name (not needed to save every epoch); start afresh."""
-        self.saved = []
         if self.every == "improvement":
-            super().on_train_begin(learn, **kwargs)
+            super().on_train_begin(learn, lr_find=lr_find, **kwargs)
+        else:
+            self.active = not lr_find
+        if self.active:
+            self.saved = []
 
     def on_epoch_end(
         self, learn: LearnerLike, epoch: int, last_metrics: Sequence[float] | None = None, **kwargs
     ) -> None:
         """Save this epoch if it is the best so far (or every epoch)."""
+        if not self.active:
+            return
         if self.every == "epoch":
             name = f"{self.name}_{epoch}"
         elif self.improved(self.value(last_metrics)):
@@ -122,6 +132,8 @@ class SaveModelCallback(TrackerCallback):
 
     def on_train_end(self, learn: LearnerLike, exception: BaseException | None = None, **kwargs):
         """Load the best checkpoint, if asked and training ended normally."""
+        if not self.active:
+            return
         if exception is None and self.every == "improvement" and self.load_best and self.saved:
             learn.load(self.name)
 
@@ -145,14 +157,17 @@ class EarlyStoppingCallback(TrackerCallback):
         self.stopped_epoch: int | None = None
 
     def on_train_begin(self, learn: LearnerLike, **kwargs: Any) -> None:
-        """Start afresh."""
+        """Start afresh (not for lr_find's sweep, which it sits out)."""
         super().on_train_begin(learn, **kwargs)
-        self.wait, self.stopped_epoch = 0, None
+        if self.active:
+            self.wait, self.stopped_epoch = 0, None
 
     def on_epoch_end(
         self, epoch: int, last_metrics: Sequence[float] | None = None, **kwargs: Any
     ) -> bool:
         """Return True (stop) after `patience` epochs in a row without improvement."""
+        if not self.active:
+            return False
         if self.improved(self.value(last_metrics)):
             self.wait = 0
             return False
