@@ -256,7 +256,8 @@ class Learner:
             lr_find=any(isinstance(cb, LRFinder) for cb in extra),  # trackers sit it out
         )
         exception: BaseException | None = None
-        self._metrics_checked = not validate or self.data.valid_dl is None or not self.metrics
+        self._first_batch = True  # its loss (and metrics, if validated) are checked
+        self._check_metrics = validate and self.data.valid_dl is not None and bool(self.metrics)
         try:
             handler("on_train_begin")
             self.add_new_params()
@@ -324,11 +325,12 @@ class Learner:
 
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
         """The loss; on the fit's first batch, loss and metrics are checked on this output."""
-        if self._metrics_checked:
+        if not self._first_batch:
             return self.loss_func(output, target)
         loss = check_loss(self.loss_func, output, target)
-        check_metrics_on(self.metrics, output, target)  # as validate() will call them
-        self._metrics_checked = True
+        if self._check_metrics:
+            check_metrics_on(self.metrics, output, target)  # as validate() will call them
+        self._first_batch = False
         return loss
 
     # -- evaluation ----------------------------------------------------------------------
