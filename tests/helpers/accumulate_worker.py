@@ -1,13 +1,10 @@
-"""Runs on every rank of a 2-process gloo launch by test_accumulate_distributed.py, as torchrun
-would start it: per dtype, 2 micro-batches of 4 per step against one batch of 8, and whether
-DDP left the first micro-batch's gradients unreduced (`no_sync`).
-
-Usage: python accumulate_worker.py OUT_DIR  -> OUT_DIR/rank{RANK}.pt
-"""
+"""Gradient accumulation on every rank of the 2-process launch of
+learner_distributed_worker.py (its `accumulate` scenario): per dtype, 2 micro-batches of 4 per
+step against one batch of 8, and whether DDP left the first micro-batch's gradients
+unreduced (`no_sync`)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixprec import Callback, DataBunch, Learner
-from mixprec.parallel.distributed import cleanup_distributed, read_env
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,8 +47,8 @@ class Grads(Callback):
         self.seen.append(learn.model[0].weight.grad.clone())
 
 
-def main(out: Path) -> None:
-    env = read_env()
+def accumulate(rank: int, out: Path) -> dict[str, Any]:
+    """Per dtype, the weights after one epoch each way; the fp32 run's gradients."""
     result: dict[str, Any] = {}
     for name, dtype in DTYPES.items():
         large, accumulated = make(8, 1, dtype), make(4, 2, dtype)
@@ -63,9 +59,4 @@ def main(out: Path) -> None:
         if dtype is None:
             result["grads"] = grads.seen
             result["steps"] = accumulated.iteration
-    torch.save(result, out / f"rank{env.rank}.pt")
-    cleanup_distributed()
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    return result

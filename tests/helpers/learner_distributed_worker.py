@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.accumulate_worker import accumulate
 from helpers.learner import snapshot
 from mixprec import Callback, DataBunch, Learner, accuracy
 from mixprec.parallel.distributed import cleanup_distributed, read_env
@@ -160,7 +161,7 @@ def resume(rank: int, out: Path) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {f.__name__: f for f in (identical, skip, resume)}
+SCENARIOS = {f.__name__: f for f in (identical, skip, resume, accumulate)}
 
 
 def main(out: Path) -> None:
