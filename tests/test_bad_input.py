@@ -366,7 +366,7 @@ LEARNER_CASES: dict[str, tuple[Callable, type, str]] = {
     "lr nan": (
         lambda learn: lambda: learn.fit(1, lr=math.nan),
         ValueError,
-        "lr must be a positive finite number; got nan",
+        "lr must be a finite number >= 0; got nan",
     ),
 }
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.accumulate_worker import accumulate
 from helpers.learner import snapshot
 from mixprec import Callback, DataBunch, Learner, accuracy
 from mixprec.parallel.distributed import cleanup_distributed, read_env
@@ -72,7 +73,9 @@ class Watch(Callback):
         self.first: torch.Tensor | None = None
         self.around: list[torch.Tensor] = []
 
-    def on_batch_begin(self, learn: Learner, last_input: Any, iteration: int, **kwargs):
+    def on_batch_begin(self, learn: Learner, last_input: Any, iteration: int, train: bool, **kw):
+        if not train:  # validate()'s batches
+            return
         self.inputs.append(last_input.float().clone())
         if self.first is None:
             self.first = masters(learn)
@@ -158,7 +161,7 @@ def resume(rank: int, out: Path) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {f.__name__: f for f in (identical, skip, resume)}
+SCENARIOS = {f.__name__: f for f in (identical, skip, resume, accumulate)}
 
 
 def main(out: Path) -> None:

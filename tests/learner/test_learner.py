@@ -107,7 +107,7 @@ def test_bad_arguments_say_what_was_expected(tmp_path):
     learn = make_learner(tmp_path)
     with pytest.raises(ValueError, match="epochs must be an integer >= 1; got 0"):
         learn.fit(0)
-    with pytest.raises(ValueError, match="lr must be a positive finite number; got nan"):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0; got nan"):
         learn.fit(1, float("nan"))
     with pytest.raises(TypeError, match="data must be a DataBunch; got list"):
         Learner([], learn.model)
@@ -313,3 +313,20 @@ def test_to_fp32_after_create_opt_gives_the_model_the_fp32_masters(tmp_path):
     learn.to_fp32()
     for p in learn.model.parameters():
         assert p.dtype == torch.float32 and torch.equal(p, masters[id(p)])
+
+
+def test_freeze_with_one_layer_group_says_how_to_pass_groups(tmp_path):
+    learn = make_learner(tmp_path)  # the default: one layer group, the whole model
+    with pytest.raises(ValueError, match=r"one layer group \(the whole model\), so it would"):
+        learn.freeze()
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+def test_lr_0_runs_every_step_and_moves_no_weight(tmp_path):
+    learn = make_learner(tmp_path)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    learn.fit(1, 0)
+    assert learn.iteration == 4 and learn.recorder.lrs == [0.0] * 4
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
+    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0; got -0.1"):
+        learn.fit(1, -0.1)

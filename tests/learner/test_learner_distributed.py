@@ -3,7 +3,8 @@ weights on every rank, sharded and reshuffled data, reduced validation, one over
 decision, checkpoints written by rank 0 and resumed on both; and `mixprec train` under
 torchrun's environment.
 
-One launch of learner_distributed_worker.py runs every scenario; each test checks one.
+One launch of learner_distributed_worker.py runs every scenario (gradient accumulation too);
+each test checks one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers.accumulate_worker import make, weights
 from helpers.launch import run_ranks
 from helpers.learner import assert_identical
 from helpers.learner_distributed_worker import (
@@ -141,3 +143,26 @@ def test_mixprec_train_under_torchrun_prints_once_on_rank_0() -> None:
     (run,) = result["runs"]
     assert run["precision"] == "bf16" and 0.5 < run["accuracy"] <= 1.0
     assert out1 == ""
+
+
+# -- gradient accumulation: 2 micro-batches of 4 per rank against one batch of 8 per rank ------
+ACCUMULATION_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-4, "bf16": 1e-3}  # as in test_accumulate.py
+
+
+@pytest.mark.parametrize("name", ACCUMULATION_TOLERANCE)
+def test_accumulating_two_micro_batches_per_rank_train_as_one_batch_twice_as_large(ranks, name):
+    r0, r1 = ranks[0]["accumulate"][name], ranks[1]["accumulate"][name]
+    assert torch.equal(r0["accumulated"], r1["accumulated"])  # every rank steps the same
+    diff = (r0["accumulated"] - r0["large"]).abs().max().item()
+    assert diff < ACCUMULATION_TOLERANCE[name]
+    assert not torch.equal(r0["large"], weights(make(8, 1, None)))  # it trained
+
+
+def test_accumulating_ddp_reduces_only_in_the_steps_last_backward(ranks):
+    g0, g1 = ranks[0]["accumulate"]["grads"], ranks[1]["accumulate"]["grads"]
+    assert (
+        ranks[0]["accumulate"]["steps"] == 4 and len(g0) == 8
+    )  # per step: after micro-batch 1, at the step
+    for k in range(0, 8, 2):
+        assert not torch.allclose(g0[k], g1[k])  # the first micro-batch's: this rank's own
+        assert torch.equal(g0[k + 1], g1[k + 1])  # reduced over both ranks at the last backward

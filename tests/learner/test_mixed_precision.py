@@ -156,14 +156,14 @@ def test_a_skipped_step_changes_nothing(tmp_path):
 
 def test_callbacks_and_the_recorder_never_see_the_scaled_loss(tmp_path):
     probe = Probe(order=0, keys=("last_loss",))
-    outputs = Probe(order=100, keys=("last_output", "last_target"))
+    outputs = Probe(order=100, keys=("last_output", "last_target", "train"))
     learn = make_learner(tmp_path, callbacks=[probe, outputs]).to_fp16()
     learn.fit(1)
     losses = learn.recorder.losses
     fp32_losses = [
         F.cross_entropy(s["last_output"], s["last_target"]).item()
         for e, s in outputs.seen
-        if e == "on_loss_begin"
+        if e == "on_loss_begin" and s["train"]  # not validate()'s
     ]
     assert losses == fp32_losses and max(losses) < 5  # unscaled: 512x would be in the hundreds
     for event in ("on_backward_begin", "on_backward_end", "on_step_end", "on_batch_end"):

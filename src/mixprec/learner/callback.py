@@ -35,6 +35,8 @@ _REPLACES: dict[str, str] = {
     "on_backward_begin": "last_loss",
 }
 
+_STOPS = ("on_batch_end", "on_epoch_end")  # events whose True return value stops training
+
 
 class Callback:
     """Base class for the hooks of `Learner.fit`; every event is a no-op by default.
@@ -69,11 +71,13 @@ class Callback:
     def on_step_end(self, **kwargs: Any) -> None:
         """After the optimizer step (`step_applied` says whether it changed the weights)."""
 
-    def on_batch_end(self, **kwargs: Any) -> None:
-        """At the end of each batch."""
+    def on_batch_end(self, **kwargs: Any) -> bool | None:
+        """After each optimizer step; return True to stop training (this epoch is still
+        validated and ended)."""
 
-    def on_epoch_end(self, **kwargs: Any) -> None:
-        """At the end of each epoch, after validation (`last_metrics`: `[valid_loss, *metrics]`)."""
+    def on_epoch_end(self, **kwargs: Any) -> bool | None:
+        """At the end of each epoch, after validation (`last_metrics`: `[valid_loss, *metrics]`);
+        return True to stop training."""
 
     def on_train_end(self, **kwargs: Any) -> None:
         """After training, also when it stopped on an exception (`exception` holds it)."""
@@ -89,7 +93,8 @@ class CallbackHandler:
     trained so far), `num_batch` (batch index in the epoch), `train`, `last_input`,
     `last_target`, `last_output`, `last_loss`, `step_applied`, `last_metrics`, `pbar` and,
     at `on_train_end`, `exception`. `on_train_end` runs on every callback even if one raises
-    (the first error is raised after). A callback's non-None return value from `on_batch_begin`
+    (the first error is raised after). `on_batch_end` and `on_epoch_end` return True if any
+    callback returned True (fastai v1's way to stop training). A callback's non-None return value from `on_batch_begin`
     (an `(input, target)` pair), `on_loss_begin` or `on_backward_begin` replaces the batch,
     the output or the loss for the callbacks after it and for the loop.
 
@@ -119,10 +124,15 @@ class CallbackHandler:
             return self._run_all(event)
         key = _REPLACES.get(event)
         unscaled_loss = self.state.get("last_loss")
+        stop = False
         for cb in self.callbacks:
             result = self._run(cb, event)
             if result is not None and key is not None:
                 self._replace(cb, event, result)
+            elif event in _STOPS and result:
+                stop = True  # every callback still sees the event
+        if event in _STOPS:
+            return stop
         if event == "on_batch_begin":
             return self.state["last_input"], self.state["last_target"]
         if event == "on_backward_begin":

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_batch", "check_metrics", "holds_tensor"]
+__all__ = ["check_batch", "check_loss", "check_metrics", "check_metrics_on", "holds_tensor"]
 
 
 def holds_tensor(obj: Any) -> bool:
@@ -55,3 +55,53 @@ def check_metrics(metrics: Any) -> list[Any]:
             f"({type(wrong[0]).__name__}). Pass the function itself, e.g. metrics=[accuracy]."
         )
     return metrics
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def check_loss(loss_func: Any, output: Any, target: Any) -> torch.Tensor:
+    """`loss_func(output, target)`, checked on the first batch: a loss that fails on a model
+    output that is not a tensor says what to use, and a loss that is not one number is refused."""
+    try:
+        loss = loss_func(output, target)
+    except (TypeError, AttributeError) as e:
+        if isinstance(output, torch.Tensor):
+            raise
+        raise TypeError(
+            f"loss_func {_name(loss_func)} failed on the model's output, a "
+            f"{type(output).__name__}: {e}. For a model that returns a ModelOutput (Hugging "
+            "Face), pass loss_func=model_loss (from mixprec.learner.model_output), or take "
+            "the logits in a callback's on_loss_begin."
+        ) from e
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = (
+            f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        )
+        raise TypeError(
+            f"loss_func {_name(loss_func)} must return a one-element tensor (a mean loss); got "
+            f"{got}. Reduce it (e.g. reduction='mean')."
+        )
+    return loss
+
+
+@torch.no_grad()
+def check_metrics_on(metrics: list[Any], output: Any, target: Any) -> None:
+    """Run each metric once on a training batch's output, as validate() will: one that fails
+    or gives more than one number raises now, not after the first epoch."""
+    for m in metrics:
+        try:
+            value = m(output, target)
+        except Exception as e:
+            raise TypeError(
+                f"metric {_name(m)} failed on the first training batch (validate() would fail "
+                f"after the epoch): {type(e).__name__}: {e}. A metric is called "
+                f"metric(output, target) with what the loss gets: here a "
+                f"{type(output).__name__} and a {type(target).__name__}."
+            ) from e
+        if torch.as_tensor(value).numel() != 1:
+            raise TypeError(
+                f"metric {_name(m)} must return one number per batch; got shape "
+                f"{tuple(torch.as_tensor(value).shape)} on the first training batch."
+            )

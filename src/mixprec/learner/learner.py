@@ -25,14 +25,19 @@ from mixprec.core.convert import cast_floats, input_dtype, model_to_float
 from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.scaler import LossScale
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
+from mixprec.learner.accumulation import check_accumulate, micro_batches, steps_per_epoch
 from mixprec.learner.callback import Callback, CallbackHandler
-from mixprec.learner.checks import check_metrics
+from mixprec.learner.checks import check_loss, check_metrics, check_metrics_on
 from mixprec.learner.compat import check_checkpoint_fits
 from mixprec.learner.data import DataBunch, batch_size, loader_length, to_device
 from mixprec.learner.layer_groups import freeze_to, split_params
+from mixprec.learner.lr_finder import LearnerSnapshot, LRFinder, LRFinderResult
 from mixprec.learner.mixed_precision import MixedPrecision
+from mixprec.learner.model_output import call_model
 from mixprec.learner.ranks import Ranks, set_epoch
 from mixprec.learner.recorder import Recorder
+from mixprec.learner.schedule import OneCycleScheduler
+from mixprec.parallel.distributed import no_sync
 
 __all__ = ["DEFAULT_LR", "Learner"]
 
@@ -51,6 +56,12 @@ class Learner:
     `fit()` calls and frozen parameters (no grad) are left alone. Each layer group gives three
     param groups, in order: weights, biases and norm-layer parameters; the last two get no
     weight decay unless `bn_wd`. `wd` (if not None) sets the weights' decay.
+
+    `accumulate=N` sums the gradients of N micro-batches (each loss divided by N) before each
+    optimizer step, as one N-times-larger batch would; under torchrun DDP reduces them once,
+    in the step's last backward (`no_sync` for the others).
+
+    A dict batch input (`input_ids`, `attention_mask`, ...) is passed as `model(**x)`.
 
     Checkpoints go to `path / model_dir / f"{name}.pth"`. Under torchrun: data parallel (`Ranks`).
     """
@@ -71,6 +82,7 @@ class Learner:
         model_dir: str = "models",
         progress: bool = True,
         distributed: bool = True,
+        accumulate: int = 1,
     ) -> None:
         if not isinstance(data, DataBunch):
             raise TypeError(
@@ -98,6 +110,7 @@ class Learner:
         self.path = Path(path)
         self.model_dir = model_dir
         self.progress = bool(progress)
+        self.accumulate = check_accumulate(accumulate)
         self.opt: torch.optim.Optimizer | None = None
         self.recorder = Recorder()
         self.epoch = 0  # epochs trained, over every fit()
@@ -150,17 +163,85 @@ class Learner:
             group["lr"] = lr
 
     # -- training ------------------------------------------------------------------------
-    def fit(self, epochs: int, lr: float = DEFAULT_LR) -> None:
-        """Train for `epochs` epochs at learning rate `lr`, validating after each."""
+    def fit(
+        self, epochs: int, lr: float = DEFAULT_LR, *, callbacks: Iterable[Callback] = ()
+    ) -> None:
+        """Train for `epochs` epochs at learning rate `lr` (0 is allowed), validating after
+        each; `callbacks` join `self.callbacks` for this fit only. A callback's `on_batch_end`
+        or `on_epoch_end` returning True stops training (after that step's epoch is validated)."""
+        self._fit(epochs, lr, list(callbacks), validate=True)
+
+    def fit_one_cycle(
+        self,
+        epochs: int,
+        max_lr: float = DEFAULT_LR,
+        *,
+        div: float = 25.0,
+        pct_start: float = 0.3,
+        final_div: float | None = None,
+        moms: tuple[float, float] | None = (0.95, 0.85),
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
+        """Train with fastai v1's one-cycle policy (`OneCycleScheduler`): the lr rises from
+        `max_lr / div` to `max_lr` over the first `pct_start` of the steps and falls to
+        `max_lr / final_div` (default `div * 1e4`), both along a cosine, while the momentum
+        (Adam's beta1, SGD's momentum) goes from `moms[0]` to `moms[1]` and back."""
+        self._check_epochs(epochs)
+        n_batches = loader_length(self.data.train_dl)
+        if n_batches is None:
+            raise ValueError(
+                "fit_one_cycle needs the number of steps: the training loader has no len(). "
+                "Give the dataset a __len__, or use fit() with your own scheduling callback."
+            )
+        total = epochs * steps_per_epoch(n_batches, self.accumulate)
+        sched = OneCycleScheduler(
+            max_lr, total, div=div, pct_start=pct_start, final_div=final_div, moms=moms
+        )
+        self._fit(epochs, sched.lr(0), [sched, *callbacks], validate=True)
+
+    def lr_find(
+        self,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        stop_div: bool = True,
+    ) -> LRFinderResult:
+        """Train `num_it` steps with the lr rising exponentially from `start_lr` to `end_lr`
+        (stopping early once the loss diverges), without validating; then put model, masters,
+        optimizer, scaler, history, counts and random state back exactly as they were.
+        Returns the sweep: `.lrs`, `.losses`, `.suggestion`, `.plot(path)`."""
+        finder = LRFinder(start_lr, end_lr, num_it, stop_div)
+        n_batches = loader_length(self.data.train_dl)
+        per_epoch = num_it if not n_batches else steps_per_epoch(n_batches, self.accumulate)
+        snapshot = LearnerSnapshot(self)
+        try:
+            self._fit(-(-num_it // per_epoch), start_lr, [finder], validate=False)
+        except FloatingPointError:  # the scaler gave up at high lrs: the sweep ends there
+            pass
+        finally:
+            snapshot.restore()
+        return finder.result()
+
+    @staticmethod
+    def _check_epochs(epochs: Any) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1; got {epochs!r}.")
+
+    def _fit(self, epochs: int, lr: float, extra: list[Callback], validate: bool) -> None:
+        self._check_epochs(epochs)
         if (
             isinstance(lr, bool)
             or not isinstance(lr, (int, float))
             or not math.isfinite(lr)
-            or lr <= 0
+            or lr < 0
         ):
-            raise ValueError(f"lr must be a positive finite number; got {lr!r}.")
+            raise ValueError(f"lr must be a finite number >= 0; got {lr!r}.")
+        for cb in extra:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"callbacks must be Callback instances; got {type(cb).__name__}. "
+                    "Subclass mixprec.Callback and pass an instance."
+                )
         check_trainable(self.model)
         if self.mixed_precision is None:
             check_not_half_without_masters(self.model)
@@ -168,31 +249,42 @@ class Learner:
             self.create_opt(lr)
         self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
         self._set_lr(lr)
-        handler = CallbackHandler([self.recorder, *self.callbacks], learn=self, n_epochs=epochs)
+        handler = CallbackHandler(
+            [self.recorder, *self.callbacks, *extra],
+            learn=self,
+            n_epochs=epochs,
+            lr_find=any(isinstance(cb, LRFinder) for cb in extra),  # trackers sit it out
+        )
         exception: BaseException | None = None
+        self._first_batch = True  # its loss (and metrics, if validated) are checked
+        self._check_metrics = validate and self.data.valid_dl is not None and bool(self.metrics)
         try:
             handler("on_train_begin")
             self.add_new_params()
             check_optimizer_holds(self.model, held_params(self.opt))
-            self._set_lr(lr)
+            self._set_lr(lr)  # a scheduling callback sets each step's lr at on_batch_begin
             with self.ranks.training(self.model, self.opt):  # DDP under torchrun
                 for k in range(epochs):
-                    self._fit_epoch(handler, f"epoch {k + 1}/{epochs}")
+                    if self._fit_epoch(handler, f"epoch {k + 1}/{epochs}", validate):
+                        break
         except BaseException as e:  # KeyboardInterrupt too: on_train_end must still run
             exception = e
             raise
         finally:
             handler("on_train_end", exception=exception)
 
-    def _fit_epoch(self, handler: CallbackHandler, desc: str) -> None:
+    def _fit_epoch(self, handler: CallbackHandler, desc: str, validate: bool) -> bool:
+        """One epoch; returns whether a callback asked to stop training."""
         model = self.ranks.train_module(self.model)  # DDP under torchrun
         self.model.train()
         handler("on_epoch_begin", epoch=self.epoch, train=True)
         dl = self.data.train_dl
         set_epoch(dl.dl, self.epoch)  # a DistributedSampler reshuffles per epoch
         off = None if self.progress and self.ranks.is_main else True
+        stop = False
+        step_loss: torch.Tensor | None = None  # the mean of the step's micro-batch losses
         with tqdm(total=loader_length(dl), desc=desc, leave=False, disable=off) as pbar:
-            for i, (x, y) in enumerate(dl):
+            for i, (x, y), group_size, ends_step in micro_batches(dl, self.accumulate):
                 x, y = handler(
                     "on_batch_begin",
                     last_input=x,
@@ -202,29 +294,54 @@ class Learner:
                     step_applied=None,
                     pbar=pbar,
                 )
-                with self.forward_context():  # entered and left here, even on an exception
-                    output = handler("on_loss_begin", last_output=model(x))
-                    raw_loss = self.loss_func(output, y)
-                loss = handler("on_backward_begin", last_loss=raw_loss)
-                loss.backward()
+                # DDP reduces the gradients once per step, in its last backward
+                with no_sync(model, enabled=not ends_step):
+                    with self.forward_context():  # entered and left here, even on an exception
+                        output = handler("on_loss_begin", last_output=call_model(model, x))
+                        raw_loss = self._loss(output, y)
+                    loss = handler("on_backward_begin", last_loss=raw_loss)
+                    (loss if group_size == 1 else loss / group_size).backward()
+                if group_size > 1:
+                    part = raw_loss.detach() / group_size
+                    step_loss = part if step_loss is None else step_loss + part
+                pbar.update()
+                if not ends_step:
+                    continue
+                if group_size > 1:
+                    handler.state["last_loss"], step_loss = step_loss, None
                 handler("on_backward_end")
                 applied = self.opt.step() is not False  # plain optimizers return None
                 self.iteration += 1  # counted at once: a stop in the events below keeps it
                 handler("on_step_end", step_applied=applied)
                 self.opt.zero_grad()
-                handler("on_batch_end", last_loss=self.ranks.mean(handler.state["last_loss"]))
-                pbar.update()
+                last_loss = self.ranks.mean(handler.state["last_loss"])
+                if handler("on_batch_end", last_loss=last_loss):
+                    stop = True
+                    break
         self.ranks.end_epoch_(self.model)
-        metrics = self.validate() if self.data.valid_dl is not None else None
-        handler("on_epoch_end", last_metrics=metrics, train=False)
-        self.epoch += 1
+        metrics = self.validate() if validate and self.data.valid_dl is not None else None
+        self.epoch += 1  # before on_epoch_end: a checkpoint saved there counts this epoch
+        return bool(handler("on_epoch_end", last_metrics=metrics, train=False)) or stop
+
+    def _loss(self, output: Any, target: Any) -> torch.Tensor:
+        """The loss; on the fit's first batch, loss and metrics are checked on this output."""
+        if not self._first_batch:
+            return self.loss_func(output, target)
+        loss = check_loss(self.loss_func, output, target)
+        if self._check_metrics:
+            check_metrics_on(self.metrics, output, target)  # as validate() will call them
+        self._first_batch = False
+        return loss
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, dl: Iterable | None = None) -> list[float]:
         """`[valid_loss, *metrics]` over `dl` (default: the validation loader), averaged
-        over samples. Inputs are cast to the model's dtype, outputs to fp32. Under torchrun
-        a collective: every rank calls it, evaluates its shard, and gets the total averages."""
+        over samples. Each batch goes through the callbacks' `on_batch_begin` and the output
+        through their `on_loss_begin` (with `train=False`), as in training, so loss and
+        metrics see what the training loss sees. Inputs are cast to the model's dtype,
+        outputs to fp32. Under torchrun a collective: every rank calls it, evaluates its
+        shard, and gets the total averages."""
         dl = self.data.valid_dl if dl is None else dl
         if dl is None:
             raise ValueError(
@@ -245,12 +362,28 @@ class Learner:
             raise ValueError("the validation loader yielded no batches.")
         return (totals / count).tolist()  # one host sync for the whole pass
 
+    def _eval_handler(self) -> CallbackHandler:
+        """The callbacks, for the events of evaluation (`on_batch_begin`, `on_loss_begin`)."""
+        return CallbackHandler(
+            self.callbacks,
+            learn=self,
+            train=False,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            pbar=None,
+        )
+
     def _evaluate(self, dl: Iterable, dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
         """Sample-weighted sums of [loss, *metrics] over `dl`, and the sample count."""
+        handler = self._eval_handler()
         totals, count = None, 0
-        for x, y in dl:
+        for i, (x, y) in enumerate(dl):
             x, y = to_device((x, y), self.data.device)
-            output = cast_floats(self.model(cast_floats(x, dtype)), torch.float32)
+            x, y = handler(
+                "on_batch_begin", last_input=cast_floats(x, dtype), last_target=y, num_batch=i
+            )
+            output = handler("on_loss_begin", last_output=call_model(self.model, x))
+            output = cast_floats(output, torch.float32)
             n = batch_size(y)
             values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
             batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n
@@ -260,14 +393,18 @@ class Learner:
 
     @torch.no_grad()
     def predict(self, x: Any) -> Any:
-        """The model's output (fp32) for a batch `x`, in eval mode; `x` is moved to the data's
-        device and cast to the model's dtype."""
+        """The model's output (fp32) for a batch `x`, in eval mode, through the callbacks'
+        `on_batch_begin` (target None) and `on_loss_begin`, as in validate(); `x` is moved to
+        the data's device and cast to the model's dtype (a dict is passed as keywords)."""
         was_training = self.model.training
         self.model.eval()
         try:
             x = cast_floats(to_device(x, self.data.device), input_dtype(self.model))
+            handler = self._eval_handler()
+            x, _ = handler("on_batch_begin", last_input=x, last_target=None, num_batch=0)
             with self.forward_context():
-                return cast_floats(self.model(x), torch.float32)
+                output = handler("on_loss_begin", last_output=call_model(self.model, x))
+                return cast_floats(output, torch.float32)
         finally:
             self.model.train(was_training)
 
@@ -278,7 +415,15 @@ class Learner:
         freeze_to(self.layer_groups, n)
 
     def freeze(self) -> None:
-        """Freeze every layer group but the last, keeping norm layers trainable."""
+        """Freeze every layer group but the last, keeping norm layers trainable. Refused with
+        one layer group (the default, the whole model), which would freeze nothing."""
+        if len(self.layer_groups) < 2:
+            raise ValueError(
+                "freeze() freezes every layer group but the last, and this learner has one "
+                "layer group (the whole model), so it would freeze nothing. Pass the groups "
+                "when building it: Learner(data, model, layer_groups=[model.body, model.head]) "
+                "(an nn.Module each), or freeze parameters yourself with requires_grad_(False)."
+            )
         self.freeze_to(-1)
 
     def unfreeze(self) -> None:

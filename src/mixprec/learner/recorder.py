@@ -12,6 +12,7 @@ import torch
 
 from mixprec.engine.telemetry import TelemetryReader, follow
 from mixprec.learner.callback import Callback
+from mixprec.learner.schedule import get_momentum
 
 __all__ = ["Recorder", "plot_runs"]
 
@@ -19,6 +20,7 @@ _LINE_STYLES = ("-", "--", ":", "-.")
 _HISTORY = (
     "losses",
     "lrs",
+    "moms",
     "loss_scales",
     "skipped",
     "val_losses",
@@ -33,8 +35,9 @@ _HISTORY = (
 class Recorder(Callback):
     """Keeps what training did, across `fit()` calls.
 
-    Per step: `losses` (the loss function's value, never the scaled loss), `lrs` (of the last
-    param group), `loss_scales` (after the step's scaler update; None without mixed
+    Per step: `losses` (the loss function's value, never the scaled loss), `lrs` and `moms`
+    (the lr and momentum, Adam's beta1 or SGD's, of the last param group; `plot_lr` draws
+    them), `loss_scales` (after the step's scaler update; None without mixed
     precision) and `skipped` (True where an overflow skipped the step). Per epoch:
     `val_losses` and `metrics` (one list of metric values per epoch).
 
@@ -54,6 +57,7 @@ class Recorder(Callback):
         self._losses: list[float] = []  # read back
         self._pending: list[torch.Tensor] = []  # detached, on the device, not read back yet
         self.lrs: list[float] = []
+        self.moms: list[float | None] = []
         self.loss_scales: list[float | None] = []
         self.skipped: list[bool] = []
         self.val_losses: list[float] = []
@@ -103,6 +107,7 @@ class Recorder(Callback):
         skipped; refresh the progress bar every `postfix_every` steps and at the epoch's last."""
         self._pending.append(last_loss.detach().reshape(()))
         self.lrs.append(float(learn.opt.param_groups[-1]["lr"]))
+        self.moms.append(get_momentum(learn.opt.param_groups[-1]))
         scale = getattr(learn.opt, "loss_scale", None)
         self.loss_scales.append(None if scale is None else float(scale))
         self.skipped.append(not step_applied)
@@ -148,6 +153,32 @@ class Recorder(Callback):
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Write a PNG of the training loss (validation loss per epoch) and the loss scale."""
         return plot_runs({"train": self}, path, title=title)
+
+    def plot_lr(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Write a PNG of the lr per step and, where the optimizer has one, the momentum."""
+        try:
+            from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend
+        except ImportError as e:
+            raise ImportError(
+                "plotting needs matplotlib: pip install 'mixprec[plot]' (or matplotlib)."
+            ) from e
+        moms = [(s, m) for s, m in enumerate(self.moms, start=1) if m is not None]
+        fig = Figure(figsize=(8, 5 if moms else 3), layout="constrained")
+        axes = fig.subplots(2 if moms else 1, 1, sharex=True, squeeze=False)[:, 0]
+        axes[0].plot(range(1, len(self.lrs) + 1), self.lrs, lw=1)
+        axes[0].set_ylabel("learning rate")
+        if moms:
+            axes[1].plot(*zip(*moms), lw=1, color="tab:orange")
+            axes[1].set_ylabel("momentum")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("step")
+        if title:
+            fig.suptitle(title)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        return path
 
     def __repr__(self) -> str:
         return (
