@@ -24,7 +24,9 @@ from mixprec.learner.data import DataBunch
 from mixprec.learner.learner import Learner
 from mixprec.learner.metrics import accuracy
 from mixprec.learner.mixed_precision import MixedPrecision
+from mixprec.learner.model_output import model_loss
 from mixprec.learner.recorder import Recorder
+from mixprec.learner.tracking import EarlyStoppingCallback, SaveModelCallback
 from mixprec.parallel.distributed import (
     accumulate,
     cleanup_distributed,
@@ -58,9 +60,12 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "DataBunch",
+    "EarlyStoppingCallback",
     "Learner",
     "Recorder",
+    "SaveModelCallback",
     "accuracy",
+    "model_loss",
     # checkpoints and torch.distributed
     "accumulate",
     "cleanup_distributed",
