@@ -9,6 +9,7 @@ once per conversion, never per step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,10 +19,13 @@ from torch import nn
 from mixprec.core.dtypes import HALF_DTYPES
 
 __all__ = [
+    "check_engine_options",
     "check_not_half_without_masters",
+    "check_param_group",
     "check_optimizer_holds",
     "check_trainable",
     "held_params",
+    "real_number",
 ]
 
 SHOWN = 5  # names listed in a message
@@ -114,3 +118,42 @@ def check_engine_options(clip: Any, data_parallel: Any) -> float | None:
     if not isinstance(data_parallel, bool):
         raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
     return None if clip is None else float(clip)
+
+
+def check_param_group(param_group: Any) -> None:
+    """Raise a TypeError/ValueError unless `param_group` is a dict whose "params" is a tensor
+    or an iterable of tensors (what `add_param_group` takes)."""
+    if not isinstance(param_group, dict):
+        raise TypeError(
+            "a param group must be a dict with a 'params' entry, e.g. "
+            f"{{'params': layer.parameters(), 'lr': 1e-3}}; got {type(param_group).__name__}."
+        )
+    if "params" not in param_group:
+        raise ValueError(
+            "a param group must have a 'params' entry (the parameters to add), e.g. "
+            f"{{'params': layer.parameters()}}; got keys {sorted(param_group)}."
+        )
+    params = param_group["params"]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("a param group's 'params' must be ordered (a list), not a set.")
+    if not isinstance(params, torch.Tensor):
+        params = param_group["params"] = list(params)
+        wrong = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+        if wrong:
+            raise TypeError(
+                f"a param group's 'params' must hold tensors; got {wrong[0]} among them."
+            )
+
+
+def real_number(value: Any) -> float | None:
+    """`value` as a float if it is a real number: an int or float, a numpy number, a 0-d
+    real tensor (read with one host sync); None for anything else, booleans included."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None

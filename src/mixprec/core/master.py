@@ -336,6 +336,11 @@ def check_saved_masters(
 ) -> ParamGroups:
     """Return the masters of a MixedPrecisionOptimizer `state_dict` if they fit `master_params`;
     raise ValueError naming the mismatch otherwise."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "expected a MixedPrecisionOptimizer state_dict (from opt.state_dict()); got "
+            f"{type(state_dict).__name__}."
+        )
     check_saved_mode(state_dict, "master")
     missing = {"masters", "optimizer", "scaler"} - set(state_dict)
     if missing:
@@ -350,6 +355,13 @@ def check_saved_masters(
             f"flat_master={flat_master}; build it with the same flat_master."
         )
     saved = state_dict["masters"]
+    if not isinstance(saved, Sequence) or not all(
+        isinstance(group, Sequence) and all(torch.is_tensor(m) for m in group) for group in saved
+    ):
+        raise ValueError("state_dict['masters'] must be lists of tensors, one list per group.")
+    wrong = sorted({str(m.dtype) for group in saved for m in group if m.dtype != torch.float32})
+    if wrong:
+        raise ValueError(f"state_dict holds masters of dtype {', '.join(wrong)}; expected fp32.")
     expected = [[tuple(m.shape) for m in group] for group in master_params]
     got = [[tuple(m.shape) for m in group] for group in saved]
     if expected != got:
