@@ -20,6 +20,8 @@ from mixprec.core.dtypes import HALF_DTYPES
 
 __all__ = [
     "check_engine_options",
+    "check_flag",
+    "check_optimizer_supported",
     "check_not_half_without_masters",
     "check_param_group",
     "check_optimizer_holds",
@@ -157,3 +159,53 @@ def real_number(value: Any) -> float | None:
     if isinstance(value, numbers.Real):
         return float(value)
     return None
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`value` if it is True or False; else a TypeError (a string "False" would mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}.")
+    return value
+
+
+# Optimizers the wrappers cannot drive, and why.
+_UNSUPPORTED = {
+    "LBFGS": "LBFGS re-evaluates the loss through a closure inside step(), which the "
+    "loss-scaled step (backward(loss), then step()) cannot give it",
+    "SparseAdam": "SparseAdam steps sparse gradients, and mixed precision's unscale, overflow "
+    "check and master copies work on dense ones",
+}
+
+
+def check_optimizer_supported(optimizer: Any, model: nn.Module | None = None) -> None:
+    """Raise a ValueError if the mixed-precision wrappers cannot step `optimizer` (or its
+    type): LBFGS, SparseAdam, parameters on the meta device, sparse-gradient embeddings."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    why = _UNSUPPORTED.get(cls.__name__) if cls.__module__.startswith("torch.optim") else None
+    if why is not None:
+        raise ValueError(
+            f"torch.optim.{cls.__name__} cannot be used with mixed precision: {why}. Use "
+            "a first-order optimizer such as torch.optim.AdamW or SGD."
+        )
+    if isinstance(optimizer, type):
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    meta = [tuple(p.shape) for p in params if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"the optimizer holds {len(meta)} parameter(s) on the meta device (shapes "
+            f"{meta[:SHOWN]}), which hold no values to train. Materialize the model first "
+            "(model.to_empty(device=...) and initialize it), then build the optimizer."
+        )
+    if model is not None:
+        sparse = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        ]
+        if sparse:
+            raise ValueError(
+                f"{_names(sparse)}: embedding(s) with sparse=True give sparse gradients, "
+                "which mixed precision cannot unscale, check or copy to the fp32 masters. "
+                "Build them with sparse=False."
+            )

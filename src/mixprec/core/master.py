@@ -88,6 +88,24 @@ def _flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torc
     return views
 
 
+def _check_pairs(model_params: Any, master_params: Any, flat_master: bool) -> None:
+    """Raise a ValueError unless the two lists pair up: as many groups, and per group as
+    many masters as parameters (one flat master per non-empty group)."""
+    if len(model_params) != len(master_params):
+        raise ValueError(
+            f"model_params has {len(model_params)} group(s) but master_params has "
+            f"{len(master_params)}: pass the two lists get_master returned, together."
+        )
+    for i, (params, masters) in enumerate(zip(model_params, master_params)):
+        expected = (1 if params else 0) if flat_master else len(params)
+        if len(masters) != expected:
+            raise ValueError(
+                f"group {i}: {len(params)} model parameter(s) but {len(masters)} master(s), "
+                f"expected {expected} with flat_master={flat_master}: pass the lists "
+                "get_master returned, with the same flat_master."
+            )
+
+
 def model_g2master_g(
     model_params: ParamGroups,
     master_params: ParamGroups,
@@ -100,6 +118,7 @@ def model_g2master_g(
     Non-flat: a model gradient that is None leaves its master gradient None. Flat: the flat
     master gradient gets every gradient in order, zeros where a model gradient is None.
     """
+    _check_pairs(model_params, master_params, flat_master)
     dst, src = [], []
     with torch.no_grad():
         for model_group, master_group in zip(model_params, master_params):
@@ -133,6 +152,7 @@ def master2model(
     model_params: ParamGroups, master_params: ParamGroups, flat_master: bool = False
 ) -> None:
     """Copy the master values into the model parameters, rounding to each one's dtype."""
+    _check_pairs(model_params, master_params, flat_master)
     dst, src = [], []
     for model_group, master_group in zip(model_params, master_params):
         if not model_group:

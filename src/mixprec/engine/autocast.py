@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mixprec.core.checks import check_engine_options, check_param_group
+from mixprec.core.checks import check_engine_options, check_optimizer_supported, check_param_group
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.modes import check_mode_options, check_saved_mode
@@ -108,6 +108,7 @@ class AutocastOptimizer(OptimizerWrapper):
         for name in ("flat_master", "fused"):  # False is harmless: nothing to lay out or fuse
             scaler_options.pop(name, None)
         clip = check_engine_options(clip, data_parallel)
+        check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         for group in optimizer.param_groups:
             _check_fp32(group["params"])
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mixprec.core.checks import check_engine_options, check_param_group
+from mixprec.core.checks import (
+    check_engine_options,
+    check_flag,
+    check_optimizer_supported,
+    check_param_group,
+)
 from mixprec.core.chunked import (
     Chunk,
     copy_unscale_check_,
@@ -104,6 +109,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         if isinstance(optimizer, MixedPrecisionOptimizer):
             raise TypeError("the optimizer is already a MixedPrecisionOptimizer; wrap it once.")
         clip = check_engine_options(clip, data_parallel)
+        check_flag("flat_master", flat_master)
+        check_flag("fused", fused)
+        check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         model_params = [list(group["params"]) for group in optimizer.param_groups]
         dtypes = {p.dtype for group in model_params for p in group}
         if not dtypes & set(HALF_DTYPES):

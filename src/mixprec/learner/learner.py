@@ -18,6 +18,7 @@ from mixprec.core.checkpoint import load_checkpoint, loader_generators, rng_stat
 from mixprec.core.checks import (
     check_not_half_without_masters,
     check_optimizer_holds,
+    check_optimizer_supported,
     check_trainable,
     held_params,
     real_number,
@@ -135,6 +136,8 @@ class Learner:
 
     def _build_opt(self, lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
         """`opt_func(self.param_groups(), lr=lr)`, checked; `self.opt` is left alone."""
+        if isinstance(self.opt_func, type):  # LBFGS would fail on the groups, unexplained
+            check_optimizer_supported(self.opt_func)
         opt = self.opt_func(self.param_groups(), lr=lr)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(

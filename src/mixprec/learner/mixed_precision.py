@@ -16,6 +16,7 @@ import torch
 
 from mixprec.core.checks import (
     check_engine_options,
+    check_flag,
     check_optimizer_holds,
     check_trainable,
     held_params,
@@ -78,6 +79,8 @@ class MixedPrecision(Callback):
         **scaler_options: Any,
     ) -> None:
         self.mode = check_mode(mode)
+        check_flag("flat_master", flat_master)
+        check_flag("fused", fused)
         check_mode_options(self.mode, flat_master=flat_master, fused=fused)
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
         if telemetry is not None and not isinstance(telemetry, Telemetry):
@@ -156,7 +159,12 @@ class MixedPrecision(Callback):
         """The optimizer wrapper of this mode, around `inner`."""
         if self.mode == "autocast":
             return AutocastOptimizer(
-                inner, self.loss_scale, dtype=self.dtype, clip=self.clip, **self.scaler_options
+                inner,
+                self.loss_scale,
+                dtype=self.dtype,
+                clip=self.clip,
+                model=self.learn.model,  # names the parameters in overflow reports
+                **self.scaler_options,
             )
         return MixedPrecisionOptimizer(
             inner,
