@@ -8,6 +8,7 @@ methods, so a loop or a callback drives either one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -203,9 +204,13 @@ class AutocastOptimizer(OptimizerWrapper):
             self._found_inf = None
             self._has_grads = False
             if overflow:  # only now: forensics cost nothing on clean steps
-                self.last_overflow = forensics.overflow_report(
+                report = forensics.overflow_report(
                     self._named_grads(), self.scaler.steps, self.scaler.scale
                 )
+                weights = forensics.weight_faults(
+                    (name, p, None) for name, p in self._named_params()
+                )
+                self.last_overflow = dataclasses.replace(report, weights=weights)
             else:
                 try:
                     self.optimizer.step()
@@ -217,13 +222,17 @@ class AutocastOptimizer(OptimizerWrapper):
                 self.scaler.update(overflow)  # may raise FloatingPointError; state consistent
             return not overflow
 
-    def _named_grads(self) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
-        """(name, shape, gradient) of every parameter with one, in the optimizer's order."""
+    def _named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, parameter) of every parameter, in the optimizer's order."""
         for i, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    name = self.param_names.get(p, f"param_groups[{i}][{j}]")
-                    yield name, tuple(p.shape), p.grad
+                yield self.param_names.get(p, f"param_groups[{i}][{j}]"), p
+
+    def _named_grads(self) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
+        """(name, shape, gradient) of every parameter with one, in the optimizer's order."""
+        for name, p in self._named_params():
+            if p.grad is not None:
+                yield name, tuple(p.shape), p.grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step."""

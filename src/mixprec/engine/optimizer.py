@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -347,9 +348,24 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _overflow_report(self, from_model_grads: bool) -> forensics.OverflowReport:
         """The report of the step being skipped, from the master gradients (or, with
         `from_model_grads`, the model's half gradients)."""
-        return forensics.overflow_report(
+        report = forensics.overflow_report(
             self._named_grads(from_model_grads), self.scaler.steps, self.scaler.scale
         )
+        weights = forensics.weight_faults(self._named_weights())
+        return dataclasses.replace(report, weights=weights) if weights else report
+
+    def _named_weights(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, fp32 master, half copy or None) of every parameter, in the optimizer's order."""
+        names = self.param_names
+        for i, (params, masters) in enumerate(zip(self.model_params, self.master_params)):
+            if self.flat_master:
+                flat = masters[0].detach() if masters else None
+                views = [] if flat is None else flat.split([p.numel() for p in params])
+            else:
+                views = [m.detach() for m in masters]
+            for j, (p, m) in enumerate(zip(params, views)):
+                half = p.detach() if p.dtype in HALF_DTYPES else None
+                yield names.get(p, f"param_groups[{i}][{j}]"), m, half
 
     def _named_grads(
         self, from_model_grads: bool
