@@ -12,7 +12,10 @@ skipped and change nothing: with a static scale the run equals one without that 
 from __future__ import annotations
 
 import _thread
+import signal
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,9 +194,29 @@ def model_matches_masters(learn: Learner) -> bool:
     return True
 
 
+@contextmanager
+def _python_sigint() -> Iterator[None]:
+    """Within: SIGINT raises KeyboardInterrupt (a process started in the background of a
+    shell ignores it, and then `_thread.interrupt_main()` would do nothing)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if main and previous is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if main and previous is not signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
     """Fit with `stop` injected, check the learner it leaves, fit on, and compare with a
     learner that took the same steps without stopping."""
+    with _python_sigint():
+        return _run_stop(config, stop)
+
+
+def _run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
     batches = _batches()
     name = f"{config.name}: {stop.error.__name__} at {stop.where} of batch {stop.step}"
     result = LearnerResult(name, faults=1)
