@@ -5,6 +5,7 @@ numbers of a learner that took the same steps without stopping."""
 from __future__ import annotations
 
 import _thread
+import gc
 import random
 import signal
 import threading
@@ -117,6 +118,7 @@ class _References:
 def _fit_interrupted(learn: Learner, delay: float) -> bool:
     """Fit once with SIGINT sent to the main thread after `delay` s; whether it stopped it."""
     timer = threading.Timer(delay, _thread.interrupt_main)
+    gc.disable()  # a KeyboardInterrupt raised in a gc callback (hypothesis has one) is lost
     try:
         timer.start()
         learn.fit(1)
@@ -126,6 +128,8 @@ def _fit_interrupted(learn: Learner, delay: float) -> bool:
     except KeyboardInterrupt:
         timer.join()
         return True
+    finally:
+        gc.enable()
     return False
 
 
