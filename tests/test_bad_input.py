@@ -5,6 +5,7 @@ call and checks it bit for bit after the error."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -114,12 +115,37 @@ ENGINE_CASES = {
         ValueError,
         r"holds 6 tensor\(s\) that are not parameters of the model",
     ),
-    "flat masters on two devices": (
+    "parameters on the meta device": (
         _two_devices,
         {"flat_master": True},
         ValueError,
-        r"on one device; got \['cpu', 'meta'\]",
+        r"holds 2 parameter\(s\) on the meta device \(shapes \[\(2, 8\), \(2,\)\]\), which hold no values",
     ),
+    "flat_master the string 'False'": (
+        _sgd,
+        {"flat_master": "False"},
+        TypeError,
+        "flat_master must be True or False; got 'False'",
+    ),
+    "LBFGS": (
+        lambda m: torch.optim.LBFGS(m.parameters()),
+        {},
+        ValueError,
+        r"torch.optim.LBFGS cannot be used with mixed precision: LBFGS re-evaluates the loss through a closure",
+    ),
+    "SparseAdam": (
+        lambda m: torch.optim.SparseAdam(list(m.parameters())),
+        {},
+        ValueError,
+        "torch.optim.SparseAdam cannot be used with mixed precision: SparseAdam steps sparse",
+    ),
+    "static scale 1e-39": (
+        _sgd,
+        {"loss_scale": 1e-39},
+        ValueError,
+        r"loss_scale must lie in \[2\*\*-126, 2\*\*126\] .* got 1e-39",
+    ),
+    "static scale 1e39": (_sgd, {"loss_scale": 1e39}, ValueError, r"must lie in .* got 1e\+39"),
     "fused SGD": (
         _sgd,
         {"fused": True},
@@ -485,7 +511,8 @@ CHECKPOINT_CASES = {
             and "groups"
         ),
         {},
-        r"masters of another model: expected shapes per group \[\[\(16, 8\), \(4, 16\)\], .*got \[\[\(16, 8\)\], \[\(16,\)\]",
+        r"the saved optimizer has parameters per group \[1, 1, 2, 1, 1, 0\], but this one has "
+        r"\[2, 2, 2\]: it was saved with other layer groups",
     ),
     "truncated file": (
         lambda p: _rewrite(p, lambda b: b[: len(b) // 2]),
@@ -579,10 +606,312 @@ def test_fp32_learners_refuse_checkpoints_that_do_not_fit_before_anything_loads(
     before = _learner_state(learn)
     with pytest.raises(
         ValueError,
-        match=r"holds an optimizer with parameters per group \[1, 1, 2, 1, 1, 0\], but this "
-        r"learner's has \[2, 2, 2\]: it was saved with other layer groups",
+        match=r"the saved optimizer has parameters per group \[1, 1, 2, 1, 1, 0\], but this "
+        r"one has \[2, 2, 2\]: it was saved with other layer groups",
     ):
         learn.load("two_groups")
     with pytest.raises(ValueError, match=r"was saved in mixed precision; call learn\.to_fp16"):
         learn.load("mixed")
     assert_identical(_learner_state(learn), before)
+
+
+# -- loads of another optimizer's state: refused whole, naming what differs ---------------
+
+SGD_MOMENTUM = functools.partial(torch.optim.SGD, momentum=0.9)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "master", "flat", "autocast"])
+@pytest.mark.parametrize(
+    ("saved_with", "loaded_into", "message"),
+    [
+        (
+            SGD_MOMENTUM,
+            torch.optim.AdamW,
+            r"saved by a torch\.optim\.sgd\.SGD but is being loaded into a torch\.optim\.adamw\.AdamW",
+        ),
+        (
+            torch.optim.AdamW,
+            SGD_MOMENTUM,
+            r"saved by a torch\.optim\.adamw\.AdamW but is being loaded into a torch\.optim\.sgd\.SGD",
+        ),
+    ],
+    ids=["SGD into AdamW", "AdamW into SGD"],
+)
+def test_learn_load_of_another_optimizer_type_is_refused_and_changes_nothing(
+    tmp_path, mode, saved_with, loaded_into, message
+):
+    options = {
+        "fp32": None,
+        "master": {},
+        "flat": {"flat_master": True},
+        "autocast": {"mode": "autocast", "dtype": torch.bfloat16},
+    }[mode]
+
+    def build(opt_func, seed):
+        learn = make_learner(tmp_path, seed=seed, opt_func=opt_func)
+        return learn if options is None else learn.to_fp16(**options)
+
+    saver = build(saved_with, 0)
+    saver.fit(1)
+    saver.save("other_type")
+    learn = build(loaded_into, 1)
+    learn.fit(1)
+    before = _learner_state(learn)
+    with pytest.raises(ValueError, match=message):
+        learn.load("other_type")
+    assert_identical(_learner_state(learn), before)
+    learn.fit(1)  # and it still trains
+
+
+def _engine_states(make_inner):
+    model = _half_net()
+    opt = MixedPrecisionOptimizer(make_inner(model.parameters()), 512.0, model=model)
+    _backward(model, opt)
+    assert opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+ENGINE_LOADS = {
+    "SGD state into AdamW, no type recorded": (
+        lambda sd: {**sd, "optimizer_type": None},
+        SGD_MOMENTUM,
+        ValueError,
+        r"param group 0 of the saved optimizer has no betas, eps, which this AdamW needs",
+    ),
+    "SGD state into AdamW": (
+        lambda sd: sd,
+        SGD_MOMENTUM,
+        ValueError,
+        r"saved by a torch\.optim\.sgd\.SGD but is being loaded into a torch\.optim\.adamw",
+    ),
+    "per-parameter state of SGD with AdamW's groups": (
+        lambda sd: {
+            **sd,
+            "optimizer_type": None,
+            "optimizer": {**sd["optimizer"], "param_groups": _adamw_groups()},
+        },
+        SGD_MOMENTUM,
+        ValueError,
+        r"state of parameter 0 holds \['momentum_buffer'\] \(as SGD keeps\), but a AdamW needs",
+    ),
+    "None": (
+        lambda sd: None,
+        torch.optim.AdamW,
+        TypeError,
+        "expected a MixedPrecisionOptimizer state_dict .*got NoneType",
+    ),
+    "moments of another shape": (
+        lambda sd: _reshaped_moment(sd),
+        torch.optim.AdamW,
+        ValueError,
+        r"the saved state 'exp_avg' of parameter 0 has shape \(3,\), but the parameter has \(8, 4\)",
+    ),
+    "scaler state holding strings": (
+        lambda sd: {**sd, "scaler": {**sd["scaler"], "steps": "12"}},
+        torch.optim.AdamW,
+        ValueError,
+        "state_dict: steps must be an integer >= 0; got '12'",
+    ),
+    "scaler scale a string": (
+        lambda sd: {**sd, "scaler": {**sd["scaler"], "scale": "big"}},
+        torch.optim.AdamW,
+        ValueError,
+        "state_dict: scale must be a positive finite number; got 'big'",
+    ),
+    "masters in fp16": (
+        lambda sd: {**sd, "masters": [[m.half() for m in g] for g in sd["masters"]]},
+        torch.optim.AdamW,
+        ValueError,
+        "holds masters of dtype torch.float16; expected fp32",
+    ),
+}
+
+
+def _adamw_groups():
+    return torch.optim.AdamW(_half_net().parameters()).state_dict()["param_groups"]
+
+
+def _reshaped_moment(sd):
+    state = {k: dict(v) for k, v in sd["optimizer"]["state"].items()}
+    state[0]["exp_avg"] = torch.zeros(3)
+    return {**sd, "optimizer": {**sd["optimizer"], "state": state}}
+
+
+@pytest.mark.parametrize(
+    ("change", "saved_with", "error", "message"), ENGINE_LOADS.values(), ids=ENGINE_LOADS.keys()
+)
+def test_engine_load_state_dict_refuses_what_does_not_fit_and_changes_nothing(
+    change, saved_with, error, message
+):
+    _, other = _engine_states(saved_with)
+    saved = change(copy.deepcopy(other.state_dict()))
+    model, opt = _engine_states(torch.optim.AdamW)
+    before = _full_state(model, opt)
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(saved)
+    assert_identical(_full_state(model, opt), before)
+    _backward(model, opt)
+    assert opt.step()  # and it still steps
+
+
+def test_autocast_load_state_dict_refuses_another_optimizer_type():
+    from mixprec import AutocastOptimizer
+
+    model = nn.Linear(4, 2)
+    sgd = AutocastOptimizer(SGD_MOMENTUM(model.parameters(), lr=0.1), dtype=torch.bfloat16)
+    adamw = AutocastOptimizer(torch.optim.AdamW(model.parameters()), dtype=torch.bfloat16)
+    for opt in (sgd, adamw):
+        with opt.autocast():
+            loss = model(torch.ones(2, 4)).float().square().mean()
+        opt.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    before = copy.deepcopy(adamw.state_dict())
+    with pytest.raises(ValueError, match=r"saved by a torch\.optim\.sgd\.SGD"):
+        adamw.load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match=r"has no betas, eps"):
+        adamw.load_state_dict({**sgd.state_dict(), "optimizer_type": None})
+    with pytest.raises(TypeError, match="got NoneType"):
+        adamw.load_state_dict(None)
+    assert_identical(adamw.state_dict(), before)
+
+
+# -- arguments refused at the door ------------------------------------------------------------
+
+CONSTRUCTOR_CASES = {
+    "loss_func None": ({"loss_func": None}, TypeError, "loss_func must be a callable loss_func"),
+    "opt_func None": ({"opt_func": None}, TypeError, "opt_func must be a callable opt_func"),
+    "model_dir None": ({"model_dir": None}, TypeError, "model_dir must be a str or os.PathLike"),
+    "path None": ({"path": None}, TypeError, "path must be a str or os.PathLike"),
+    "wd a string": (
+        {"wd": "abc"},
+        ValueError,
+        "wd must be None or a finite number >= 0; got 'abc'",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"), CONSTRUCTOR_CASES.values(), ids=CONSTRUCTOR_CASES.keys()
+)
+def test_the_learner_refuses_bad_arguments_when_built(kwargs, error, message):
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=message):
+        Learner(tiny_data(), model, progress=False, **{"path": ".", **kwargs})
+    assert_identical(model.state_dict(), before)
+
+
+def test_data_and_transforms_of_the_wrong_kind_are_refused():
+    with pytest.raises(TypeError, match=r"train_dl must be an iterable of .* got NoneType"):
+        DataBunch(None)
+    with pytest.raises(
+        TypeError, match=r"tfms must be a list of batch transforms; got abs. Pass tfms=\[fn\]"
+    ):
+        DataBunch([], tfms=abs)
+
+
+def test_validate_on_a_list_of_numbers_says_what_a_batch_is(tmp_path):
+    learn = make_learner(tmp_path)
+    before = _learner_state(learn)
+    with pytest.raises(TypeError, match=r"batch 0 must be an \(input, target\) pair; got int"):
+        learn.validate([1, 2])
+    assert_identical(_learner_state(learn), before)
+
+
+def test_add_param_group_without_params_is_refused():
+    model, opt = _trained_engine()
+    before = _full_state(model, opt)
+    with pytest.raises(
+        ValueError, match=r"a param group must have a 'params' entry .* got keys \[\]"
+    ):
+        opt.add_param_group({})
+    with pytest.raises(TypeError, match="a param group must be a dict"):
+        opt.add_param_group([torch.zeros(2)])
+    assert_identical(_full_state(model, opt), before)
+
+
+def test_mismatched_lists_to_the_primitives_are_refused_before_copying():
+    from mixprec import get_master, master2model, model_g2master_g
+
+    model = _half_net()
+    model_params, master_params = get_master([model[:1], model[1:]])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"model_params has 2 group\(s\) but master_params has 1"):
+        master2model(model_params, master_params[:1])
+    with pytest.raises(ValueError, match=r"group 0: 2 model parameter\(s\) but 1 master\(s\)"):
+        model_g2master_g(model_params, [master_params[0][:1], master_params[1]])
+    assert_identical(model.state_dict(), before)
+
+
+def test_sparse_gradient_embeddings_are_refused():
+    model = model_to_half(nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2)))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _engine_state(model, inner)
+    with pytest.raises(
+        ValueError, match=r"0: embedding\(s\) with sparse=True give sparse gradients"
+    ):
+        MixedPrecisionOptimizer(inner, model=model)
+    assert_identical(_engine_state(model, inner), before)
+
+
+def test_numpy_numbers_and_0d_tensors_are_accepted_as_scale_and_lr(tmp_path):
+    for scale in (np.float32(256.0), np.int64(256), torch.tensor(256.0)):
+        assert MixedPrecisionOptimizer(_sgd(_half_net()), scale).loss_scale == 256.0
+    learn = make_learner(tmp_path).to_fp16(loss_scale=np.float64(64.0))
+    learn.fit(1, lr=np.float32(1e-3))
+    learn.fit(1, lr=torch.tensor(1e-3))
+    assert learn.opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert type(learn.opt.param_groups[0]["lr"]) is float
+
+
+# -- to_fp16 failing late gives back the exact fp32 model -------------------------------------
+
+
+def _raising_opt_func(param_groups, lr):
+    raise RuntimeError("no optimizer today")
+
+
+TO_FP16_LATE = {
+    "opt_func raises": (_raising_opt_func, RuntimeError, "no optimizer today"),
+    "opt_func returns None": (
+        lambda groups, lr: None,
+        TypeError,
+        r"opt_func\(param_groups, lr=lr\) must return a torch.optim.Optimizer; got NoneType",
+    ),
+    "LBFGS": (
+        torch.optim.LBFGS,
+        ValueError,
+        "torch.optim.LBFGS cannot be used with mixed precision",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("opt_func", "error", "message"), TO_FP16_LATE.values(), ids=TO_FP16_LATE.keys()
+)
+def test_to_fp16_failing_late_restores_the_exact_fp32_model(tmp_path, opt_func, error, message):
+    learn = make_learner(tmp_path, opt_func=opt_func)
+    before = _learner_state(learn)
+    with pytest.raises(error, match=message):
+        learn.to_fp16()
+    assert_identical(_learner_state(learn), before)  # values and dtypes, bit for bit
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    learn.opt_func = torch.optim.AdamW
+    learn.to_fp16().fit(1)  # and it still converts and trains
+
+
+# -- file names: plain names only -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "sub/dir", "..", "a\\b"])
+def test_save_and_load_refuse_names_that_are_not_plain_file_names(tmp_path, name):
+    learn = make_learner(tmp_path / "run")
+    for call in (learn.save, learn.load):
+        with pytest.raises(
+            ValueError,
+            match=r"name must be a plain file name, without folders.*save_checkpoint\(path\)",
+        ):
+            call(name)
+    assert not any(tmp_path.rglob("*.pth"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mixprec.core.checkpoint
-from helpers.learner import assert_identical, make_learner, snapshot
+from helpers.learner import assert_identical, make_learner, master_of, snapshot, tiny_model
 from mixprec.core.checkpoint import rng_state, set_rng_state
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -39,21 +39,47 @@ def _learner(path, options):
     return learn if options is None else learn.to_fp16(**options)
 
 
-def test_save_writes_the_masters_optimizer_scaler_and_step(tmp_path):
-    learn = _learner(tmp_path, DYNAMIC)
+@pytest.mark.parametrize("flat_master", [False, True])
+def test_save_writes_the_masters_once_under_parameter_names(tmp_path, flat_master):
+    learn = _learner(tmp_path, {**DYNAMIC, "flat_master": flat_master})
     learn.fit(1)
     path = learn.save("ckpt")
     assert path == tmp_path / "models" / "ckpt.pth" and path.is_file()
     ckpt = torch.load(path, weights_only=True)
     opt = learn.opt
-    masters = [m for group in ckpt["opt"]["masters"] for m in group]
-    assert all(m.dtype == torch.float32 for m in masters)
-    assert_identical(masters, [m.detach() for g in opt.master_params for m in g])
+    assert "masters" not in ckpt["opt"]  # the weights are stored once, in "model"
+    for name, p in learn.model.named_parameters():
+        assert ckpt["model"][name].dtype == torch.float32
+        assert_identical(ckpt["model"][name], master_of(learn, p), name)
     assert ckpt["opt"]["scaler"] == opt.scaler.state_dict()
     assert ckpt["opt"]["optimizer"]["state"]  # AdamW moments of the masters
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, len(learn.data.train_dl))
     assert ckpt["mixed_precision"] is True
     assert list(tmp_path.joinpath("models").iterdir()) == [path]  # no temporary file left
+    fp32 = tiny_model()  # for inference or export: takes the exact fp32 weights as they are
+    fp32.load_state_dict(ckpt["model"])
+    for name, p in fp32.named_parameters():
+        assert_identical(p.detach(), master_of(learn, learn.model.get_parameter(name)), name)
+    # not stored twice: fp32 masters and two AdamW moments, no other copy of the weights
+    n = sum(p.numel() for p in learn.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in learn.model.buffers())
+    assert _stored_bytes([ckpt["model"], ckpt["opt"]]) - buffers <= 4 * 3 * n + 4 * 16
+
+
+def _stored_bytes(obj) -> int:
+    """Bytes of the distinct storages of the tensors in a nested structure."""
+    seen = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if torch.is_tensor(x):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return sum(seen.values())
 
 
 def test_saving_is_atomic(tmp_path, monkeypatch):

@@ -3,8 +3,10 @@ running it, and a save killed part-way leaves the previous checkpoint intact and
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import mixprec.core.checkpoint
 from helpers.learner import assert_identical, make_learner, snapshot
 from mixprec import load_checkpoint, save_checkpoint
+from mixprec.core.integrity import CheckpointError
 
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
@@ -53,7 +57,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     learn = make_learner(tmp_path, seed=3).to_fp16()
     learn.fit(1)
     before = snapshot(learn)
-    message = r"evil.pth was refused, and nothing in it was run: loading it would call exec"
+    message = (
+        r"evil.pth was refused as unsafe, and nothing in it was run: loading it would call exec"
+    )
     with pytest.raises(ValueError, match=message):
         learn.load("evil")
     with pytest.raises(ValueError, match=message):
@@ -147,3 +153,124 @@ def test_a_writer_killed_at_any_moment_leaves_a_complete_checkpoint(tmp_path):
     checkpoint = load_checkpoint(path)  # checksums verified: a complete file, never a mix
     assert checkpoint["version"] >= 2
     assert torch.equal(checkpoint["w"], torch.full((1 << 20,), float(checkpoint["version"])))
+
+
+class CallsSystem:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_pickle_calling_os_system_is_refused_as_unsafe_without_advice_to_turn_checks_off(
+    tmp_path,
+):
+    path = tmp_path / "system.pth"
+    torch.save({"x": CallsSystem()}, path)
+    with pytest.raises(
+        CheckpointError, match=r"system.pth was refused as unsafe.*call posix.system"
+    ) as info:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)
+
+
+def _patched_zip(data: bytes, flags: int = 0, method: int | None = None) -> bytes:
+    """The archive with its first member's header flags or compression method changed."""
+    out = bytearray(data)
+    for signature, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = out.index(signature)
+        old = struct.unpack_from("<H", out, at + flag_at)[0]
+        struct.pack_into("<H", out, at + flag_at, old | flags)
+        if method is not None:
+            struct.pack_into("<H", out, at + method_at, method)
+    return bytes(out)
+
+
+DAMAGED = {
+    "unknown compression method": lambda b: _patched_zip(b, method=99),
+    "encrypted member": lambda b: _patched_zip(b, flags=0x1),
+    "stored bytes read as deflate": lambda b: _patched_zip(b, method=8),
+    "central directory cut": lambda b: b[: b.rindex(b"PK\x01\x02")] + b"PK\x05\x06" + bytes(18),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED.values(), ids=DAMAGED.keys())
+def test_every_damaged_archive_is_one_checkpoint_error_naming_the_file(tmp_path, damage):
+    path = save_checkpoint({"w": torch.arange(64.0)}, tmp_path / "good.pth")
+    bad = tmp_path / "damaged.pth"
+    bad.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=r"damaged.pth is (truncated or )?corrupted"):
+        load_checkpoint(bad)
+
+
+def test_a_long_name_saves_though_the_temporary_name_would_be_longer(tmp_path):
+    learn = make_learner(tmp_path)
+    name = "n" * 240  # "{name}.pth" is 244 bytes: a valid file name
+    path = learn.save(name)
+    assert path.name == name + ".pth" and path.is_file()
+    assert list(path.parent.iterdir()) == [path]
+    learn.load(name)
+
+
+def test_a_full_disk_says_so_and_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "ckpt.pth")
+    good = path.read_bytes()
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 512:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(
+        mixprec.core.checkpoint, "open", lambda p, m: Full(real_open(p, m)), raising=False
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"no space left on the device writing .*ckpt.pth .* the previous file there is intact",
+    ):
+        save_checkpoint({"w": torch.ones(100_000)}, path)
+    assert path.read_bytes() == good
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_stale_temporary_files_of_killed_saves_are_cleaned_on_the_next_save(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    host = mixprec.core.checkpoint._host()
+    other = "0badc0de" if host != "0badc0de" else "0badc0df"
+    files = {
+        "dead writer": f".ckpt.pth.{host}-{dead_pid}-{'a' * 12}.mixprec.tmp",
+        "live writer": f".ckpt.pth.{host}-{os.getpid()}-{'b' * 12}.mixprec.tmp",
+        "other host, recent": f".ckpt.pth.{other}-{dead_pid}-{'c' * 12}.mixprec.tmp",
+        "other host, old": f".ckpt.pth.{other}-{dead_pid}-{'d' * 12}.mixprec.tmp",
+        "an older version's": f".ckpt.pth.{dead_pid}.{'e' * 32}.tmp",
+        "not ours": ".notes.tmp",
+    }
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for key in ("other host, old", "an older version's"):
+        os.utime(tmp_path / files[key], (two_days_ago, two_days_ago))
+    save_checkpoint({"w": torch.zeros(3)}, tmp_path / "ckpt.pth")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {
+        "ckpt.pth",
+        files["live writer"],
+        files["other host, recent"],
+        files["not ours"],
+    }

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -153,3 +154,39 @@ def test_unscale_and_check_is_fused_over_all_grads():
     grads[1][0, 1] = math.nan
     assert unscale_and_check_(grads, 1.0).item() == 1.0
     assert unscale_and_check_([], 1.0) is None
+
+
+def test_on_load_the_scaler_settings_win_over_the_saved_scale():
+    """Decided: a static scaler keeps the loss_scale it was built with; a dynamic one clamps
+    the saved scale into its [min_scale, max_scale]; both warn. Built alike, exact resume."""
+    saved = LossScaler(512.0).state_dict()
+    static = LossScaler(8.0)
+    with pytest.warns(
+        RuntimeWarning, match=r"saved static loss scale 512.0 differs .* keeping 8.0"
+    ):
+        static.load_state_dict(saved)
+    assert static.scale == 8.0
+    big = LossScaler("dynamic", init_scale=131072.0)
+    big.update(False)
+    capped = LossScaler("dynamic", init_scale=512.0, max_scale=1024.0)
+    with pytest.warns(
+        RuntimeWarning, match=r"131072.0 lies outside .* \[1.0, 1024.0\]; using 1024.0"
+    ):
+        capped.load_state_dict(big.state_dict())
+    assert capped.scale == 1024.0 and capped.steps == 1
+    same = LossScaler(512.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(saved)  # built alike: silent and exact
+    assert same.state_dict() == saved
+
+
+def test_learner_load_keeps_its_own_static_scale(tmp_path):
+    from helpers.learner import make_learner
+
+    saver = make_learner(tmp_path).to_fp16(loss_scale=512.0)
+    saver.save("s512")
+    learn = make_learner(tmp_path).to_fp16(loss_scale=8.0)
+    with pytest.warns(RuntimeWarning, match="keeping 8.0"):
+        learn.load("s512")
+    assert learn.opt.scaler.scale == 8.0

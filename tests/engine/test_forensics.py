@@ -192,3 +192,68 @@ def test_param_names_unwraps_and_checks():
     assert list(param_names(model).values())[:2] == ["0.encoder.0.weight", "0.encoder.0.bias"]
     with pytest.raises(TypeError, match=r"model must be the nn\.Module whose parameters"):
         param_names("model")
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+def test_a_master_past_the_fp16_range_is_named_as_the_weight_not_the_gradients(flat):
+    model, opt = _setup(flat_master=flat)
+    _backward(model, opt)
+    assert opt.step()
+    opt.zero_grad()
+    with torch.no_grad():  # as if the update had carried it there: the half copy is inf
+        master = opt.master_params[0][0]
+        master.view(-1)[0] = 7e4
+        opt._copy_masters_to_model()
+    assert model.encoder[0].weight.isinf().any()
+    _backward(model, opt)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"encoder.0.weight \(its fp32 master reaches \|w\| = 7e\+04, beyond the half range: 1 value\(s\) are inf",
+    ):
+        assert not opt.step()
+    assert [w.name for w in opt.last_overflow.weights] == ["encoder.0.weight"]
+    assert "not finite WEIGHTS, the cause: encoder.0.weight" in str(opt.last_overflow)
+
+
+def test_a_nan_weight_is_reported_as_a_nan_weight():
+    model, opt = _setup()
+    with torch.no_grad():
+        opt.master_params[0][4].view(-1)[1] = math.nan  # head.weight: its master and half copy
+        opt._copy_masters_to_model()
+    _backward(model, opt)
+    with pytest.warns(RuntimeWarning, match=r"head.weight \(the weight itself holds 1 nan\)"):
+        assert not opt.step()
+    assert opt.last_overflow.weights[0].name == "head.weight"
+
+
+def test_autocast_mode_names_the_overflowing_layer_too():
+    from mixprec import AutocastOptimizer
+
+    torch.manual_seed(0)
+    model = _Net()
+    opt = AutocastOptimizer(
+        torch.optim.AdamW(model.parameters()), 1024.0, dtype=torch.bfloat16, model=model
+    )
+    x = torch.randn(4, 4)
+    with opt.autocast():
+        loss = F.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]))
+    opt.backward(loss)
+    with torch.no_grad():
+        model.head.bias.grad[1] = math.inf
+    assert not opt.step()
+    assert opt.last_overflow.names == ["head.bias"]
+    assert opt.last_overflow.weights == ()
+    assert "head.bias (1 inf of 2)" in str(opt.last_overflow)
+
+
+def test_a_learner_in_autocast_mode_names_the_layer(tmp_path):
+    learn = make_learner(tmp_path).to_fp16(mode="autocast", dtype=torch.bfloat16)
+
+    class Poison(Callback):
+        def on_backward_end(self, **kwargs):
+            with torch.no_grad():
+                learn.model[3].weight.grad.view(-1)[0] = math.nan
+
+    learn.add_cb(Poison())
+    learn.fit(1)
+    assert learn.opt.last_overflow.names == ["3.weight"]

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from mixprec.cli.bench.fault_learner import (
     BATCH_EVENTS,
+    IN_STEP,
     N_BATCHES,
+    TRAIN_END,
     WHERE,
     LearnerConfig,
     Stop,
@@ -94,3 +96,14 @@ def test_inf_nan_gradients_skip_their_steps_and_nothing_else(config):
 
     check()
     assert runs == [3] * GRAD_RUNS
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "stop",
+    [Stop(1, IN_STEP, KeyboardInterrupt), Stop(0, TRAIN_END, KeyboardInterrupt)],
+    ids=["SIGINT inside the step", "KeyboardInterrupt in on_train_end"],
+)
+def test_sigint_inside_the_step_and_a_stop_at_train_end_leave_nothing_half_done(config, stop):
+    result = run_stop(config, stop)
+    assert result.ok, result.problems

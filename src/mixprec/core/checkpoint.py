@@ -3,8 +3,13 @@ state that makes a resumed run draw the same numbers as one that never stopped."
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import random
+import re
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -13,29 +18,139 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixprec.core.integrity import safe_load
+from mixprec.core.integrity import CheckpointError, safe_load
 
-__all__ = ["load_checkpoint", "loader_generators", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "STALE_AFTER_S",
+    "clean_stale_tmp_files",
+    "load_checkpoint",
+    "loader_generators",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+
+# Our temporary files: ".{start of the name}.{host}-{pid}-{random}.mixprec.tmp", short
+# enough for any valid final name (255 bytes), telling which process on which host wrote it.
+_TMP = re.compile(r"^\..*\.([0-9a-f]{8})-(\d+)-[0-9a-f]{12}\.mixprec\.tmp$")
+_OLD_TMP = re.compile(r"^\..+\.pth\.(\d+)\.[0-9a-f]{32}\.tmp$")  # mixprec <= 0.x
+STALE_AFTER_S = 24 * 3600.0
+"""A temporary file of ours older than this is stale even if its writer cannot be checked."""
+_NAME_BYTES = 255
+
+
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_path(path: Path) -> Path:
+    suffix = f".{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.mixprec.tmp"
+    room = _NAME_BYTES - len(suffix.encode()) - 1
+    stem = path.name.encode()[:room].decode(errors="ignore")
+    return path.with_name(f".{stem}{suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def clean_stale_tmp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed saves left in `folder`: ours only (by name),
+    stale only (written by a process of this host that is gone, or older than
+    `STALE_AFTER_S`). Returns the paths deleted."""
+    removed = []
+    now = time.time()
+    host, me = _host(), os.getpid()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        ours, old = _TMP.match(entry.name), _OLD_TMP.match(entry.name)
+        if not (ours or old) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        stale = age > STALE_AFTER_S
+        if ours and ours.group(1) == host:
+            pid = int(ours.group(2))
+            stale = stale or (pid != me and not _alive(pid))
+        if stale:
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
+
+
+class _Writer:
+    """The file torch.save writes to, remembering the OS error a write or flush raised (torch
+    reports a failed write as "unexpected pos", without the reason)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as error:
+            self.error = self.error or error
+            raise
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` (a mapping, usually; any object `torch.save` takes) to `path` atomically: a
-    reader sees the old file or the new one, never half of one. Returns `path` as a Path."""
+    reader sees the old file or the new one, never half of one. Returns `path` as a Path.
+
+    Stale temporary files of earlier saves killed part-way are deleted first
+    (`clean_stale_tmp_files`). A full disk raises a `CheckpointError` saying so; the file
+    that was at `path` is then intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp_files(path.parent)
     # A unique name in the same directory (os.replace cannot cross filesystems); opened with
     # "x" rather than mkstemp so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    tmp = _tmp_path(path)
+    writer: _Writer | None = None
     try:
         with open(tmp, "xb") as f:
+            writer = _Writer(f)
             # a dict (an OrderedDict state_dict keeps its _metadata) as it is; a Mapping as a dict
             is_plain = isinstance(obj, dict) or not isinstance(obj, Mapping)
-            torch.save(obj if is_plain else dict(obj), f)
-            f.flush()
+            torch.save(obj if is_plain else dict(obj), writer)
+            writer.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows, same filesystem
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else error
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous file there is intact" if path.exists() else "nothing was written"
+            raise CheckpointError(
+                f"no space left on the device writing {path} ({cause.strerror}); {kept}. Free "
+                "some space (or save elsewhere) and save again."
+            ) from error
         raise
     return path
 
@@ -52,7 +167,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"no checkpoint at {path}; save one first with learn.save(name).")
     obj = safe_load(path, map_location)  # checksums, then torch.load(weights_only=True)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a checkpoint dict; got {type(obj).__name__}.")
+        raise CheckpointError(f"{path} does not hold a checkpoint dict; got {type(obj).__name__}.")
     return obj
 
 

@@ -9,6 +9,7 @@ once per conversion, never per step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,10 +19,15 @@ from torch import nn
 from mixprec.core.dtypes import HALF_DTYPES
 
 __all__ = [
+    "check_engine_options",
+    "check_flag",
+    "check_optimizer_supported",
     "check_not_half_without_masters",
+    "check_param_group",
     "check_optimizer_holds",
     "check_trainable",
     "held_params",
+    "real_number",
 ]
 
 SHOWN = 5  # names listed in a message
@@ -114,3 +120,92 @@ def check_engine_options(clip: Any, data_parallel: Any) -> float | None:
     if not isinstance(data_parallel, bool):
         raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
     return None if clip is None else float(clip)
+
+
+def check_param_group(param_group: Any) -> None:
+    """Raise a TypeError/ValueError unless `param_group` is a dict whose "params" is a tensor
+    or an iterable of tensors (what `add_param_group` takes)."""
+    if not isinstance(param_group, dict):
+        raise TypeError(
+            "a param group must be a dict with a 'params' entry, e.g. "
+            f"{{'params': layer.parameters(), 'lr': 1e-3}}; got {type(param_group).__name__}."
+        )
+    if "params" not in param_group:
+        raise ValueError(
+            "a param group must have a 'params' entry (the parameters to add), e.g. "
+            f"{{'params': layer.parameters()}}; got keys {sorted(param_group)}."
+        )
+    params = param_group["params"]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("a param group's 'params' must be ordered (a list), not a set.")
+    if not isinstance(params, torch.Tensor):
+        params = param_group["params"] = list(params)
+        wrong = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+        if wrong:
+            raise TypeError(
+                f"a param group's 'params' must hold tensors; got {wrong[0]} among them."
+            )
+
+
+def real_number(value: Any) -> float | None:
+    """`value` as a float if it is a real number: an int or float, a numpy number, a 0-d
+    real tensor (read with one host sync); None for anything else, booleans included."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`value` if it is True or False; else a TypeError (a string "False" would mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}.")
+    return value
+
+
+# Optimizers the wrappers cannot drive, and why.
+_UNSUPPORTED = {
+    "LBFGS": "LBFGS re-evaluates the loss through a closure inside step(), which the "
+    "loss-scaled step (backward(loss), then step()) cannot give it",
+    "SparseAdam": "SparseAdam steps sparse gradients, and mixed precision's unscale, overflow "
+    "check and master copies work on dense ones",
+}
+
+
+def check_optimizer_supported(optimizer: Any, model: nn.Module | None = None) -> None:
+    """Raise a ValueError if the mixed-precision wrappers cannot step `optimizer` (or its
+    type): LBFGS, SparseAdam, parameters on the meta device, sparse-gradient embeddings."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    why = _UNSUPPORTED.get(cls.__name__) if cls.__module__.startswith("torch.optim") else None
+    if why is not None:
+        raise ValueError(
+            f"torch.optim.{cls.__name__} cannot be used with mixed precision: {why}. Use "
+            "a first-order optimizer such as torch.optim.AdamW or SGD."
+        )
+    if isinstance(optimizer, type):
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    meta = [tuple(p.shape) for p in params if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"the optimizer holds {len(meta)} parameter(s) on the meta device (shapes "
+            f"{meta[:SHOWN]}), which hold no values to train. Materialize the model first "
+            "(model.to_empty(device=...) and initialize it), then build the optimizer."
+        )
+    if model is not None:
+        sparse = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        ]
+        if sparse:
+            raise ValueError(
+                f"{_names(sparse)}: embedding(s) with sparse=True give sparse gradients, "
+                "which mixed precision cannot unscale, check or copy to the fp32 masters. "
+                "Build them with sparse=False."
+            )

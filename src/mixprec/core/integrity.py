@@ -13,17 +13,44 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["safe_load", "verify_archive"]
+__all__ = ["CheckpointError", "safe_load", "verify_archive"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or written: truncated, corrupted, unsafe, or the
+    disk full. The message names the file."""
+
 
 _EARLIER = "Load an earlier checkpoint: an interrupted save never replaces the file it was writing."
 # What torch's weights-only unpickler says about objects it may not build (not corruption).
-_UNSAFE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|not an allowed global|allowlist")
+_UNSAFE = re.compile(
+    r"(?:unsupported global:? GLOBAL|unsupported GLOBAL|call reduce for) ([\w.]+)"
+    r"|not an allowed global|allowlist|is blocked",
+    re.IGNORECASE,
+)
+# What reading a damaged archive can raise, from zipfile, zlib and the file system.
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    EOFError,
+    ValueError,
+    NotImplementedError,  # a compression method zipfile does not have
+    RuntimeError,  # "File ... is encrypted, password required"
+    zlib.error,
+    OSError,
+    struct.error,
+    KeyError,
+    IndexError,
+    OverflowError,
+    UnicodeDecodeError,
+)
 
 
 def verify_archive(path: str | os.PathLike) -> None:
@@ -32,13 +59,13 @@ def verify_archive(path: str | os.PathLike) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, ValueError) as error:
-        raise ValueError(
+    except _READ_ERRORS as error:
+        raise CheckpointError(
             f"{path} is truncated or corrupted: it is not a complete torch checkpoint archive "
             f"({error}). {_EARLIER}"
         ) from error
     if bad is not None:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is corrupted: the bytes of its part {bad!r} do not match the checksum "
             f"written with them. {_EARLIER}"
         )
@@ -55,13 +82,20 @@ def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
     except pickle.UnpicklingError as error:
         unsafe = _UNSAFE.search(str(error))
         if unsafe is None:
-            raise ValueError(f"{path} is corrupted: {error}. {_EARLIER}") from error
+            raise CheckpointError(f"{path} is corrupted: {_reason(error)}. {_EARLIER}") from None
         what = unsafe.group(1) or "an object that is not a tensor or plain value"
-        raise ValueError(
-            f"{path} was refused, and nothing in it was run: loading it would call {what}, "
-            "and mixprec loads checkpoints with weights_only=True, which builds tensors and "
-            "plain values only (all a mixprec checkpoint holds). Do not load this file unless "
-            "you know where it came from."
+        raise CheckpointError(
+            f"{path} was refused as unsafe, and nothing in it was run: loading it would call "
+            f"{what}, and mixprec loads checkpoints with weights_only=True, which builds "
+            "tensors and plain values only (all a mixprec checkpoint holds). Do not load this "
+            "file unless you know where it came from."
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is corrupted: {error}. {_EARLIER}") from error
+    except Exception as error:  # anything else a damaged file makes torch raise
+        raise CheckpointError(f"{path} is corrupted: {_reason(error)}. {_EARLIER}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of a loading error, without torch's advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if "weights_only" not in line and "torch.load" not in line]
+    return f"{type(error).__name__}: {' '.join(kept[:2]) or 'unreadable'}"

@@ -223,6 +223,24 @@ def masters_by_param(
     }
 
 
+def _check_pairs(model_params: Any, master_params: Any, flat_master: bool) -> None:
+    """Raise a ValueError unless the two lists pair up: as many groups, and per group as
+    many masters as parameters (one flat master per non-empty group)."""
+    if len(model_params) != len(master_params):
+        raise ValueError(
+            f"model_params has {len(model_params)} group(s) but master_params has "
+            f"{len(master_params)}: pass the two lists get_master returned, together."
+        )
+    for i, (params, masters) in enumerate(zip(model_params, master_params)):
+        expected = (1 if params else 0) if flat_master else len(params)
+        if len(masters) != expected:
+            raise ValueError(
+                f"group {i}: {len(params)} model parameter(s) but {len(masters)} master(s), "
+                f"expected {expected} with flat_master={flat_master}: pass the lists "
+                "get_master returned, with the same flat_master."
+            )
+
+
 def model_g2master_g(
     model_params: ParamGroups,
     master_params: ParamGroups,
@@ -235,6 +253,7 @@ def model_g2master_g(
     Non-flat: a model gradient that is None leaves its master gradient None. Flat: the flat
     master gradient gets every gradient in order, zeros where a model gradient is None.
     """
+    _check_pairs(model_params, master_params, flat_master)
     dst, src = [], []
     with torch.no_grad():
         for model_group, master_group in zip(model_params, master_params):
@@ -268,6 +287,7 @@ def master2model(
     model_params: ParamGroups, master_params: ParamGroups, flat_master: bool = False
 ) -> None:
     """Copy the master values into the model parameters, rounding to each one's dtype."""
+    _check_pairs(model_params, master_params, flat_master)
     dst, src = [], []
     for model_group, master_group in zip(model_params, master_params):
         if not model_group:
@@ -469,6 +489,11 @@ def check_saved_masters(
 ) -> ParamGroups:
     """Return the masters of a MixedPrecisionOptimizer `state_dict` if they fit `master_params`;
     raise ValueError naming the mismatch otherwise."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "expected a MixedPrecisionOptimizer state_dict (from opt.state_dict()); got "
+            f"{type(state_dict).__name__}."
+        )
     check_saved_mode(state_dict, "master")
     missing = {"masters", "optimizer", "scaler"} - set(state_dict)
     if missing:
@@ -483,6 +508,13 @@ def check_saved_masters(
             f"flat_master={flat_master}; build it with the same flat_master."
         )
     saved = state_dict["masters"]
+    if not isinstance(saved, Sequence) or not all(
+        isinstance(group, Sequence) and all(torch.is_tensor(m) for m in group) for group in saved
+    ):
+        raise ValueError("state_dict['masters'] must be lists of tensors, one list per group.")
+    wrong = sorted({str(m.dtype) for group in saved for m in group if m.dtype != torch.float32})
+    if wrong:
+        raise ValueError(f"state_dict holds masters of dtype {', '.join(wrong)}; expected fp32.")
     expected = [[tuple(m.shape) for m in group] for group in master_params]
     got = [[tuple(m.shape) for m in group] for group in saved]
     if expected != got:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+
+from mixprec.core.checks import real_number
 
 __all__ = ["LossScaler", "unscale_and_check_"]
 
@@ -37,18 +41,32 @@ def unscale_and_check_(grads: Iterable[torch.Tensor], inv_scale: float) -> torch
     return torch.stack([f.to(first.device) for f in found]).amax().reshape(1)
 
 
+# A loss scale and its inverse (the unscale factor) must both be normal fp32 numbers.
+SCALE_RANGE = (2.0**-126, 2.0**126)
+
+
 def _check_positive_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    number = real_number(value)  # numpy numbers and 0-d tensors too
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
-    return float(value)
+    return number
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
-    return value
+def _check_scale(name: str, value: Any) -> float:
+    number = _check_positive_finite(name, value)
+    low, high = SCALE_RANGE
+    if not low <= number <= high:
+        raise ValueError(
+            f"{name} must lie in [2**-126, 2**126] (about [1.2e-38, 8.5e37]), so that fp32 "
+            f"holds it and its inverse; got {value!r}. Typical scales are 1 to 2**24."
+        )
+    return number
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
 
 
 class LossScaler:
@@ -93,9 +111,9 @@ class LossScaler:
                 )
             self.dynamic = True
         else:
-            _check_positive_finite("loss_scale", loss_scale)
+            loss_scale = _check_scale("loss_scale", loss_scale)
             self.dynamic = False
-        self.init_scale = _check_positive_finite("init_scale", init_scale)
+        self.init_scale = _check_scale("init_scale", init_scale)
         self.growth_factor = _check_positive_finite("growth_factor", growth_factor)
         if self.growth_factor < 1.0:
             raise ValueError(f"growth_factor must be >= 1; got {growth_factor!r}.")
@@ -105,8 +123,8 @@ class LossScaler:
         self.growth_interval = _check_count("growth_interval", growth_interval)
         self.hysteresis = _check_count("hysteresis", hysteresis)
         self.floor_patience = _check_count("floor_patience", floor_patience)
-        self.min_scale = _check_positive_finite("min_scale", min_scale)
-        self.max_scale = _check_positive_finite("max_scale", max_scale)
+        self.min_scale = _check_scale("min_scale", min_scale)
+        self.max_scale = _check_scale("max_scale", max_scale)
         if self.min_scale > self.max_scale:
             raise ValueError(
                 f"min_scale must be <= max_scale; got min_scale={min_scale!r}, "
@@ -191,26 +209,69 @@ class LossScaler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the state from `state_dict()`; keys added by newer versions are ignored."""
+        """Restore the state from `state_dict()`; keys added by newer versions are ignored.
+        Every value is checked before any is set.
+
+        This scaler's settings win over the saved scale: under static scaling the scale is
+        the `loss_scale` this scaler was built with (a different saved one is warned about);
+        under dynamic scaling the saved scale is clamped into [min_scale, max_scale] (warned
+        about too). Built as the one that saved it, the resume is exact."""
         if not isinstance(state, Mapping) or "scale" not in state:
             raise ValueError(
                 "expected a LossScaler state_dict (a mapping with at least 'scale'); "
                 f"got {type(state).__name__}."
             )
-        dynamic = bool(state.get("dynamic", self.dynamic))
-        if dynamic != self.dynamic:
+        saved_dynamic = state.get("dynamic", self.dynamic)
+        if not isinstance(saved_dynamic, bool):
+            raise ValueError(f"state_dict['dynamic'] must be True or False; got {saved_dynamic!r}.")
+        if saved_dynamic != self.dynamic:
             raise ValueError(
-                f"state_dict is from a {'dynamic' if dynamic else 'static'} scaler but this one "
-                f"is {'dynamic' if self.dynamic else 'static'}; build the scaler with the same "
-                "loss_scale mode as the one that was saved."
+                f"state_dict is from a {'dynamic' if saved_dynamic else 'static'} scaler but this "
+                f"one is {'dynamic' if self.dynamic else 'static'}; build the scaler with the "
+                "same loss_scale mode as the one that was saved."
             )
-        self._scale = _check_positive_finite("scale", float(state["scale"]))
-        self._growth_tracker = int(state.get("growth_tracker", 0))
-        self._hysteresis_left = int(state.get("hysteresis_left", self.hysteresis))
-        self.steps = int(state.get("steps", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self._floor_overflows = int(state.get("floor_overflows", 0))
+        try:
+            scale = _check_scale("scale", state["scale"])
+        except ValueError as error:
+            raise ValueError(f"state_dict: {error}") from None
+        counts = {}
+        for key, default, minimum in (
+            ("growth_tracker", 0, 0),
+            ("hysteresis_left", self.hysteresis, 0),
+            ("steps", 0, 0),
+            ("skipped_steps", 0, 0),
+            ("consecutive_skips", 0, 0),
+            ("floor_overflows", 0, 0),
+        ):
+            try:
+                counts[key] = _check_count(key, state.get(key, default), minimum)
+            except ValueError as error:
+                raise ValueError(f"state_dict: {error}") from None
+        if not self.dynamic and scale != self._scale:
+            warnings.warn(
+                f"the saved static loss scale {scale} differs from this scaler's loss_scale="
+                f"{self._scale}; keeping {self._scale} (build it with loss_scale={scale} to "
+                "resume exactly).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            scale = self._scale
+        elif self.dynamic and not self.min_scale <= scale <= self.max_scale:
+            clamped = min(max(scale, self.min_scale), self.max_scale)
+            warnings.warn(
+                f"the saved dynamic loss scale {scale} lies outside this scaler's [min_scale, "
+                f"max_scale] = [{self.min_scale}, {self.max_scale}]; using {clamped}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            scale = clamped
+        self._scale = scale
+        self._growth_tracker = counts["growth_tracker"]
+        self._hysteresis_left = counts["hysteresis_left"]
+        self.steps = counts["steps"]
+        self.skipped_steps = counts["skipped_steps"]
+        self.consecutive_skips = counts["consecutive_skips"]
+        self._floor_overflows = counts["floor_overflows"]
 
     def __repr__(self) -> str:
         mode = "dynamic" if self.dynamic else "static"

@@ -8,17 +8,25 @@ methods, so a loop or a callback drives either one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mixprec.core.checks import check_engine_options
+from mixprec.core.checks import check_engine_options, check_optimizer_supported, check_param_group
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.modes import check_mode_options, check_saved_mode
+from mixprec.core.optim_state import (
+    check_optimizer_state_dict,
+    drop_incomplete_state_,
+    optimizer_type_name,
+)
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
+from mixprec.engine import forensics
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
 from mixprec.parallel.distributed import all_reduce_overflow_
@@ -67,7 +75,7 @@ class AutocastOptimizer(OptimizerWrapper):
     step, and an overflowing step changes no weight and no optimizer state. Several
     `backward` calls before `step` accumulate in fp32. `dtype` is the half dtype autocast
     runs in (fp16 or bf16), `device_type` the device autocast covers (default: the
-    parameters').
+    parameters'). `model` names the parameters in a skipped step's `last_overflow`.
     """
 
     mode = "autocast"
@@ -84,6 +92,7 @@ class AutocastOptimizer(OptimizerWrapper):
         device_type: str | None = None,
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
+        model: nn.Module | None = None,
         **scaler_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -100,6 +109,7 @@ class AutocastOptimizer(OptimizerWrapper):
         for name in ("flat_master", "fused"):  # False is harmless: nothing to lay out or fuse
             scaler_options.pop(name, None)
         clip = check_engine_options(clip, data_parallel)
+        check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         for group in optimizer.param_groups:
             _check_fp32(group["params"])
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -107,6 +117,11 @@ class AutocastOptimizer(OptimizerWrapper):
         if not torch.amp.is_autocast_available(self.device_type):
             raise ValueError(f"torch.autocast does not support device type {self.device_type!r}.")
         self.dtype = check_half_dtype(dtype)
+        self.param_names = (
+            {}
+            if model is None
+            else forensics.param_names(model, [g["params"] for g in optimizer.param_groups])
+        )
         self.scaler = LossScaler(loss_scale, **scaler_options)
         self.optimizer = optimizer
         self.clip = clip
@@ -114,12 +129,14 @@ class AutocastOptimizer(OptimizerWrapper):
         self.data_parallel = data_parallel
         self.telemetry = NO_TELEMETRY
         self.last_grad_norm: torch.Tensor | None = None
+        self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
         self._has_grads = False  # backward ran since the last step
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the fp32 model's parameters."""
+        check_param_group(param_group)
         params = param_group["params"]
         _check_fp32([params] if isinstance(params, torch.Tensor) else list(params))
         self.optimizer.add_param_group(param_group)
@@ -146,6 +163,10 @@ class AutocastOptimizer(OptimizerWrapper):
     def unscale_(self) -> None:
         """Unscale the gradients in place, check them for inf/nan and clip them; `step()`
         does this itself when it was not called. No host sync."""
+        with deferred_interrupt():
+            self._unscale()
+
+    def _unscale(self) -> None:
         if self._found_inf is not None:
             raise RuntimeError(
                 "unscale_() has already been called since the last step(); call step() next."
@@ -164,7 +185,8 @@ class AutocastOptimizer(OptimizerWrapper):
             all_reduce_overflow_(found_inf, self.process_group)
         self.telemetry.record_(found_inf, self.scaler.scale, lambda: grads)
         if self.clip is not None:
-            self.last_grad_norm = nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
+            # leaves an overflowing step's grads as they were, for last_overflow
+            self.last_grad_norm = forensics.clip_grad_norm_if_finite_(params, self.clip)
         self._found_inf = found_inf
 
     def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
@@ -174,16 +196,43 @@ class AutocastOptimizer(OptimizerWrapper):
                 "AutocastOptimizer.step() takes no closure: compute the loss, call "
                 "backward(loss), then step()."
             )
-        if self._found_inf is None:
-            self.unscale_()
-        assert self._found_inf is not None
-        overflow = bool(self._found_inf.item())  # the one host sync of the step
-        self._found_inf = None
-        self._has_grads = False
-        if not overflow:
-            self.optimizer.step()
-        self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
-        return not overflow
+        with deferred_interrupt():  # stepped and counted together (mixprec.core.interrupts)
+            if self._found_inf is None:
+                self.unscale_()
+            assert self._found_inf is not None
+            overflow = bool(self._found_inf.item())  # the one host sync of the step
+            self._found_inf = None
+            self._has_grads = False
+            if overflow:  # only now: forensics cost nothing on clean steps
+                report = forensics.overflow_report(
+                    self._named_grads(), self.scaler.steps, self.scaler.scale
+                )
+                weights = forensics.weight_faults(
+                    (name, p, None) for name, p in self._named_params()
+                )
+                self.last_overflow = dataclasses.replace(report, weights=weights)
+            else:
+                try:
+                    self.optimizer.step()
+                except BaseException:  # raised inside the inner step: no half-made state
+                    drop_incomplete_state_(self.optimizer)
+                    self.zero_grad()
+                    raise
+            with forensics.naming_overflow(self.last_overflow if overflow else None):
+                self.scaler.update(overflow)  # may raise FloatingPointError; state consistent
+            return not overflow
+
+    def _named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, parameter) of every parameter, in the optimizer's order."""
+        for i, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                yield self.param_names.get(p, f"param_groups[{i}][{j}]"), p
+
+    def _named_grads(self) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
+        """(name, shape, gradient) of every parameter with one, in the optimizer's order."""
+        for name, p in self._named_params():
+            if p.grad is not None:
+                yield name, tuple(p.shape), p.grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step."""
@@ -198,13 +247,28 @@ class AutocastOptimizer(OptimizerWrapper):
         return {
             "mode": self.mode,
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_type": optimizer_type_name(self.optimizer),
             "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore the optimizer and scaler state; refuses another mode's state."""
+        """Restore the optimizer and scaler state; all of it or, if `state_dict` does not fit
+        (see `check_state_dict`), none of it."""
+        self.check_state_dict(state_dict)
+        with deferred_interrupt():
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            self.scaler.load_state_dict(state_dict["scaler"])
+            self.zero_grad()
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise a ValueError (TypeError for a non-mapping) naming what in `state_dict` this
+        optimizer cannot take: the mode, the wrapped optimizer's type, groups and
+        per-parameter state, the scaler's state. Changes nothing."""
         if not isinstance(state_dict, Mapping):
-            raise ValueError(f"expected an AutocastOptimizer state_dict; got {type(state_dict)}.")
+            raise TypeError(
+                "expected an AutocastOptimizer state_dict (from opt.state_dict()); got "
+                f"{type(state_dict).__name__}."
+            )
         check_saved_mode(state_dict, "autocast")
         missing = {"optimizer", "scaler"} - set(state_dict)
         if missing:
@@ -212,10 +276,10 @@ class AutocastOptimizer(OptimizerWrapper):
                 f"not an AutocastOptimizer state_dict: missing {sorted(missing)}; got keys "
                 f"{sorted(state_dict)}."
             )
-        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.scaler.load_state_dict(state_dict["scaler"])
-        self.zero_grad()
+        check_optimizer_state_dict(
+            self.optimizer, state_dict["optimizer"], None, state_dict.get("optimizer_type")
+        )
+        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])
 
     def __repr__(self) -> str:
         return (

@@ -19,6 +19,7 @@ by its place in the optimizer, e.g. "param_groups[0][3]".
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from mixprec.parallel.distributed import unwrap
 __all__ = [
     "GradFault",
     "OverflowReport",
+    "WeightFault",
+    "weight_faults",
     "clip_grad_norm_if_finite_",
     "naming_overflow",
     "overflow_report",
@@ -55,15 +58,39 @@ class GradFault(NamedTuple):
         return f"{self.name} ({', '.join(parts)} of {math.prod(self.shape)})"
 
 
+class WeightFault(NamedTuple):
+    """A parameter whose weight itself is not finite: nan/inf in its fp32 value (`nan`,
+    `inf`), or (`half_inf`) inf only in its half copy, because the fp32 master grew past
+    what the half dtype holds (`max_abs`)."""
+
+    name: str
+    nan: int
+    inf: int
+    half_inf: int
+    max_abs: float
+
+    def __str__(self) -> str:
+        if self.nan or self.inf:
+            parts = [f"{n} {what}" for n, what in ((self.nan, "nan"), (self.inf, "inf")) if n]
+            return f"{self.name} (the weight itself holds {', '.join(parts)})"
+        return (
+            f"{self.name} (its fp32 master reaches |w| = {self.max_abs:.4g}, beyond the half "
+            f"range: {self.half_inf} value(s) are inf in the half model)"
+        )
+
+
 @dataclass(frozen=True)
 class OverflowReport:
     """What a skipped step's gradients held: `step` is its index (0 for the first step the
     optimizer took: a Learner's `iteration`), `loss_scale` the scale its loss was multiplied
-    by, `faults` every parameter with an inf/nan gradient, in the optimizer's order."""
+    by, `faults` every parameter with an inf/nan gradient, in the optimizer's order, and
+    `weights` the parameters whose weights themselves are not finite (then the gradients
+    are not the cause: the weights are)."""
 
     step: int
     loss_scale: float
     faults: tuple[GradFault, ...]
+    weights: tuple[WeightFault, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -79,7 +106,11 @@ class OverflowReport:
             )
         shown = ", ".join(map(str, self.faults[:SHOWN]))
         more = f" and {len(self.faults) - SHOWN} more" if len(self.faults) > SHOWN else ""
-        return f"{head}: inf/nan gradients in {len(self.faults)} parameter(s): {shown}{more}"
+        text = f"{head}: inf/nan gradients in {len(self.faults)} parameter(s): {shown}{more}"
+        if self.weights:
+            named = ", ".join(map(str, self.weights[:SHOWN]))
+            text += f"; not finite WEIGHTS, the cause: {named}"
+        return text
 
 
 def param_names(
@@ -104,7 +135,7 @@ def overflow_report(
     """The report of skipped step `step` at loss scale `scale`, from the (name, shape, grad)
     of every parameter with a gradient. Call it only once the step is known to have
     overflowed: it costs a pass over the gradients and a host sync."""
-    named = list(named_grads)
+    named = [(n, shape, g) for n, shape, g in named_grads if not g.is_sparse]
     faults: tuple[GradFault, ...] = ()
     if named:
         device = named[0][2].device
@@ -117,6 +148,41 @@ def overflow_report(
             if nan or inf
         )
     return OverflowReport(step, scale, faults)
+
+
+@torch.no_grad()
+def weight_faults(
+    named_weights: Iterable[tuple[str, torch.Tensor, torch.Tensor | None]],
+) -> tuple[WeightFault, ...]:
+    """The parameters whose weights are not finite, from (name, fp32 weight or master, half
+    copy or None) of each; one host sync. Warns (RuntimeWarning) naming them. Call it only
+    on a skipped step: it costs a pass over the weights."""
+    named = list(named_weights)
+    if not named:
+        return ()
+    device = named[0][1].device
+    rows = []
+    for _, w, half in named:
+        w = w.detach()
+        finite = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+        half_inf = half.isinf().sum() if half is not None else torch.zeros((), device=w.device)
+        row = (w.isnan().sum(), w.isinf().sum(), half_inf.to(w.device), finite.abs().amax())
+        rows.append(torch.stack([x.float() for x in row]).to(device))
+    values = torch.stack(rows).tolist()
+    found = tuple(
+        WeightFault(name, int(nan), int(inf), int(half_inf) if not (nan or inf) else 0, top)
+        for (name, _, _), (nan, inf, half_inf, top) in zip(named, values)
+        if nan or inf or half_inf
+    )
+    if found:
+        warnings.warn(
+            "the weights themselves are not finite, so the gradients overflow because of "
+            f"them: {', '.join(map(str, found[:SHOWN]))}. Lower the learning rate, clip, add "
+            "weight decay, or keep these layers in fp32 (or train in bfloat16).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return found
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -11,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mixprec.core.checks import check_engine_options, check_optimizer_holds
+from mixprec.core.checks import (
+    check_engine_options,
+    check_flag,
+    check_optimizer_holds,
+    check_optimizer_supported,
+    check_param_group,
+)
 from mixprec.core.chunked import (
     Chunk,
     copy_unscale_check_,
@@ -21,6 +28,7 @@ from mixprec.core.chunked import (
 )
 from mixprec.core.convert import model_to_half, restore_fp32_
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     FlatGroup,
     ParamGroups,
@@ -32,6 +40,11 @@ from mixprec.core.master import (
     model_g2master_g,
     move_state_to_masters,
     new_group_params,
+)
+from mixprec.core.optim_state import (
+    check_optimizer_state_dict,
+    drop_incomplete_state_,
+    optimizer_type_name,
 )
 from mixprec.core.policy import PrecisionPolicy, Rule, as_policy
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
@@ -128,6 +141,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 f"{type(model).__name__}."
             )
         clip = check_engine_options(clip, data_parallel)
+        check_flag("flat_master", flat_master)
+        check_flag("fused", fused)
+        check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         model_params = [list(group["params"]) for group in optimizer.param_groups]
         check_master_params(model_params, bool(flat_master))
         _check_not_held(model_params)
@@ -216,6 +232,12 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._released = True
         _HOLDERS.discard(self)
 
+    def hold(self) -> None:
+        """Take the parameters back after `release()`; refused if another wrapper holds them."""
+        _check_not_held(self.model_params)
+        self._released = False
+        _HOLDERS.add(self)
+
     @property
     def fused(self) -> bool:
         """Whether Adam(W) steps run fused from the half gradients (see the class docstring)."""
@@ -223,6 +245,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
+        check_param_group(param_group)
         params = new_group_params(param_group["params"], self.model_params)
         _check_not_held([params])
         (masters,) = make_masters([params], self.flat_master)
@@ -255,6 +278,10 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def unscale_(self) -> None:
         """Move the gradients into the fp32 masters, unscale them, check them for inf/nan and
         clip them; `step()` does this itself when it was not called. No host sync."""
+        with deferred_interrupt():  # the grads moved and the flags set together, or neither
+            self._unscale()
+
+    def _unscale(self) -> None:
         if self._found_inf is not None:
             raise RuntimeError(
                 "unscale_() has already been called since the last step(); call step() next."
@@ -303,18 +330,28 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 "this MixedPrecisionOptimizer was released (release()): its parameters may be "
                 "held by another wrapper now; step that one."
             )
+        # A critical section: a Ctrl-C in here is raised once the masters, the model and the
+        # scaler agree again (see mixprec.core.interrupts).
+        with deferred_interrupt():
+            return self._step()
+
+    def _step(self) -> bool:
         if self._found_inf is None:
             if self._fused is not None and self._pending and not self._accumulated:  # noqa: SIM102
                 if self._step_buffers() is not None and fused_device_supported(self._device()):
                     return self._fused_step()
-            self.unscale_()
+            self._unscale()
         assert self._found_inf is not None
         overflow = bool(self._found_inf.item())  # the one host sync of the step
         self._found_inf = None
         if overflow:  # only now: forensics cost nothing on clean steps
             self.last_overflow = self._overflow_report(from_model_grads=False)
         if not overflow:
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except BaseException:  # raised inside the inner step (a hook, out of memory)
+                self._after_failed_step()
+                raise
             self._copy_masters_to_model()
         # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
         if self._fused is not None:
@@ -337,7 +374,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
 
         how = (self._buffers, scale, self.clip, self.flat_master, checked)
         with torch.no_grad():
-            overflow, norm = self._fused.step(items, *how)
+            try:
+                overflow, norm = self._fused.step(items, *how)
+            except BaseException:
+                self._after_failed_step()
+                raise
             if overflow:  # read the half grads before they are zeroed
                 self.last_overflow = self._overflow_report(from_model_grads=True)
             if norm is not None:
@@ -358,6 +399,16 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._found_inf = None
 
     # -- internals ----------------------------------------------------------------------------
+    def _after_failed_step(self) -> None:
+        """After an exception inside the inner step: no half-made optimizer state survives
+        (a first step's lazily created moments), the model holds its masters again, and the
+        next backward starts a new step. The step is not counted."""
+        drop_incomplete_state_(self.optimizer)
+        if self._fused is not None:
+            self._fused._cache = None
+        self._copy_masters_to_model()
+        self.zero_grad()
+
     def _is_data_parallel(self) -> bool:
         return self.data_parallel and is_data_parallel(self.process_group)
 
@@ -390,9 +441,24 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _overflow_report(self, from_model_grads: bool) -> forensics.OverflowReport:
         """The report of the step being skipped, from the master gradients (or, with
         `from_model_grads`, the model's half gradients)."""
-        return forensics.overflow_report(
+        report = forensics.overflow_report(
             self._named_grads(from_model_grads), self.scaler.steps, self.scaler.scale
         )
+        weights = forensics.weight_faults(self._named_weights())
+        return dataclasses.replace(report, weights=weights) if weights else report
+
+    def _named_weights(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, fp32 master, half copy or None) of every parameter, in the optimizer's order."""
+        names = self.param_names
+        for i, (params, masters) in enumerate(zip(self.model_params, self.master_params)):
+            if self.flat_master:
+                flat = masters[0].detach() if masters else None
+                views = [] if flat is None else flat.split([p.numel() for p in params])
+            else:
+                views = [m.detach() for m in masters]
+            for j, (p, m) in enumerate(zip(params, views)):
+                half = p.detach() if p.dtype in HALF_DTYPES else None
+                yield names.get(p, f"param_groups[{i}][{j}]"), m, half
 
     def _named_grads(
         self, from_model_grads: bool
@@ -466,25 +532,50 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """fp32 masters, the wrapped optimizer's state and the scaler's state (references)."""
         return {
+            "mode": "master",
             "masters": [[m.detach() for m in group] for group in self.master_params],
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_type": optimizer_type_name(self.optimizer),
             "scaler": self.scaler.state_dict(),
             "flat_master": self.flat_master,
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore masters, optimizer and scaler state, and copy the masters into the model."""
-        saved = check_saved_masters(state_dict, self.master_params, self.flat_master)
-        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.scaler.load_state_dict(state_dict["scaler"])
-        with torch.no_grad():
-            torch._foreach_copy_(
-                [m for group in self.master_params for m in group],
-                [m for group in saved for m in group],
+    def check_state_dict(self, state_dict: Any) -> list[list[torch.Tensor]]:
+        """Raise a ValueError (TypeError for a non-mapping) naming what in `state_dict` this
+        optimizer cannot take: mode, flat layout, masters' shapes and dtypes, the wrapped
+        optimizer's type, groups and per-parameter state, the scaler's state. Changes
+        nothing; returns the saved masters."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "expected a MixedPrecisionOptimizer state_dict (from opt.state_dict()); got "
+                f"{type(state_dict).__name__}."
             )
-        self._copy_masters_to_model()
-        self.zero_grad()
+        saved = check_saved_masters(state_dict, self.master_params, self.flat_master)
+        check_optimizer_state_dict(
+            self.optimizer,
+            state_dict["optimizer"],
+            self.master_params,
+            state_dict.get("optimizer_type"),
+        )
+        copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])
+        return saved
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore masters, optimizer and scaler state, and copy the masters into the model;
+        all of it or, if `state_dict` does not fit (see `check_state_dict`), none of it."""
+        saved = self.check_state_dict(state_dict)
+        with deferred_interrupt():
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            self.scaler.load_state_dict(state_dict["scaler"])
+            with torch.no_grad():
+                torch._foreach_copy_(
+                    [m for group in self.master_params for m in group],
+                    [m for group in saved for m in group],
+                )
+            self._copy_masters_to_model()
+            self.zero_grad()
+            if self._fused is not None:
+                self._fused._cache = None
 
     def __repr__(self) -> str:
         return (

@@ -92,9 +92,10 @@ class CallbackHandler:
     The state holds what the loop knows: `learn`, `n_epochs`, `epoch`, `iteration` (steps
     trained so far), `num_batch` (batch index in the epoch), `train`, `last_input`,
     `last_target`, `last_output`, `last_loss`, `step_applied`, `last_metrics`, `pbar` and,
-    at `on_train_end`, `exception`. `on_train_end` runs on every callback even if one raises
-    (the first error is raised after). `on_batch_end` and `on_epoch_end` return True if any
-    callback returned True (fastai v1's way to stop training). A callback's non-None return value from `on_batch_begin`
+    at `on_train_end`, `exception`. `on_train_end` runs on every callback even if one raises,
+    KeyboardInterrupt included (the first error is raised after). `on_batch_end` and
+    `on_epoch_end` return True if any callback returned True (fastai v1's way to stop
+    training). A callback's non-None return value from `on_batch_begin`
     (an `(input, target)` pair), `on_loss_begin` or `on_backward_begin` replaces the batch,
     the output or the loss for the callbacks after it and for the loop.
 
@@ -149,11 +150,11 @@ class CallbackHandler:
             raise
 
     def _run_all(self, event: str) -> None:
-        error: Exception | None = None
+        error: BaseException | None = None
         for cb in self.callbacks:
             try:
                 self._run(cb, event)
-            except Exception as e:
+            except BaseException as e:  # KeyboardInterrupt too: the others still clean up
                 error = error or e
         if error is not None:
             raise error

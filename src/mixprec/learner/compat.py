@@ -16,19 +16,46 @@ from typing import Any
 import torch
 
 from mixprec.core.checkpoint import loader_generators
-from mixprec.core.master import check_saved_masters
-from mixprec.core.modes import check_saved_mode
+from mixprec.core.optim_state import check_optimizer_state_dict
 from mixprec.engine.autocast import AutocastOptimizer
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.callback import LearnerLike
+from mixprec.learner.saved_weights import masters_from_entry
 
-__all__ = ["check_checkpoint_fits"]
+__all__ = ["check_checkpoint_fits", "checkpoint_file_name"]
 
 SHOWN = 4
 
 
 def _listed(items: Sequence[str]) -> str:
     return ", ".join(items[:SHOWN]) + (f", ... ({len(items)} in all)" if len(items) > SHOWN else "")
+
+
+def checkpoint_file_name(name: Any) -> str:
+    """`f"{name}.pth"` if `name` is a plain file name (no folder, no `..`, not absolute);
+    else a ValueError pointing to `save_checkpoint(path)` / `load_checkpoint(path)`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string; got {name!r}.")
+    plain = (
+        name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and os.path.basename(name) == name
+        and not os.path.isabs(name)
+    )
+    if not plain:
+        raise ValueError(
+            f"name must be a plain file name, without folders; got {name!r}. learn.save(name) "
+            "writes learn.path / learn.model_dir / f'{name}.pth'; to write or read anywhere "
+            "else, change learn.path (or model_dir), or use mixprec's save_checkpoint(path) "
+            "and load_checkpoint(path) for a path of your own."
+        )
+    return f"{name}.pth"
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "floating-point" if t.is_floating_point() else str(t.dtype)
 
 
 def _check_model(saved: Any, model: torch.nn.Module, path: os.PathLike) -> None:
@@ -43,13 +70,25 @@ def _check_model(saved: Any, model: torch.nn.Module, path: os.PathLike) -> None:
         if k in saved and torch.is_tensor(v) and torch.is_tensor(saved[k])
         if saved[k].shape != v.shape
     ]
-    if missing or unexpected or reshaped:
+    rekinded = [
+        f"{k} saved {saved[k].dtype}, here {v.dtype}"
+        for k, v in ours.items()
+        if k in saved and torch.is_tensor(v) and torch.is_tensor(saved[k])
+        if saved[k].shape == v.shape and _kind(saved[k]) != _kind(v)
+    ]
+    rekinded += [
+        f"{k} saved as {type(saved[k]).__name__}"
+        for k in saved
+        if k in ours and torch.is_tensor(ours[k]) and not torch.is_tensor(saved[k])
+    ]
+    if missing or unexpected or reshaped or rekinded:
         parts = [
             f"{len(found)} {what} ({_listed(found)})"
             for found, what in (
                 (missing, "missing key(s)"),
                 (unexpected, "unexpected key(s)"),
                 (reshaped, "tensor(s) of another shape"),
+                (rekinded, "tensor(s) of another kind"),
             )
             if found
         ]
@@ -59,28 +98,18 @@ def _check_model(saved: Any, model: torch.nn.Module, path: os.PathLike) -> None:
         )
 
 
-def _check_groups(saved: Any, groups: Sequence[Sequence[Any]], path: os.PathLike) -> None:
-    """The saved optimizer's param groups have the sizes of `groups` (what torch checks, but
-    before anything is loaded)."""
-    saved_groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
-    if not isinstance(saved_groups, list):
-        raise ValueError(f"{path} holds no optimizer state dict (no 'param_groups').")
-    got = [len(g.get("params", ())) for g in saved_groups]
-    expected = [len(g) for g in groups]
-    if got != expected:
-        raise ValueError(
-            f"{path} holds an optimizer with parameters per group {got}, but this learner's "
-            f"has {expected}: it was saved with other layer groups, opt_func or model. Build "
-            "the learner as the one that saved it."
-        )
-
-
 def check_checkpoint_fits(
-    learn: LearnerLike, checkpoint: Mapping[str, Any], path: os.PathLike
-) -> None:
+    learn: LearnerLike,
+    checkpoint: Mapping[str, Any],
+    path: os.PathLike,
+    opt: torch.optim.Optimizer | None = None,
+) -> Mapping[str, Any] | None:
     """Raise a ValueError naming the first thing in `checkpoint` that `learn` cannot take:
-    the precision, the model's keys and shapes, the masters, the scaler's mode, the
-    optimizer's groups, the data loader's random generators."""
+    the precision, the model's keys, shapes and dtypes, the optimizer (mode, flat layout,
+    masters, type, groups, hyper-parameter keys, per-parameter state, scaler), the counters,
+    the history, the data loader's random generators. `opt` is the optimizer the state will
+    load into (default `learn.opt`). Returns the optimizer state to load (under mixed
+    precision with the masters rebuilt from the `"model"` entry), None if there is none."""
     mp = learn.mixed_precision
     saved_dtype = checkpoint.get("dtype")  # absent from checkpoints of older versions
     if mp is not None and saved_dtype is not None and saved_dtype != str(mp.dtype):
@@ -90,32 +119,28 @@ def check_checkpoint_fits(
             f"after that, call learn.to_fp32().to_fp16(dtype={mp.dtype})."
         )
     _check_model(checkpoint.get("model"), learn.model, path)
+    opt = learn.opt if opt is None else opt
     saved_opt = checkpoint.get("opt")
     if saved_opt is not None:
-        opt = learn.opt
-        if isinstance(opt, MixedPrecisionOptimizer):
-            if not isinstance(saved_opt, Mapping):
-                raise ValueError(f"{path} holds no optimizer state dict.")
-            try:
-                check_saved_masters(saved_opt, opt.master_params, opt.flat_master)
-                copy.deepcopy(opt.scaler).load_state_dict(saved_opt["scaler"])
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from None
-            _check_groups(saved_opt["optimizer"], opt.master_params, path)
-        elif isinstance(opt, AutocastOptimizer):
-            if not isinstance(saved_opt, Mapping) or "optimizer" not in saved_opt:
-                raise ValueError(f"{path} holds no AutocastOptimizer state dict.")
-            try:
-                check_saved_mode(saved_opt, "autocast")
-                copy.deepcopy(opt.scaler).load_state_dict(saved_opt["scaler"])
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from None
-            _check_groups(saved_opt["optimizer"], [g["params"] for g in opt.param_groups], path)
-        else:
-            groups = [
-                g["params"] for g in (learn.param_groups() if opt is None else opt.param_groups)
-            ]
-            _check_groups(saved_opt, groups, path)
+        stored_once = isinstance(saved_opt, Mapping) and "masters" not in saved_opt
+        if isinstance(opt, MixedPrecisionOptimizer) and stored_once and "optimizer" in saved_opt:
+            masters = masters_from_entry(checkpoint["model"], learn.model, opt)  # in "model"
+            saved_opt = {**saved_opt, "masters": masters}
+        try:
+            if isinstance(opt, (MixedPrecisionOptimizer, AutocastOptimizer)):
+                opt.check_state_dict(saved_opt)
+            else:
+                check_optimizer_state_dict(opt, saved_opt, None, checkpoint.get("opt_type"))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
+    for key in ("epoch", "iteration"):
+        value = checkpoint.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{path}: {key!r} must be an integer >= 0; got {value!r}.")
+    try:
+        copy.deepcopy(learn.recorder).load_state_dict(checkpoint.get("recorder", {}))
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}: its recorder history cannot be loaded ({error}).") from None
     saved_generators = len(checkpoint.get("rng", {}).get("generators", []))
     generators = len(
         loader_generators(learn.data.train_dl.dl)
@@ -126,3 +151,4 @@ def check_checkpoint_fits(
             f"training loader has {generators}; build the DataLoader the same way "
             "(generator= or not) as the run that saved it."
         )
+    return saved_opt

@@ -90,6 +90,17 @@ class DataBunch:
         device: torch.device | str | None = None,
         tfms: Iterable[BatchTransform] = (),
     ) -> None:
+        for name, dl in (("train_dl", train_dl), ("valid_dl", valid_dl)):
+            if (dl is not None or name == "train_dl") and not isinstance(dl, Iterable):
+                raise TypeError(
+                    f"{name} must be an iterable of (input, target) batches, e.g. a "
+                    f"torch DataLoader; got {type(dl).__name__}."
+                )
+        if callable(tfms) or not isinstance(tfms, Iterable):
+            raise TypeError(
+                "tfms must be a list of batch transforms; got "
+                f"{getattr(tfms, '__name__', type(tfms).__name__)!s}. Pass tfms=[fn]."
+            )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

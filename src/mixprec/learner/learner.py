@@ -18,24 +18,35 @@ from mixprec.core.checkpoint import load_checkpoint, loader_generators, rng_stat
 from mixprec.core.checks import (
     check_not_half_without_masters,
     check_optimizer_holds,
+    check_optimizer_supported,
     check_trainable,
     held_params,
+    real_number,
 )
 from mixprec.core.convert import cast_floats, input_dtype, model_to_float
 from mixprec.core.dtypes import HALF_DTYPES
+from mixprec.core.interrupts import deferred_interrupt
+from mixprec.core.optim_state import drop_incomplete_state_, optimizer_type_name
 from mixprec.core.scaler import LossScale
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.accumulation import check_accumulate, micro_batches, steps_per_epoch
 from mixprec.learner.callback import Callback, CallbackHandler
 from mixprec.learner.checks import check_loss, check_metrics, check_metrics_on
-from mixprec.learner.compat import check_checkpoint_fits
-from mixprec.learner.data import DataBunch, batch_size, loader_length, to_device
+from mixprec.learner.compat import check_checkpoint_fits, checkpoint_file_name
+from mixprec.learner.data import (
+    DataBunch,
+    DeviceDataLoader,
+    batch_size,
+    loader_length,
+    to_device,
+)
 from mixprec.learner.layer_groups import freeze_to, split_params
 from mixprec.learner.lr_finder import LearnerSnapshot, LRFinder, LRFinderResult
 from mixprec.learner.mixed_precision import MixedPrecision
 from mixprec.learner.model_output import call_model
 from mixprec.learner.ranks import Ranks, set_epoch
 from mixprec.learner.recorder import Recorder
+from mixprec.learner.saved_weights import model_entry
 from mixprec.learner.schedule import OneCycleScheduler
 from mixprec.parallel.distributed import no_sync
 
@@ -43,6 +54,7 @@ __all__ = ["DEFAULT_LR", "Learner"]
 
 DEFAULT_LR = 3e-3
 CHECKPOINT_FORMAT = "mixprec.learner"
+CHECKPOINT_VERSION = 2  # 2: the fp32 masters in "model", not a second copy in "opt"
 
 OptFunc = Callable[..., torch.optim.Optimizer]
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -91,6 +103,7 @@ class Learner:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+        _check_learner_options(opt_func, loss_func, wd, path, model_dir)
         self.ranks = Ranks(distributed)  # first: under NCCL it picks this rank's GPU
         self.data = data
         self.model = model.to(data.device)
@@ -105,7 +118,7 @@ class Learner:
         self.callbacks: list[Callback] = []
         for cb in [callbacks] if isinstance(callbacks, Callback) else callbacks:
             self.add_cb(cb)
-        self.wd = wd
+        self.wd = None if wd is None else real_number(wd)
         self.bn_wd = bool(bn_wd)
         self.path = Path(path)
         self.model_dir = model_dir
@@ -130,13 +143,20 @@ class Learner:
 
     def create_opt(self, lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
         """Build `self.opt` afresh with `opt_func(self.param_groups(), lr=lr)`."""
+        opt = self._build_opt(lr)
+        self.opt = opt
+        return opt
+
+    def _build_opt(self, lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
+        """`opt_func(self.param_groups(), lr=lr)`, checked; `self.opt` is left alone."""
+        if isinstance(self.opt_func, type):  # LBFGS would fail on the groups, unexplained
+            check_optimizer_supported(self.opt_func)
         opt = self.opt_func(self.param_groups(), lr=lr)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 "opt_func(param_groups, lr=lr) must return a torch.optim.Optimizer; got "
                 f"{type(opt).__name__}."
             )
-        self.opt = opt
         return opt
 
     def add_new_params(self) -> int:
@@ -229,13 +249,10 @@ class Learner:
 
     def _fit(self, epochs: int, lr: float, extra: list[Callback], validate: bool) -> None:
         self._check_epochs(epochs)
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, (int, float))
-            or not math.isfinite(lr)
-            or lr < 0
-        ):
+        number = real_number(lr)
+        if number is None or not math.isfinite(number) or number < 0:
             raise ValueError(f"lr must be a finite number >= 0; got {lr!r}.")
+        lr = number
         for cb in extra:
             if not isinstance(cb, Callback):
                 raise TypeError(
@@ -248,6 +265,7 @@ class Learner:
         if self.opt is None:
             self.create_opt(lr)
         self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
+        drop_incomplete_state_(getattr(self.opt, "optimizer", self.opt))
         self._set_lr(lr)
         handler = CallbackHandler(
             [self.recorder, *self.callbacks, *extra],
@@ -255,6 +273,7 @@ class Learner:
             n_epochs=epochs,
             lr_find=any(isinstance(cb, LRFinder) for cb in extra),  # trackers sit it out
         )
+        grad_mode = torch.is_grad_enabled()
         exception: BaseException | None = None
         self._first_batch = True  # its loss (and metrics, if validated) are checked
         self._check_metrics = validate and self.data.valid_dl is not None and bool(self.metrics)
@@ -271,7 +290,10 @@ class Learner:
             exception = e
             raise
         finally:
-            handler("on_train_end", exception=exception)
+            # Clean-up runs whole: a second Ctrl-C waits until every on_train_end has run.
+            with deferred_interrupt():
+                torch.set_grad_enabled(grad_mode)  # a stop inside a no_grad region
+                handler("on_train_end", exception=exception)
 
     def _fit_epoch(self, handler: CallbackHandler, desc: str, validate: bool) -> bool:
         """One epoch; returns whether a callback asked to stop training."""
@@ -310,8 +332,9 @@ class Learner:
                 if group_size > 1:
                     handler.state["last_loss"], step_loss = step_loss, None
                 handler("on_backward_end")
-                applied = self.opt.step() is not False  # plain optimizers return None
-                self.iteration += 1  # counted at once: a stop in the events below keeps it
+                with deferred_interrupt():  # a step is taken and counted, or neither
+                    applied = self.opt.step() is not False  # plain optimizers return None
+                    self.iteration += 1  # counted at once: a stop in the events below keeps it
                 handler("on_step_end", step_applied=applied)
                 self.opt.zero_grad()
                 last_loss = self.ranks.mean(handler.state["last_loss"])
@@ -334,7 +357,6 @@ class Learner:
         return loss
 
     # -- evaluation ----------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self, dl: Iterable | None = None) -> list[float]:
         """`[valid_loss, *metrics]` over `dl` (default: the validation loader), averaged
         over samples. Each batch goes through the callbacks' `on_batch_begin` and the output
@@ -347,6 +369,16 @@ class Learner:
             raise ValueError(
                 "no validation data: build the DataBunch with a valid_dl or pass validate(dl)."
             )
+        if not isinstance(dl, DeviceDataLoader):
+            dl = DeviceDataLoader(dl, self.data.device, [])  # checks every batch is a pair
+        grad_mode = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(False)
+            return self._validate(dl)
+        finally:
+            torch.set_grad_enabled(grad_mode)
+
+    def _validate(self, dl: Iterable) -> list[float]:
         dtype = input_dtype(self.model)
         was_training = self.model.training
         self.model.eval()
@@ -479,29 +511,39 @@ class Learner:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, name: str) -> Path:
-        """Write the model, the optimizer (fp32 masters, state, loss scaler), the epoch and
-        step counts, the history and the random state to `path/model_dir/{name}.pth`,
-        atomically; return that path. Under torchrun every rank calls it and rank 0 writes."""
+        """Write the model (under mixed precision: its fp32 master weights, under the
+        parameters' names), the optimizer (state, loss scaler), the epoch and step counts,
+        the history and the random state to `path/model_dir/{name}.pth`, atomically; return
+        that path. Under torchrun every rank calls it and rank 0 writes."""
+        path = self._checkpoint_path(name)
         mp = self.mixed_precision
         if mp is not None:
             mp.prepare()
+        opt_state = None if self.opt is None else self.opt.state_dict()
+        if isinstance(self.opt, MixedPrecisionOptimizer):
+            opt_state = {k: v for k, v in opt_state.items() if k != "masters"}  # in "model"
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "mixed_precision": mp is not None,
             "dtype": None if mp is None else str(mp.dtype),
-            "model": self.model.state_dict(),
-            "opt": None if self.opt is None else self.opt.state_dict(),
+            "model": model_entry(self.model, self.opt),
+            "opt": opt_state,
+            "opt_type": None
+            if self.opt is None
+            else optimizer_type_name(getattr(self.opt, "optimizer", self.opt)),
             "epoch": self.epoch,
             "iteration": self.iteration,
             "recorder": self.recorder.state_dict(),
             "rng": rng_state(loader_generators(self.data.train_dl.dl)),
         }
-        return self.ranks.save(checkpoint, self._checkpoint_path(name))  # rank 0 writes
+        return self.ranks.save(checkpoint, path)  # rank 0 writes
 
     def load(self, name: str) -> Learner:
         """Restore what `save(name)` wrote, random state included, so training resumes as if
-        it had never stopped (on every rank, under torchrun); returns self."""
+        it had never stopped (on every rank, under torchrun); returns self. Everything is
+        checked first: a checkpoint that does not fit is refused, naming what differs, and
+        changes nothing."""
         path = self._checkpoint_path(name)
         checkpoint = load_checkpoint(path, map_location=self.data.device)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -514,26 +556,55 @@ class Learner:
         if mp is not None:
             mp.check_state_dict(checkpoint.get("opt"))  # another mode's: refuse, load nothing
             mp.prepare()
-        check_checkpoint_fits(self, checkpoint, path)  # all of it, before anything changes
-        self.model.load_state_dict(checkpoint["model"])
-        if checkpoint.get("opt") is not None:
-            if self.opt is None:
-                self.create_opt()
-            self.opt.load_state_dict(checkpoint["opt"])  # masters -> model, under mixed precision
-        self.epoch = int(checkpoint.get("epoch", 0))
-        self.iteration = int(checkpoint.get("iteration", 0))
-        self.recorder.load_state_dict(checkpoint.get("recorder", {}))
-        if (rng := self.ranks.own_rng(checkpoint)) is not None:  # under torchrun, this rank's
-            set_rng_state(rng, loader_generators(self.data.train_dl.dl))
+        opt = self.opt
+        if opt is None and checkpoint.get("opt") is not None:
+            opt = self._build_opt()  # kept only if the checkpoint loads
+        # All of it, before anything changes: model, optimizer, scaler, counters, history.
+        opt_state = check_checkpoint_fits(self, checkpoint, path, opt)
+        with deferred_interrupt():  # loaded whole: a Ctrl-C waits until the end
+            self.model.load_state_dict(checkpoint["model"])
+            if opt_state is not None:
+                self.opt = opt
+                opt.load_state_dict(opt_state)  # masters -> model, under mixed precision
+            self.epoch = int(checkpoint.get("epoch", 0))
+            self.iteration = int(checkpoint.get("iteration", 0))
+            self.recorder.load_state_dict(checkpoint.get("recorder", {}))
+            if (rng := self.ranks.own_rng(checkpoint)) is not None:  # under torchrun, this rank's
+                set_rng_state(rng, loader_generators(self.data.train_dl.dl))
         return self
 
     def _checkpoint_path(self, name: str) -> Path:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string; got {name!r}.")
-        return self.path / self.model_dir / f"{name}.pth"
+        return self.path / self.model_dir / checkpoint_file_name(name)
 
     def __repr__(self) -> str:
         return (
             f"Learner(model={type(self.model).__name__}, opt={type(self.opt).__name__}, "
             f"epoch={self.epoch}, callbacks={self.callbacks})"
+        )
+
+
+def _check_learner_options(
+    opt_func: Any, loss_func: Any, wd: Any, path: Any, model_dir: Any
+) -> None:
+    """Refuse the Learner's arguments that would fail only later, inside fit or save."""
+    if not callable(opt_func):
+        raise TypeError(
+            "opt_func must be a callable opt_func(param_groups, lr=lr) returning a "
+            f"torch.optim.Optimizer, e.g. torch.optim.AdamW; got {opt_func!r}."
+        )
+    if not callable(loss_func):
+        raise TypeError(
+            "loss_func must be a callable loss_func(output, target) returning a scalar "
+            f"tensor, e.g. torch.nn.functional.cross_entropy; got {loss_func!r}."
+        )
+    if wd is not None:
+        number = real_number(wd)
+        if number is None or not math.isfinite(number) or number < 0:
+            raise ValueError(f"wd must be None or a finite number >= 0; got {wd!r}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a directory); got {path!r}.")
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(
+            "model_dir must be a str or os.PathLike (the folder under path for checkpoints, "
+            f"default 'models'); got {model_dir!r}."
         )

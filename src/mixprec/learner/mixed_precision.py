@@ -16,12 +16,14 @@ import torch
 
 from mixprec.core.checks import (
     check_engine_options,
+    check_flag,
     check_optimizer_holds,
     check_trainable,
     held_params,
 )
 from mixprec.core.convert import cast_floats, model_to_float, model_to_half, restore_fp32_
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     get_master,
     load_masters_,
@@ -84,6 +86,8 @@ class MixedPrecision(Callback):
         **scaler_options: Any,
     ) -> None:
         self.mode = check_mode(mode)
+        check_flag("flat_master", flat_master)
+        check_flag("fused", fused)
         check_mode_options(self.mode, flat_master=flat_master, fused=fused)
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
         if telemetry is not None and not isinstance(telemetry, Telemetry):
@@ -111,37 +115,53 @@ class MixedPrecision(Callback):
             learn.opt, (MixedPrecisionOptimizer, AutocastOptimizer)
         ):
             check_optimizer_holds(learn.model, held_params(learn.opt), every_trainable=False)
-        exact = {}
-        if self.mode == "master":
-            exact = {
-                id(p): p.detach().clone()
-                for p in learn.model.parameters()
-                if p.dtype == torch.float32
-            }
-            model_to_half(learn.model, self.dtype)
-        elif any(p.dtype in HALF_DTYPES for p in learn.model.parameters()):
-            model_to_float(learn.model)  # autocast runs an fp32 model
-        if self.opt is None or learn.opt is not self.opt:
-            if isinstance(learn.opt, (MixedPrecisionOptimizer, AutocastOptimizer)):
-                raise ValueError(
-                    f"learn.opt is already a {type(learn.opt).__name__} of another callback; "
-                    "use one MixedPrecision per Learner (learn.to_fp16() adds it)."
-                )
-            if isinstance(self.opt, MixedPrecisionOptimizer):  # learn.create_opt() replaced it
-                exact.update(_masters_by_param(self.opt))  # keep its masters, not the rounding
-                self.opt.release()  # the new wrapper holds the parameters from now on
-            inner = learn.opt if learn.opt is not None else learn.create_opt()
-            try:
-                self.opt = self._engine(inner)
-            except BaseException:  # refused: the learner stays fp32, its weights exact
-                if exact:
-                    restore_fp32_(learn.model, exact)
-                raise
-            learn.opt = self.opt
+        # On any failure below (opt_func raising or returning no optimizer, an optimizer the
+        # engine refuses, Ctrl-C) the model gets back its exact tensors, dtypes included,
+        # and learn.opt what it was.
+        before = _ModelTensors(learn.model)
+        opt_before, own_before = learn.opt, self.opt
+        try:
+            with deferred_interrupt():
+                exact = {}
+                if self.mode == "master":
+                    exact = {
+                        id(p): p.detach().clone()
+                        for p in learn.model.parameters()
+                        if p.dtype == torch.float32
+                    }
+                    model_to_half(learn.model, self.dtype)
+                elif any(p.dtype in HALF_DTYPES for p in learn.model.parameters()):
+                    model_to_float(learn.model)  # autocast runs an fp32 model
+                if self.opt is None or learn.opt is not self.opt:
+                    if isinstance(learn.opt, (MixedPrecisionOptimizer, AutocastOptimizer)):
+                        raise ValueError(
+                            f"learn.opt is already a {type(learn.opt).__name__} of another "
+                            "callback; use one MixedPrecision per Learner (learn.to_fp16() "
+                            "adds it)."
+                        )
+                    if isinstance(self.opt, MixedPrecisionOptimizer):  # create_opt() replaced it
+                        exact.update(_masters_by_param(self.opt))  # its masters, not the rounding
+                        self.opt.release()  # the new wrapper holds the parameters from now on
+                    inner = learn.opt if learn.opt is not None else learn._build_opt()
+                    self.opt = self._engine(inner)
+                    learn.opt = self.opt
+                return self._attach(exact)
+        except BaseException:
+            before.restore_()
+            if isinstance(own_before, MixedPrecisionOptimizer) and own_before._released:
+                own_before.hold()  # released above for the new wrapper, which was refused
+            learn.opt, self.opt = opt_before, own_before
+            raise
+
+    def _attach(
+        self, exact: dict[int, torch.Tensor]
+    ) -> MixedPrecisionOptimizer | AutocastOptimizer:
+        """Telemetry, parameters new to the optimizer, exact fp32 values into the masters."""
+        learn = self.learn
         if self.telemetry is not None and self.opt.telemetry is not self.telemetry:
             self.telemetry.attach(self.opt)
         learn.add_new_params()
-        if isinstance(self.opt, MixedPrecisionOptimizer):
+        if isinstance(self.opt, MixedPrecisionOptimizer) and exact:
             _load_masters_(self.opt, exact)
         return self.opt
 
@@ -149,7 +169,12 @@ class MixedPrecision(Callback):
         """The optimizer wrapper of this mode, around `inner`."""
         if self.mode == "autocast":
             return AutocastOptimizer(
-                inner, self.loss_scale, dtype=self.dtype, clip=self.clip, **self.scaler_options
+                inner,
+                self.loss_scale,
+                dtype=self.dtype,
+                clip=self.clip,
+                model=self.learn.model,  # names the parameters in overflow reports
+                **self.scaler_options,
             )
         return MixedPrecisionOptimizer(
             inner,
@@ -235,6 +260,30 @@ class MixedPrecision(Callback):
             f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
             f"dtype={self.dtype}, clip={self.clip}, fused={self.fused}, mode={self.mode!r})"
         )
+
+
+class _ModelTensors:
+    """A model's parameter and buffer tensors as they are now (references, no copies: a
+    conversion replaces them rather than writing into them), to put back with `restore_`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = [(p, p.data, p.grad) for p in model.parameters()]
+        self.buffers = [
+            (module, name, b) for module in model.modules() for name, b in module._buffers.items()
+        ]
+        self.model = model
+        self.was_half = any(data.dtype in HALF_DTYPES for _, data, _ in self.params)
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """The model back to the tensors it had (and, if it was fp32, without hooks)."""
+        if not self.was_half:
+            model_to_float(self.model)  # removes the hooks model_to_half added
+        for p, data, grad in self.params:
+            p.data = data
+            p.grad = grad
+        for module, name, b in self.buffers:
+            module._buffers[name] = b
 
 
 def _load_masters_(opt: MixedPrecisionOptimizer, exact: dict[int, torch.Tensor]) -> None:

@@ -34,7 +34,13 @@ from torch.utils.data import (
 from mixprec.core.checkpoint import save_checkpoint
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.data import DataBunch
-from mixprec.parallel.distributed import init_distributed, is_data_parallel, wrap_ddp
+from mixprec.parallel.distributed import (
+    collective_timeout,
+    init_distributed,
+    is_data_parallel,
+    rendezvous,
+    wrap_ddp,
+)
 
 __all__ = ["Ranks", "distributed_loader", "set_epoch", "shard_loader"]
 
@@ -61,6 +67,7 @@ class Ranks:
         self.rank = dist.get_rank() if self.enabled else 0
         self.world_size = dist.get_world_size() if self.enabled else 1
         self.ddp_kwargs = ddp_kwargs
+        self.timeout = collective_timeout()  # at validate, save and fit start: see `meet`
         self.ddp: DistributedDataParallel | None = None  # during fit(), the wrapped model
         self.device = torch.device("cpu")  # the data's, from setup_()
 
@@ -91,6 +98,12 @@ class Ranks:
             data.valid_dl.dl = shard_loader(data.valid_dl.dl, self.rank, self.world_size)
         self.broadcast_([*model.parameters(), *model.buffers()])
 
+    def meet(self, what: str) -> None:
+        """Every rank reaches the collective `what` within `self.timeout`, or a clear error
+        naming it and the ranks, instead of a silent hang (`rendezvous`)."""
+        if self.enabled:
+            rendezvous(what, self.timeout)
+
     @torch.no_grad()
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite `tensors` with rank 0's values: one broadcast per dtype and device."""
@@ -116,6 +129,7 @@ class Ranks:
         if not self.enabled:
             yield
             return
+        self.meet("learn.fit()")
         if isinstance(opt, MixedPrecisionOptimizer):
             self.broadcast_(m for group in opt.master_params for m in group)
         self.ddp = wrap_ddp(model, **self.ddp_kwargs)
@@ -152,6 +166,7 @@ class Ranks:
         count, summed over the ranks in fp64; (None, 0) if no rank had a sample."""
         if not self.enabled:
             return totals, count
+        self.meet("learn.validate()")
         sums = torch.zeros(size + 1, dtype=torch.float64, device=self.device)
         if totals is not None:
             sums[:size] = totals
@@ -166,6 +181,7 @@ class Ranks:
         or raises if rank 0 could not write it."""
         if not self.enabled:
             return save_checkpoint(checkpoint, path)
+        self.meet("learn.save()")
         ranks: list[Any] = [None] * self.world_size
         dist.all_gather_object(ranks, checkpoint.get("rng"))
         error: BaseException | None = None

@@ -20,6 +20,7 @@ helper here is a pass-through, so the same script runs with plain ``python``.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from mixprec.core.checkpoint import save_checkpoint
 
 __all__ = [
+    "COLLECTIVE_TIMEOUT_S",
+    "INIT_TIMEOUT_S",
+    "CollectiveTimeout",
     "DistEnv",
     "accumulate",
     "all_reduce_overflow_",
@@ -45,6 +49,7 @@ __all__ = [
     "is_data_parallel",
     "no_sync",
     "read_env",
+    "rendezvous",
     "save_on_rank0",
     "unwrap",
     "wrap_ddp",
@@ -54,6 +59,69 @@ T = TypeVar("T")
 
 TORCHRUN_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 """The environment variables torchrun sets for each process that `read_env` reads."""
+
+INIT_TIMEOUT_S = 60.0
+"""How long `init_distributed` waits for every process to join (env MIXPREC_INIT_TIMEOUT)."""
+COLLECTIVE_TIMEOUT_S = 300.0
+"""How long a rank waits at a Learner collective for the others (env MIXPREC_COLLECTIVE_TIMEOUT)."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """The other processes did not reach a collective (or joining the group) in time."""
+
+
+def _seconds(env_name: str, default: float) -> float:
+    raw = os.environ.get(env_name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{env_name} must be a number of seconds > 0; got {raw!r}.")
+    return value
+
+
+def collective_timeout() -> timedelta:
+    """The Learner collectives' timeout: MIXPREC_COLLECTIVE_TIMEOUT seconds, default 300."""
+    return timedelta(seconds=_seconds("MIXPREC_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S))
+
+
+def rendezvous(
+    what: str, timeout: timedelta, process_group: dist.ProcessGroup | None = None
+) -> None:
+    """Wait (at most `timeout`) until every rank of `process_group` has reached the
+    collective `what` (e.g. "learn.save()"), and check they all reached the same one: a rank
+    elsewhere, or never coming, raises a `CollectiveTimeout` / RuntimeError naming the
+    collective and the ranks, instead of hanging. A no-op in one process."""
+    if not is_data_parallel(process_group):
+        return
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    backend = dist.get_backend(process_group)
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else "cpu"
+    code = int.from_bytes(hashlib.sha1(what.encode()).digest()[:7], "big")
+    mine = torch.tensor([code], dtype=torch.int64, device=device)
+    codes = [torch.zeros_like(mine) for _ in range(world)]
+    work = dist.all_gather(codes, mine, group=process_group, async_op=True)
+    try:
+        work.wait(timeout=timeout)
+    except RuntimeError as error:
+        raise CollectiveTimeout(
+            f"rank {rank} of {world} waited {timeout.total_seconds():g} s in {what} for the "
+            f"other ranks, which did not reach it ({error}). Every rank must call {what} "
+            "(e.g. not `if rank == 0: learn.save(...)`: call it on every rank, rank 0 "
+            "writes). Set MIXPREC_COLLECTIVE_TIMEOUT (seconds) or learn.ranks.timeout for "
+            "ranks that are slow to get there."
+        ) from error
+    others = sorted({int(c.item()) for c in codes} - {code})
+    if others:
+        elsewhere = [r for r, c in enumerate(codes) if int(c.item()) != code]
+        raise RuntimeError(
+            f"rank {rank} of {world} is in {what} but rank(s) {elsewhere} are in another "
+            f"collective: every rank must call {what} at the same point (e.g. not "
+            "`if rank == 0: learn.save(...)`; call it on every rank, rank 0 writes)."
+        )
 
 
 @dataclass(frozen=True)
@@ -121,7 +189,9 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
 
     `backend` defaults to "nccl" when CUDA is available, else "gloo"; under NCCL the current
     CUDA device becomes cuda:LOCAL_RANK. A single process, or a group already initialized,
-    is left as it is.
+    is left as it is. `timeout` (default MIXPREC_INIT_TIMEOUT seconds, else 60) bounds the
+    wait for every process to join: past it a `CollectiveTimeout` names this rank and says
+    what to do, rather than hanging (given explicitly, it is the collectives' timeout too).
     """
     env = read_env()
     if not env.is_distributed or (dist.is_available() and dist.is_initialized()):
@@ -135,8 +205,29 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "nccl" in backend:
         torch.cuda.set_device(env.local_rank)
-    options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **options)
+    given = timeout
+    if timeout is None:
+        timeout = timedelta(seconds=_seconds("MIXPREC_INIT_TIMEOUT", INIT_TIMEOUT_S))
+    try:
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    except RuntimeError as error:  # torch's DistStoreError too
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        raise CollectiveTimeout(
+            f"rank {env.rank} of {env.world_size}: joining the process group "
+            f"(init_process_group) did not complete within {timeout.total_seconds():g} s: "
+            f"{error}. Start all {env.world_size} processes (torchrun "
+            "--nproc_per_node=N starts them), or unset WORLD_SIZE and RANK to run as one "
+            "process; for a slower start set MIXPREC_INIT_TIMEOUT (seconds) or pass "
+            "init_distributed(timeout=...)."
+        ) from error
+    if given is None:  # the short wait was for joining: collectives get torch's default
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(dist.default_pg_timeout)
+        except (ImportError, RuntimeError, ValueError, AssertionError):
+            pass  # an older torch: collectives keep the joining timeout
     return env
 
 

@@ -11,7 +11,11 @@ skipped and change nothing: with a static scale the run equals one without that 
 
 from __future__ import annotations
 
+import _thread
+import signal
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,8 @@ from mixprec.learner.learner import Learner
 
 __all__ = [
     "BATCH_EVENTS",
+    "IN_STEP",
+    "TRAIN_END",
     "LearnerConfig",
     "LearnerResult",
     "Stop",
@@ -37,6 +43,8 @@ __all__ = [
 BATCH_EVENTS = EVENTS[EVENTS.index("on_batch_begin") : EVENTS.index("on_batch_end") + 1]
 WHERE = (*BATCH_EVENTS, "data", "loss")  # where a stop can come from
 _AFTER_STEP = ("on_step_end", "on_batch_end")
+IN_STEP = "optimizer step"  # SIGINT sent from inside the step, between update and copy back
+TRAIN_END = "on_train_end"  # KeyboardInterrupt from one callback's on_train_end
 N_BATCHES = 4
 
 
@@ -186,9 +194,29 @@ def model_matches_masters(learn: Learner) -> bool:
     return True
 
 
+@contextmanager
+def _python_sigint() -> Iterator[None]:
+    """Within: SIGINT raises KeyboardInterrupt (a process started in the background of a
+    shell ignores it, and then `_thread.interrupt_main()` would do nothing)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if main and previous is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if main and previous is not signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
     """Fit with `stop` injected, check the learner it leaves, fit on, and compare with a
     learner that took the same steps without stopping."""
+    with _python_sigint():
+        return _run_stop(config, stop)
+
+
+def _run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
     batches = _batches()
     name = f"{config.name}: {stop.error.__name__} at {stop.where} of batch {stop.step}"
     result = LearnerResult(name, faults=1)
@@ -197,9 +225,13 @@ def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
         kwargs["loss_func"] = _raising_loss(stop)
     if stop.where in BATCH_EVENTS:
         kwargs["callbacks"] = [_Raiser(stop)]
+    if stop.where == TRAIN_END:
+        kwargs["callbacks"] = [_EndRaiser(stop.error)]
     learn = config.learner(batches, **kwargs)
     if stop.where == "data":
         learn.data = DataBunch(_Loader(batches, stop.step, stop.error), device="cpu")
+    if stop.where == IN_STEP:
+        _interrupt_inside_step(learn, stop.step)
     try:
         learn.fit(1)
         result.problems.append("fit did not stop")
@@ -208,7 +240,9 @@ def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
         named = f"raised in callback _Raiser, event {stop.where}" in notes
         if stop.where in BATCH_EVENTS and stop.error is RuntimeError and not named:
             result.problems.append(f"the error does not name its source: {notes}")
-    taken = stop.step + (stop.where in _AFTER_STEP)
+    taken = stop.step + (stop.where in (*_AFTER_STEP, IN_STEP))
+    if stop.where == TRAIN_END:
+        taken = len(batches)
     stopped = snapshot(learn)
     if not model_matches_masters(learn):
         result.problems.append("the model does not hold its masters after the stop")
@@ -233,6 +267,42 @@ def run_stop(config: LearnerConfig, stop: Stop) -> LearnerResult:
     result.problems += [f"fitting on: {k}" for k in differ]
     result.lost = int(bool(differ))
     return result
+
+
+class _EndRaiser(Callback):
+    """Raises once at on_train_end, before MixedPrecision's (which removes the input
+    transform)."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        self.error, self.armed = error, True
+
+    def on_train_end(self, **kwargs: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise self.error("stop at on_train_end")
+
+
+def _interrupt_inside_step(learn: Learner, at: int) -> None:
+    """SIGINT to the main thread from inside step `at`: after the wrapped optimizer (or the
+    fused kernels) updated the masters, before they are copied into the model."""
+    calls = [0]
+
+    def interrupt(*args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == at + 1:
+            _thread.interrupt_main()
+
+    fused = learn.opt._fused
+    if fused is None:
+        learn.opt.optimizer.register_step_post_hook(interrupt)
+        return
+    update = fused.update_
+
+    def update_then_interrupt(*args: Any, **kwargs: Any) -> None:
+        update(*args, **kwargs)
+        interrupt()
+
+    fused.update_ = update_then_interrupt
 
 
 class _Poison(Callback):

@@ -37,6 +37,8 @@ from mixprec.cli.bench.common import (
 from mixprec.cli.bench.fault_injection import CONFIGS, run_faults, schedule
 from mixprec.cli.bench.fault_learner import (
     BATCH_EVENTS,
+    IN_STEP,
+    TRAIN_END,
     WHERE,
     LearnerConfig,
     Stop,
@@ -115,6 +117,18 @@ def _learner(seed: int) -> list[Tally]:
             tally.faults += r.faults
             tally.lost += r.lost
             tally.problems += len(r.problems)
+    in_step = Tally("learner: SIGINT inside the optimizer step")
+    at_end = Tally("learner: KeyboardInterrupt in on_train_end")
+    for config in LEARNER_CONFIGS:
+        for tally, stop in [
+            *((in_step, Stop(step, IN_STEP, KeyboardInterrupt)) for step in range(4)),
+            (at_end, Stop(0, TRAIN_END, KeyboardInterrupt)),
+        ]:
+            r = run_stop(config, stop)
+            tally.runs += 1
+            tally.faults += r.faults
+            tally.lost += r.lost
+            tally.problems += len(r.problems)
     rng = random.Random(seed)
     for config in LEARNER_CONFIGS[:2]:  # static scale: the reference drops the faulted batches
         for _ in range(8):
@@ -130,7 +144,7 @@ def _learner(seed: int) -> list[Tally]:
             grads.skipped += r.skipped
             grads.lost += r.lost
             grads.problems += len(r.problems)
-    return [raised, interrupted, grads]
+    return [raised, interrupted, in_step, at_end, grads]
 
 
 def _rank_worker(rank: int, store_path: str, steps: int, faults: int, seed: int, out: str) -> None:

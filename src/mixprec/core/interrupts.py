@@ -1,0 +1,82 @@
+"""Critical sections: Ctrl-C (SIGINT) held back until a block that must not stop half-way ends.
+
+A training step changes several things that must agree: the inner optimizer steps the fp32
+masters, the masters are copied into the half model, the loss scaler counts the step. A
+KeyboardInterrupt between two of them would leave a model that no longer holds its masters,
+or a step taken but not counted. Inside `deferred_interrupt()` a SIGINT is recorded instead
+of raised, and delivered (to the handler that was there before: KeyboardInterrupt by
+default) as soon as the block ends::
+
+    with deferred_interrupt():      # a Ctrl-C in here is raised at the end of the block
+        optimizer.step()
+        copy_masters_to_model()
+        scaler.update(overflow)
+
+Only in the main thread (where Python runs signal handlers), and only when the current
+SIGINT handler is Python's default or another Python callable: a handler set to SIG_IGN or
+SIG_DFL is left alone. Nested blocks are one section, delivered when the outermost ends. A
+block costs two `signal.signal` calls, nothing per parameter.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+__all__ = ["deferred_interrupt", "in_critical_section"]
+
+_active = 0  # nesting depth of the sections open in the main thread
+
+
+class _Deferred:
+    __slots__ = ("_frames", "_on", "_previous")
+
+    def __init__(self) -> None:
+        self._on = False
+        self._previous: Any = None
+        self._frames: list[FrameType | None] = []
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self._frames.append(frame)
+
+    def __enter__(self) -> _Deferred:
+        global _active
+        if _active or threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler and not callable(previous):
+            return self  # SIG_IGN / SIG_DFL / None (not set from Python): not ours to change
+        self._previous = previous
+        signal.signal(signal.SIGINT, self._hold)
+        self._on = True
+        _active += 1
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        global _active
+        if not self._on:
+            return
+        _active -= 1
+        self._on = False
+        signal.signal(signal.SIGINT, self._previous)
+        if self._frames:  # delivered now, once, to the handler the user had
+            frame = self._frames[0]
+            self._frames = []
+            self._previous(signal.SIGINT, frame)
+
+
+def deferred_interrupt() -> _Deferred:
+    """A context manager within which SIGINT is held back and delivered when it ends."""
+    return _Deferred()
+
+
+def in_critical_section() -> bool:
+    """Whether a `deferred_interrupt()` block is open in the main thread."""
+    return _active > 0
