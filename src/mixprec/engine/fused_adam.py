@@ -30,6 +30,7 @@ __all__ = [
     "fused_device_supported",
     "fused_items",
     "fused_unsupported_reason",
+    "step_from_master_grads_",
 ]
 
 FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
@@ -90,11 +91,40 @@ def _scalar(x: Any) -> float:
 
 
 def fused_items(
-    model_params: ParamGroups, master_params: ParamGroups, flat_groups: Sequence[FlatGroup]
+    model_params: ParamGroups,
+    master_params: ParamGroups,
+    flat_groups: Sequence[FlatGroup],
+    from_master_grads: bool = False,
 ) -> list[list[FusedItem]]:
     """Per param group, the blocks a fused step updates: every flat buffer's slice of the
     group's master (`flat_groups` given, one per non-empty group), or every master whose
-    parameter has a gradient."""
+    parameter has a gradient. `from_master_grads`: the gradients are the (already unscaled)
+    fp32 master gradients, not the model's half ones; a master without one is left out."""
+    if from_master_grads:
+        if not flat_groups:
+            return [
+                [
+                    FusedItem(m, m.detach(), None, m.grad, p)
+                    for p, m in zip(ps, ms)
+                    if m.grad is not None
+                ]
+                for ps, ms in zip(model_params, master_params)
+            ]
+        flat = iter(flat_groups)
+        items_m: list[list[FusedItem]] = []
+        for params, masters in zip(model_params, master_params):
+            fg = next(flat) if params else None
+            if fg is None or masters[0].grad is None:
+                items_m.append([])
+                continue
+            md = masters[0].detach()
+            items_m.append(
+                [
+                    FusedItem(masters[0], md[a:b], a, g, d)
+                    for (a, b), g, d in zip(fg.slices, fg.master_grad_slices(), fg.data)
+                ]
+            )
+        return items_m
     if not flat_groups:
         return [
             [
@@ -247,11 +277,12 @@ class FusedAdamStep:
         self,
         chunks: Sequence[_Chunk],
         steps: list[torch.Tensor],
-        grad_scale: torch.Tensor,
+        grad_scale: torch.Tensor | None,
         zero_grads: bool,
     ) -> None:
-        """One Adam(W) step of every chunk from its half gradients divided by `grad_scale`; the
-        new masters are rounded into the half model, and the half gradients zeroed if asked."""
+        """One Adam(W) step of every chunk from its gradients (half, or fp32 master ones)
+        divided by `grad_scale` (None: as they are); the new masters are rounded into the half
+        model, and the gradients zeroed if asked."""
         if steps:
             torch._foreach_add_(steps, 1)
         groups = self.optimizer.param_groups
@@ -262,7 +293,12 @@ class FusedAdamStep:
                 "decoupled_weight_decay", False
             )
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            torch._foreach_copy_(c.scratch, c.grads)
+            # fp32 gradients kept as they are (master grads) need no cast into the scratch
+            fp32 = not zero_grads and all(g.dtype == torch.float32 for g in c.grads)
+            grads = c.grads if fp32 else None
+            if grads is None:
+                torch._foreach_copy_(c.scratch, c.grads)
+                grads = c.scratch
             if zero_grads:
                 torch._foreach_zero_(c.grads)
             lr = pg["lr"]
@@ -270,7 +306,7 @@ class FusedAdamStep:
                 lr = lr.item()
             kernel(
                 c.params,
-                c.scratch,
+                grads,
                 c.exp_avgs,
                 c.exp_avg_sqs,
                 c.max_exp_avg_sqs,
@@ -327,3 +363,11 @@ class FusedAdamStep:
                 state.pop(master, None)
             self._cache = None
         return overflow, norm
+
+
+def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedItem]]) -> None:
+    """Adam(W)-step masters whose fp32 gradients are unscaled (and clipped) already, chunk by
+    chunk, rounding the new masters into the half model while still in cache: the wrapped
+    optimizer's `step()` and the master-to-model copy in one pass. Call under no_grad()."""
+    chunks, steps = step.plan(items, cache=True)  # master grads persist: the plan holds
+    step.update_(chunks, steps, None, zero_grads=False)

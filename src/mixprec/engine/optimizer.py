@@ -29,7 +29,13 @@ from mixprec.core.master import (
 )
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
-from mixprec.engine.fused_adam import FusedAdamStep, fused_device_supported, fused_items
+from mixprec.engine.fused_adam import (
+    FusedAdamStep,
+    fused_device_supported,
+    fused_items,
+    fused_unsupported_reason,
+    step_from_master_grads_,
+)
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
 from mixprec.parallel.distributed import all_reduce_overflow_, is_data_parallel
@@ -61,9 +67,12 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     An overflowing step changes no weight and no optimizer state. The keyword options are
     those of `LossScaler`.
 
-    `fused=True` (torch.optim.Adam/AdamW only) steps the masters straight from the half
-    gradients with torch's fused kernel and keeps no fp32 gradient (16 bytes of state per
-    parameter, not 20); same numbers within fp32 rounding. See `mixprec.engine.fused_adam`.
+    `fused` (default None: on whenever the optimizer allows it, i.e. it is exactly
+    torch.optim.Adam or AdamW) steps the masters straight from the half gradients with
+    torch's fused kernel and keeps no fp32 gradient (16 bytes of state per parameter, not
+    20); same numbers within fp32 rounding. `fused=False` opts out (the wrapped optimizer's
+    own `step()` runs on fp32 master gradients); `fused=True` insists and refuses an
+    optimizer it cannot fuse. See `mixprec.engine.fused_adam`.
 
     Data-parallel (`torch.distributed` initialized with more than one process in
     `process_group`, None meaning the default group): the overflow flag is all-reduced, so
@@ -84,7 +93,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         *,
         flat_master: bool = False,
         clip: float | None = None,
-        fused: bool = False,
+        fused: bool | None = None,
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
         model: nn.Module | None = None,
@@ -108,6 +117,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             )
         self.param_names = {} if model is None else forensics.param_names(model, model_params)
         self.scaler = LossScaler(loss_scale, **scaler_options)
+        # fused=None: the fastest correct path for this optimizer. Asked for explicitly, the
+        # fused path also frees the fp32 master grads it had to make (16 B/param).
+        self._lean = fused is True
+        if fused is None:
+            fused = fused_unsupported_reason(optimizer) is None
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
         self.optimizer = optimizer
         self.flat_master = bool(flat_master)
@@ -125,7 +139,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         for group, masters in zip(optimizer.param_groups, self.master_params):
             group["params"] = masters
         if self._fused is not None:
-            self._release_master_grads()
+            self._release_master_grads()  # made again only when a step needs them
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
         self.last_grad_norm: torch.Tensor | None = None
@@ -151,7 +165,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.model_params.append(params)
         self.master_params.append(masters)
         self._buffers = None  # the masters may now span another device
-        if self._fused is not None:
+        if self._lean:
             self._release_master_grads()
 
     # -- the mixed-precision loop -----------------------------------------------------------
@@ -228,10 +242,15 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         if overflow:  # only now: forensics cost nothing on clean steps
             self.last_overflow = self._overflow_report(from_model_grads=False)
         if not overflow:
-            self.optimizer.step()
-            self._copy_masters_to_model()
+            if self._fused is not None and fused_device_supported(self._device()):
+                items = fused_items(self.model_params, self.master_params, self._flat_groups, True)
+                with torch.no_grad():  # the wrapped step and the copy to the model, in cache
+                    step_from_master_grads_(self._fused, items)
+            else:
+                self.optimizer.step()
+                self._copy_masters_to_model()
         # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
-        if self._fused is not None:
+        if self._lean:
             self._release_master_grads()
         self._pending = self._accumulated = False
         with forensics.naming_overflow(self.last_overflow if overflow else None):
@@ -266,8 +285,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step, in the model and the masters."""
         self._zero_model_grads(set_to_none)
-        if self._fused is not None and self._accumulated:
-            self._release_master_grads()  # the fused path keeps no fp32 grads between steps
+        if self._lean and self._accumulated:
+            self._release_master_grads()  # fused=True keeps no fp32 grads between steps
         self._pending = self._accumulated = False
         self._found_inf = None
 
