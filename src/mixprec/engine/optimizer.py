@@ -29,6 +29,7 @@ from mixprec.core.master import (
 )
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
+from mixprec.engine.flat_step import FlatViewStep
 from mixprec.engine.fused_adam import (
     FusedAdamStep,
     fused_device_supported,
@@ -140,6 +141,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             group["params"] = masters
         if self._fused is not None:
             self._release_master_grads()  # made again only when a step needs them
+        self._view_step: FlatViewStep | None = None
+        self._make_view_step()
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
         self.last_grad_norm: torch.Tensor | None = None
@@ -165,6 +168,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.model_params.append(params)
         self.master_params.append(masters)
         self._buffers = None  # the masters may now span another device
+        self._make_view_step()
         if self._lean:
             self._release_master_grads()
 
@@ -247,7 +251,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 with torch.no_grad():  # the wrapped step and the copy to the model, in cache
                     step_from_master_grads_(self._fused, items)
             else:
-                self.optimizer.step()
+                (self.optimizer if self._view_step is None else self._view_step).step()
                 self._copy_masters_to_model()
         # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
         if self._lean:
@@ -291,6 +295,12 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._found_inf = None
 
     # -- internals ----------------------------------------------------------------------------
+    def _make_view_step(self) -> None:
+        """Flat masters of an element-wise optimizer step through cache-sized views."""
+        if self.flat_master and FlatViewStep.supported(self.optimizer):
+            numels = [sum(p.numel() for p in ps) for ps in self.model_params if ps]
+            self._view_step = FlatViewStep(self.optimizer, numels)
+
     def _is_data_parallel(self) -> bool:
         return self.data_parallel and is_data_parallel(self.process_group)
 
