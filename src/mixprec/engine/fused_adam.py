@@ -33,19 +33,26 @@ __all__ = [
     "step_from_master_grads_",
 ]
 
+SPLIT_MAX = (1 << 15) - 1  # the largest int16 remainder of a split master
+
 FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 """The optimizers the fused step implements (exact types: a subclass may change `step`)."""
 
 
 class FusedItem(NamedTuple):
     """One block to update: `view` of `master` at element `offset` (None: the whole master),
-    from the half gradient `grad`, rounding the result into the half tensor `half`."""
+    from the half gradient `grad`, rounding the result into the half tensor `half`.
+
+    With `low` (split masters, `mixprec.core.split`), `master` is the bf16 model parameter
+    itself (the optimizer's state key) and the fp32 master is rebuilt from `half` and `low`
+    in a scratch buffer for the update, then stored back into both."""
 
     master: torch.Tensor
     view: torch.Tensor
     offset: int | None
     grad: torch.Tensor
     half: torch.Tensor
+    low: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,7 +65,13 @@ class _Chunk:
     max_exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
-    halves: list[torch.Tensor] = field(default_factory=list)
+    halves: list[torch.Tensor] = field(default_factory=list)  # to round the new masters into
+    masters: list[torch.Tensor] = field(default_factory=list)  # the params those come from
+    # split masters: the rebuilt fp32 views, their bf16 and int16 halves, an int32 work view
+    split_masters: list[torch.Tensor] = field(default_factory=list)
+    split_highs: list[torch.Tensor] = field(default_factory=list)
+    split_lows: list[torch.Tensor] = field(default_factory=list)
+    split_work: list[torch.Tensor] = field(default_factory=list)
     numel: int = 0
 
 
@@ -161,7 +174,8 @@ class FusedAdamStep:
             raise ValueError(f"fused=True cannot be used: {reason}. Pass fused=False.")
         self.optimizer = optimizer
         self.chunk = int(chunk)
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self.ties: dict[torch.device, torch.Tensor] = {}  # split masters stored 1 ulp off
         self._one: dict[torch.device, torch.Tensor] = {}
         self._cache: tuple[tuple[int, ...], list[_Chunk], list[torch.Tensor]] | None = None
 
@@ -169,20 +183,24 @@ class FusedAdamStep:
     def _state(self, master: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
         """The optimizer's state for `master`, created as torch's Adam would if empty."""
         state = self.optimizer.state[master]
+        fp32 = {"dtype": torch.float32, "memory_format": torch.preserve_format}
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
-            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(master, **fp32)
+            state["exp_avg_sq"] = torch.zeros_like(master, **fp32)
         elif state["step"].device != master.device or state["step"].dtype != torch.float32:
             state["step"] = state["step"].to(master.device, torch.float32)  # kernels need both
         if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(master, **fp32)
         return state
 
-    def _scratch_for(self, device: torch.device) -> torch.Tensor:
-        if device not in self._scratch:
-            self._scratch[device] = torch.empty(self.chunk, dtype=torch.float32, device=device)
-        return self._scratch[device]
+    def _scratch_for(self, device: torch.device, which: int = 0) -> torch.Tensor:
+        """fp32 scratch `which` of `chunk` elements on `device`: 0 for gradients, 1 for
+        rebuilt split masters."""
+        key = (device, which)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(self.chunk, dtype=torch.float32, device=device)
+        return self._scratch[key]
 
     # -- the plan: chunks of views, rebuilt only when a tensor behind them changes ---------
     def plan(
@@ -200,7 +218,14 @@ class FusedAdamStep:
                 x
                 for items, sts in zip(groups, states)
                 for it, st in zip(items, sts)
-                for x in (id(it.master), it.offset, id(it.grad), id(it.half), *map(id, st.values()))
+                for x in (
+                    id(it.master),
+                    it.offset,
+                    id(it.grad),
+                    id(it.half),
+                    id(it.low),
+                    *map(id, st.values()),
+                )
             )
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1], self._cache[2]
@@ -221,26 +246,43 @@ class FusedAdamStep:
             moments = [
                 None if m is None else m.view(-1)[it.offset : it.offset + n] for m in moments
             ]
-        parts = [it.view, it.grad, it.half, *(m for m in moments if m is not None)]
+        parts = [it.view, it.grad, it.half, *(m for m in (*moments, it.low) if m is not None)]
         contiguous = all(t.is_contiguous() for t in parts)
+        every = (it.view, it.grad, it.half, it.low, *moments)
+        in_place = it.half is it.view  # an fp32 parameter that is its own master
         if contiguous:
-            flat = [
-                None if t is None else t.view(-1) for t in (it.view, it.grad, it.half, *moments)
-            ]
+            flat = [None if t is None else t.view(-1) for t in every]
             bounds = range(0, it.view.numel(), self.chunk)
             pieces = [[None if t is None else t[a : a + self.chunk] for t in flat] for a in bounds]
         else:  # an odd layout: one piece with its own scratch (allocated per step)
-            pieces = [[it.view, it.grad, it.half, *moments]]
-        for view, grad, half, exp_avg, exp_avg_sq, max_sq in pieces:
+            pieces = [list(every)]
+        for view, grad, half, low, exp_avg, exp_avg_sq, max_sq in pieces:
             n = view.numel()
             if not chunks or chunks[-1].group != g or chunks[-1].numel + n > self.chunk:
                 chunks.append(_Chunk(group=g))
             c = chunks[-1]
             if contiguous:
                 scratch = self._scratch_for(view.device)[c.numel : c.numel + n]
-                c.numel += n
             else:  # same layout as the master, as the kernel expects
-                scratch = torch.empty_like(view, memory_format=torch.preserve_format)
+                scratch = torch.empty_like(
+                    view, dtype=torch.float32, memory_format=torch.preserve_format
+                )
+            if low is not None:  # the kernel steps the master rebuilt in scratch
+                rebuilt = (
+                    self._scratch_for(view.device, 1)[c.numel : c.numel + n]
+                    if contiguous
+                    else torch.empty_like(scratch, memory_format=torch.preserve_format)
+                )
+                view = rebuilt
+                c.split_masters.append(rebuilt)
+                c.split_highs.append(half)
+                c.split_lows.append(low)
+                c.split_work.append(scratch.view(torch.int32))  # free once the kernel ran
+            elif not in_place:
+                c.halves.append(half)
+                c.masters.append(view)
+            if contiguous:
+                c.numel += n
             c.params.append(view)
             c.scratch.append(scratch)
             c.exp_avgs.append(exp_avg)
@@ -249,7 +291,6 @@ class FusedAdamStep:
                 c.max_exp_avg_sqs.append(max_sq)
             c.steps.append(st["step"])
             c.grads.append(grad)
-            c.halves.append(half)
 
     # -- the two passes ----------------------------------------------------------------------
     def check_(
@@ -287,6 +328,8 @@ class FusedAdamStep:
             torch._foreach_add_(steps, 1)
         groups = self.optimizer.param_groups
         for c in chunks:
+            if c.split_masters:  # rebuild the fp32 masters from the bf16 weights and low bits
+                _join_all_(c.split_masters, c.split_highs, c.split_lows)
             pg = groups[c.group]
             beta1, beta2 = pg["betas"]
             decoupled = isinstance(self.optimizer, torch.optim.AdamW) or pg.get(
@@ -321,7 +364,14 @@ class FusedAdamStep:
                 grad_scale=grad_scale,
                 found_inf=None,
             )
-            torch._foreach_copy_(c.halves, c.params)  # fp32 -> half while in cache
+            if c.halves:
+                torch._foreach_copy_(c.halves, c.masters)  # fp32 -> half while in cache
+            if c.split_masters:
+                device = c.split_masters[0].device
+                if device not in self.ties:
+                    self.ties[device] = torch.zeros((), dtype=torch.int64, device=device)
+                _split_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work,
+                            self.ties[device])  # fmt: skip
 
     def step(
         self,
@@ -363,6 +413,27 @@ class FusedAdamStep:
                 state.pop(master, None)
             self._cache = None
         return overflow, norm
+
+
+def _join_all_(masters: list, highs: list, lows: list) -> None:
+    """`mixprec.core.split.join_` over lists, a few foreach kernels for the whole chunk."""
+    bits = [m.view(torch.int32) for m in masters]
+    torch._foreach_copy_(bits, [h.view(torch.int16) for h in highs])
+    torch._foreach_mul_(bits, 1 << 16)
+    torch._foreach_add_(bits, lows)
+
+
+def _split_all_(masters: list, highs: list, lows: list, work: list, ties: torch.Tensor) -> None:
+    """`mixprec.core.split.split_` over lists, counting into `ties`."""
+    torch._foreach_copy_(highs, masters)  # round to nearest even: the model's weights
+    torch._foreach_copy_(work, [h.view(torch.int16) for h in highs])
+    torch._foreach_mul_(work, -(1 << 16))
+    torch._foreach_add_(work, [m.view(torch.int32) for m in masters])
+    for w in work:  # a few in 2**17 element-steps: see mixprec.core.split
+        ties.add_((w > SPLIT_MAX).sum())
+    torch._foreach_clamp_max_(work, SPLIT_MAX)
+    torch._foreach_clamp_min_(work, -SPLIT_MAX - 1)
+    torch._foreach_copy_(lows, work)
 
 
 def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedItem]]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from mixprec.engine.fused_adam import (
     fused_unsupported_reason,
     step_from_master_grads_,
 )
+from mixprec.engine.split_master import SplitMasters, check_split_options
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
 from mixprec.parallel.distributed import all_reduce_overflow_, is_data_parallel
@@ -95,6 +96,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         flat_master: bool = False,
         clip: float | None = None,
         fused: bool | None = None,
+        master: Literal["fp32", "split"] = "fp32",
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
         model: nn.Module | None = None,
@@ -116,6 +118,10 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 f"{sorted(str(d) for d in dtypes)}). Convert the model first and build the "
                 "optimizer on it: model_to_half(model); opt = torch.optim.AdamW(model.parameters())."
             )
+        if master not in ("fp32", "split"):
+            raise ValueError(f'master must be "fp32" or "split"; got {master!r}.')
+        if master == "split":
+            check_split_options(optimizer, model_params, bool(flat_master), fused)
         self.param_names = {} if model is None else forensics.param_names(model, model_params)
         self.scaler = LossScaler(loss_scale, **scaler_options)
         # fused=None: the fastest correct path for this optimizer. Asked for explicitly, the
@@ -130,7 +136,14 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.model_params = model_params
-        self.master_params = make_masters(model_params, self.flat_master)
+        # split: the optimizer steps the model's own parameters, their masters rebuilt from
+        # the bf16 weights and 16 low bits inside the fused step (mixprec.engine.split_master)
+        self.split = SplitMasters(model_params) if master == "split" else None
+        self.master_params = (
+            [list(g) for g in model_params]
+            if self.split is not None
+            else make_masters(model_params, self.flat_master)
+        )
         self._flat_groups = (
             [FlatGroup(ps, ms[0]) for ps, ms in zip(model_params, self.master_params) if ps]
             if self.flat_master
@@ -161,7 +174,12 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
         params = new_group_params(param_group["params"], self.model_params)
-        (masters,) = make_masters([params], self.flat_master)
+        if self.split is not None:
+            check_split_options(self.optimizer, [params], False, True)
+            self.split.add_group(params)
+            masters = list(params)
+        else:
+            (masters,) = make_masters([params], self.flat_master)
         if self.flat_master and params:
             self._flat_groups.append(FlatGroup(params, masters[0]))
         self.optimizer.add_param_group({**param_group, "params": masters})
@@ -202,7 +220,13 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 "scale_loss(loss)) before unscale_() or step()."
             )
         buffers = self._step_buffers()
-        if self._pending and not self._accumulated and buffers is not None:
+        if self.split is not None:
+            self.split.accumulate_()  # the fp32 grads of this step
+            self._pending, self._accumulated = False, True
+            found_inf = unscale_and_check_(self.split.acc_grads(), 1.0 / self.scaler.scale)
+            if found_inf is None:
+                found_inf = torch.zeros(1, device=self._device())
+        elif self._pending and not self._accumulated and buffers is not None:
             # The common case, one backward per step: cast, unscale and check in one sweep.
             found_inf, inv_scale, _ = buffers
             found_inf.zero_()
@@ -224,7 +248,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._all_reduce_overflow(found_inf)
         self.telemetry.record_(found_inf, self.scaler.scale, self._master_grads)  # before clip
         if self.clip is not None:
-            masters = [m for group in self.master_params for m in group]
+            masters = (
+                self.split.clip_proxies()
+                if self.split is not None
+                else [m for group in self.master_params for m in group]
+            )
             self.last_grad_norm = forensics.clip_grad_norm_if_finite_(masters, self.clip)
         self._found_inf = found_inf
 
@@ -246,7 +274,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         if overflow:  # only now: forensics cost nothing on clean steps
             self.last_overflow = self._overflow_report(from_model_grads=False)
         if not overflow:
-            if self._fused is not None and fused_device_supported(self._device()):
+            if self.split is not None:
+                assert self._fused is not None
+                with torch.no_grad():
+                    step_from_master_grads_(self._fused, self.split.items(from_acc=True))
+            elif self._fused is not None and fused_device_supported(self._device()):
                 items = fused_items(self.model_params, self.master_params, self._flat_groups, True)
                 with torch.no_grad():  # the wrapped step and the copy to the model, in cache
                     step_from_master_grads_(self._fused, items)
@@ -254,6 +286,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 (self.optimizer if self._view_step is None else self._view_step).step()
                 self._copy_masters_to_model()
         # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
+        if self.split is not None:
+            self.split.drop_acc()
         if self._lean:
             self._release_master_grads()
         self._pending = self._accumulated = False
@@ -264,7 +298,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _fused_step(self) -> bool:
         """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
         assert self._fused is not None and self._buffers is not None
-        items = fused_items(self.model_params, self.master_params, self._flat_groups)
+        items = (
+            self.split.items(from_acc=False)
+            if self.split is not None
+            else fused_items(self.model_params, self.master_params, self._flat_groups)
+        )
         scale = self.scaler.scale
 
         def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
@@ -289,6 +327,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step, in the model and the masters."""
         self._zero_model_grads(set_to_none)
+        if self.split is not None:
+            self.split.drop_acc()
         if self._lean and self._accumulated:
             self._release_master_grads()  # fused=True keeps no fp32 grads between steps
         self._pending = self._accumulated = False
@@ -351,15 +391,22 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 grads = [None] * len(params) if flat is None else list(flat.detach().split(sizes))
             else:
                 grads = [m.grad for m in masters]
+            if self.split is not None and not from_model_grads:
+                grads = [self.split.acc.get(p) for p in params]
             for j, (p, g) in enumerate(zip(params, grads)):
                 if g is not None:
                     yield names.get(p, f"param_groups[{i}][{j}]"), tuple(p.shape), g
 
     def _master_grads(self) -> list[torch.Tensor]:
+        if self.split is not None:
+            return self.split.acc_grads()
         return [m.grad for group in self.master_params for m in group if m.grad is not None]
 
     def _release_master_grads(self) -> None:
         """Free the fp32 master gradients: the fused path keeps none between steps."""
+        if self.split is not None:  # the masters are the model's parameters: keep their grads
+            self.split.drop_acc()
+            return
         self._grad_chunks_cache = None
         for fg in self._flat_groups:
             fg.release_master_grad()
@@ -370,7 +417,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _move_grads_to_masters(self) -> None:
         """Model grads -> master grads (copy on the first micro-batch, add after), then zero
         the model grads."""
-        if self.flat_master:
+        if self.split is not None:
+            self.split.accumulate_()
+        elif self.flat_master:
             dst, src = master_grad_pairs(self.model_params, self.master_params, self._flat_groups)
             with torch.no_grad():
                 if dst:
@@ -407,9 +456,15 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """fp32 masters, the wrapped optimizer's state and the scaler's state (references)."""
+        """fp32 masters, the wrapped optimizer's state and the scaler's state (references;
+        split masters: rebuilt fp32 copies, the same layout as the fp32 path's)."""
+        masters = (
+            self.split.masters()
+            if self.split is not None
+            else [[m.detach() for m in group] for group in self.master_params]
+        )
         return {
-            "masters": [[m.detach() for m in group] for group in self.master_params],
+            "masters": masters,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "flat_master": self.flat_master,
@@ -421,6 +476,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])  # validate first
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.scaler.load_state_dict(state_dict["scaler"])
+        if self.split is not None:
+            self._keep_state_fp32(state_dict["optimizer"])
+            self.split.load_(saved)
+            self.zero_grad()
+            return
         with torch.no_grad():
             torch._foreach_copy_(
                 [m for group in self.master_params for m in group],
@@ -428,6 +488,16 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             )
         self._copy_masters_to_model()
         self.zero_grad()
+
+    def _keep_state_fp32(self, saved: Mapping[str, Any]) -> None:
+        """torch's load_state_dict casts state to each parameter's dtype (bf16 here): put the
+        saved fp32 moments back."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, entries in saved.get("state", {}).items():
+            st = self.optimizer.state[params[int(index)]]
+            for k, v in entries.items():
+                if torch.is_tensor(v) and v.is_floating_point() and v.dim() and k in st:
+                    st[k] = v.detach().to(st[k].device, torch.float32, copy=True)
 
     def __repr__(self) -> str:
         return (
