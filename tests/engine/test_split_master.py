@@ -216,10 +216,10 @@ def test_bad_split_options_are_refused():
         )
     with pytest.raises(ValueError, match="fused=False"):
         MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), master="split", fused=False)
-    with pytest.raises(ValueError, match="implements torch.optim.Adam and AdamW; got SGD"):
+    with pytest.raises(ValueError, match=r"implements torch\.optim\.Adam and AdamW; got SGD"):
         MixedPrecisionOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), master="split")
     with pytest.raises(ValueError, match='master must be "fp32" or "split"'):
         MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), master="bits")
     half = model_to_half(nn.Linear(4, 4), torch.float16)
-    with pytest.raises(ValueError, match="torch.float16 parameters"):
+    with pytest.raises(ValueError, match=r"torch\.float16 parameters"):
         MixedPrecisionOptimizer(torch.optim.AdamW(half.parameters()), master="split")
