@@ -83,7 +83,7 @@ def build_step(
                 opt.step()
                 opt.zero_grad()
 
-            return engine_autocast
+            return model, engine_autocast
         amp = None if mode == "fp32" else dtype
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -95,7 +95,7 @@ def build_step(
             scaler.update()
             inner.zero_grad(set_to_none=True)
 
-        return torch_step
+        return model, torch_step
     model_to_half(model, dtype)
     x = x.to(dtype) if x.is_floating_point() else x
     inner = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -108,7 +108,7 @@ def build_step(
             opt.step()
             opt.zero_grad()
 
-        return callback_step
+        return model, callback_step
     opt = MixedPrecisionOptimizer(inner, **MIXPREC[mode])
 
     def mixprec_step() -> None:
@@ -116,7 +116,7 @@ def build_step(
         opt.step()
         opt.zero_grad()
 
-    return mixprec_step
+    return model, mixprec_step
 
 
 def default_mode() -> str:
@@ -155,7 +155,7 @@ def _peak_child(
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.max_memory_allocated(dev)
-    step = build_step(fam, mode, DTYPES.get(dtype, torch.float32), dev)
+    _, step = build_step(fam, mode, DTYPES.get(dtype, torch.float32), dev)
     for _ in range(steps):
         step()
     if cuda:
@@ -188,7 +188,7 @@ def measure(
             for mode in modes:
                 if _supported(mode, DTYPES[dt]) and (mode != "fp32" or dt == dtypes[0]):
                     cases[("fp32" if mode == "fp32" else dt, mode)] = (
-                        None, build_step(fam, mode, DTYPES[dt], device),
+                        None, build_step(fam, mode, DTYPES[dt], device)[1],
                     )  # fmt: skip
         times = side_by_side(cases, repeats=repeats, warmup=warmup, sync=sync)
         fp32 = times.get(("fp32", "fp32"))
