@@ -111,6 +111,7 @@ def _setup(master, clip=None, seed=0, channels_last=False):
         torch.optim.AdamW(groups), "dynamic", master=master, clip=clip, growth_interval=3,
     )  # fmt: skip
     opt._fused.chunk = 40  # small chunks: tensors split over chunks, several per chunk
+    opt._fused.count_ties = True
     return model, opt
 
 

@@ -175,7 +175,10 @@ class FusedAdamStep:
         self.optimizer = optimizer
         self.chunk = int(chunk)
         self._scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
-        self.ties: dict[torch.device, torch.Tensor] = {}  # split masters stored 1 ulp off
+        # split masters stored one ulp off (mixprec.core.split), counted if asked: the count
+        # is a reduction per chunk, as slow as the rest of the split bookkeeping together
+        self.count_ties = False
+        self.ties: dict[torch.device, torch.Tensor] = {}
         self._one: dict[torch.device, torch.Tensor] = {}
         self._cache: tuple[tuple[int, ...], list[_Chunk], list[torch.Tensor]] | None = None
 
@@ -367,11 +370,13 @@ class FusedAdamStep:
             if c.halves:
                 torch._foreach_copy_(c.halves, c.masters)  # fp32 -> half while in cache
             if c.split_masters:
-                device = c.split_masters[0].device
-                if device not in self.ties:
-                    self.ties[device] = torch.zeros((), dtype=torch.int64, device=device)
-                _split_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work,
-                            self.ties[device])  # fmt: skip
+                ties = None
+                if self.count_ties:
+                    device = c.split_masters[0].device
+                    if device not in self.ties:
+                        self.ties[device] = torch.zeros((), dtype=torch.int64, device=device)
+                    ties = self.ties[device]
+                _split_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work, ties)
 
     def step(
         self,
@@ -423,14 +428,17 @@ def _join_all_(masters: list, highs: list, lows: list) -> None:
     torch._foreach_add_(bits, lows)
 
 
-def _split_all_(masters: list, highs: list, lows: list, work: list, ties: torch.Tensor) -> None:
+def _split_all_(
+    masters: list, highs: list, lows: list, work: list, ties: torch.Tensor | None
+) -> None:
     """`mixprec.core.split.split_` over lists, counting into `ties`."""
     torch._foreach_copy_(highs, masters)  # round to nearest even: the model's weights
     torch._foreach_copy_(work, [h.view(torch.int16) for h in highs])
     torch._foreach_mul_(work, -(1 << 16))
     torch._foreach_add_(work, [m.view(torch.int32) for m in masters])
-    for w in work:  # a few in 2**17 element-steps: see mixprec.core.split
-        ties.add_((w > SPLIT_MAX).sum())
+    if ties is not None:  # about one in 2**17 element-steps: see mixprec.core.split
+        for w in work:
+            ties.add_((w > SPLIT_MAX).sum())
     torch._foreach_clamp_max_(work, SPLIT_MAX)
     torch._foreach_clamp_min_(work, -SPLIT_MAX - 1)
     torch._foreach_copy_(lows, work)
