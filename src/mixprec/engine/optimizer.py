@@ -74,7 +74,14 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     torch's fused kernel and keeps no fp32 gradient (16 bytes of state per parameter, not
     20); same numbers within fp32 rounding. `fused=False` opts out (the wrapped optimizer's
     own `step()` runs on fp32 master gradients); `fused=True` insists and refuses an
-    optimizer it cannot fuse. See `mixprec.engine.fused_adam`.
+    optimizer it cannot fuse. See `mixprec.engine.fused_adam`. With `flat_master=True` and
+    `fused=False`, element-wise optimizers (SGD, Adam, RMSprop, ...) step the flat master
+    through cache-sized views of it (`mixprec.engine.flat_step`): same numbers, faster.
+
+    `master="split"` (bf16 models, Adam/AdamW) keeps each fp32 master as the bf16 weight
+    plus 16 low bits, rebuilt chunk by chunk inside the fused step: 14 bytes of training
+    state per parameter instead of 16, the fp32-master path's numbers bit for bit except
+    for the rare master stored one ulp off (`mixprec.core.split`), a slower optimizer step.
 
     Data-parallel (`torch.distributed` initialized with more than one process in
     `process_group`, None meaning the default group): the overflow flag is all-reduced, so

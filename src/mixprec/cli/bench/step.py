@@ -4,9 +4,10 @@ Five model families (`step_models`: ResNet with BatchNorm, ConvNeXt with LayerNo
 layer scale, ViT, GPT with tied embeddings, BERT) train with AdamW on one synthetic batch
 in every mode below. The modes of one model are built side by side in one process and run
 in turn, one step each per round, so a noisy machine slows them alike; times are medians.
-Peak memory is measured in a fresh process per (model, mode): the rise of the resident
-set's peak (`ru_maxrss`) over the imports on a CPU, `torch.cuda.max_memory_allocated` on
-a GPU.
+Peak memory is measured in a fresh process per (model, mode), after the imports and the
+batch: on a CPU the resident set's high-water mark (reset first, Linux `clear_refs`; else
+`ru_maxrss`) minus the resident set before the model is built, on a GPU the rise of
+`torch.cuda.max_memory_allocated`.
 
 Modes: `fp32`; `autocast` (torch.autocast with torch's default AdamW, + GradScaler for
 fp16) and `autocast+fusedadamw` (the same with `AdamW(fused=True)`); mixprec's
@@ -151,10 +152,11 @@ def _peak_child(
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     fam = family(model, tiny, dev)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: torch and the batch
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.max_memory_allocated(dev)
+    else:  # the imports' peak is above what they keep: reset it, start from what is resident
+        base = _reset_peak_rss()
     _, step = build_step(fam, mode, DTYPES.get(dtype, torch.float32), dev)
     for _ in range(steps):
         step()
@@ -162,7 +164,32 @@ def _peak_child(
         torch.cuda.synchronize(dev)
         print((torch.cuda.max_memory_allocated(dev) - base) / 2**20)
     else:
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print((_peak_rss_kib() - base) / 1024)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the resident set's high-water mark (Linux); return the resident KiB now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _status_kib("VmRSS") or 0
+
+
+def _peak_rss_kib() -> int:
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def measure(
