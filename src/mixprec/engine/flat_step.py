@@ -3,9 +3,9 @@
 torch's CPU optimizers run each element-wise operation over a whole tensor before the
 next, so on one flat master of millions of elements every operation streams it from main
 memory; on pieces of `VIEW_NUMEL` elements a piece stays in cache between operations
-(AdamW on ResNet-18's 11.2M elements, one thread: 283 ms flat, 229 ms in its 62
-parameters, 178 ms in pieces of 2^17, measured under load 6 on 2 cores; see
-docs/performance.md). For the optimizers whose update is element-wise, the step therefore
+(AdamW on ResNet-18's 11.2M elements, one thread, an ad-hoc timing under load 6 on 2
+cores: 283 ms flat, 229 ms in its 62 parameters, 173 to 178 ms in pieces of 2^16 to 2^18;
+whole steps in docs/performance.md). For the optimizers whose update is element-wise, the step therefore
 hands the wrapped optimizer, for the duration of `step()`, 1-D pieces of the flat master,
 its gradient and its per-element state: the numbers are bit for bit those of the flat step, the
 state stays flat (so `state_dict()` and checkpoints do not change) and the copies to and
