@@ -194,8 +194,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.master_params.append(masters)
         self._buffers = None  # the masters may now span another device
         self._make_view_step()
-        if self._lean:
-            self._release_master_grads()
+        if self._fused is not None:
+            self._release_master_grads()  # as at construction: made when a step needs them
 
     # -- the mixed-precision loop -----------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -510,5 +510,5 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         return (
             f"MixedPrecisionOptimizer({self.optimizer.__class__.__name__}, "
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
-            f"fused={self.fused})"
+            f"fused={self.fused}, master={'split' if self.split is not None else 'fp32'!r})"
         )
