@@ -72,6 +72,8 @@ class _Chunk:
     split_highs: list[torch.Tensor] = field(default_factory=list)
     split_lows: list[torch.Tensor] = field(default_factory=list)
     split_work: list[torch.Tensor] = field(default_factory=list)
+    # where each of `grads` comes from: (item index, start of the 1-D piece or None: whole)
+    grad_src: list[tuple[int, int | None]] = field(default_factory=list)
     numel: int = 0
 
 
@@ -215,8 +217,11 @@ class FusedAdamStep:
             for items, pg in zip(groups, self.optimizer.param_groups)
         ]
         key: tuple[int, ...] = ()
+        grads = [it.grad for items in groups for it in items]
         if cache:
             # The chunks' views keep every object named here alive, so no id can be reused.
+            # Gradients are left out: a backward after zero_grad(set_to_none=True) makes new
+            # ones, and the plan only re-points its views of them.
             key = tuple(
                 x
                 for items, sts in zip(groups, states)
@@ -224,25 +229,33 @@ class FusedAdamStep:
                 for x in (
                     id(it.master),
                     it.offset,
-                    id(it.grad),
                     id(it.half),
                     id(it.low),
+                    it.grad.dtype,
                     *map(id, st.values()),
                 )
             )
             if self._cache is not None and self._cache[0] == key:
-                return self._cache[1], self._cache[2]
-        chunks: list[_Chunk] = []
+                chunks = self._cache[1]
+                if _repoint_grads(chunks, grads):
+                    return chunks, self._cache[2]
+        chunks = []
         steps: dict[int, torch.Tensor] = {}
+        k = 0
         for g, (items, sts) in enumerate(zip(groups, states)):
             for it, st in zip(items, sts):
                 steps[id(st["step"])] = st["step"]
-                self._add_item(chunks, g, it, st)
+                self._add_item(chunks, g, it, st, k)
+                k += 1
         result = (chunks, list(steps.values()))
-        self._cache = (key, *result) if cache else None
+        # a piece with its own scratch (odd layout) is not kept: it would hold fp32 memory
+        whole = any(src[1] is None for c in chunks for src in c.grad_src)
+        self._cache = (key, *result) if cache and not whole else None
         return result
 
-    def _add_item(self, chunks: list[_Chunk], g: int, it: FusedItem, st: dict[str, Any]) -> None:
+    def _add_item(
+        self, chunks: list[_Chunk], g: int, it: FusedItem, st: dict[str, Any], k: int
+    ) -> None:
         moments = [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq")]
         if it.offset is not None:  # a slice of a flat master: slice its state the same way
             n = it.view.numel()
@@ -257,9 +270,11 @@ class FusedAdamStep:
             flat = [None if t is None else t.view(-1) for t in every]
             bounds = range(0, it.view.numel(), self.chunk)
             pieces = [[None if t is None else t[a : a + self.chunk] for t in flat] for a in bounds]
+            starts: list[int | None] = list(bounds)
         else:  # an odd layout: one piece with its own scratch (allocated per step)
             pieces = [list(every)]
-        for view, grad, half, low, exp_avg, exp_avg_sq, max_sq in pieces:
+            starts = [None]
+        for (view, grad, half, low, exp_avg, exp_avg_sq, max_sq), start in zip(pieces, starts):
             n = view.numel()
             if not chunks or chunks[-1].group != g or chunks[-1].numel + n > self.chunk:
                 chunks.append(_Chunk(group=g))
@@ -294,6 +309,7 @@ class FusedAdamStep:
                 c.max_exp_avg_sqs.append(max_sq)
             c.steps.append(st["step"])
             c.grads.append(grad)
+            c.grad_src.append((k, start))
 
     # -- the two passes ----------------------------------------------------------------------
     def check_(
@@ -399,7 +415,7 @@ class FusedAdamStep:
         found_inf.zero_()
         state = self.optimizer.state
         fresh = [it.master for group in items for it in group if not state.get(it.master)]
-        chunks, steps = self.plan(items, cache=flat)
+        chunks, steps = self.plan(items, cache=True)
         norm = self.check_(chunks, found_inf, want_norm=clip is not None)
         if norm is not None:
             norm = norm / scale
@@ -417,7 +433,28 @@ class FusedAdamStep:
             for master in fresh:
                 state.pop(master, None)
             self._cache = None
+        _release_grads(chunks)
         return overflow, norm
+
+
+def _release_grads(chunks: Sequence[_Chunk]) -> None:
+    """Drop a plan's views of this step's gradients, so that zero_grad() frees them."""
+    for c in chunks:
+        c.grads = []
+
+
+def _repoint_grads(chunks: Sequence[_Chunk], grads: Sequence[torch.Tensor]) -> bool:
+    """Point a cached plan's gradient views at this step's `grads` (same shapes and dtypes,
+    one per item); False if one cannot be viewed as the plan needs (plan again)."""
+    for c in chunks:
+        new = []
+        for k, start in c.grad_src:
+            g = grads[k]
+            if start is None or not g.is_contiguous():
+                return False
+            new.append(g.view(-1)[start : start + c.params[len(new)].numel()])
+        c.grads = new
+    return True
 
 
 def _join_all_(masters: list, highs: list, lows: list) -> None:
@@ -448,5 +485,6 @@ def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedI
     """Adam(W)-step masters whose fp32 gradients are unscaled (and clipped) already, chunk by
     chunk, rounding the new masters into the half model while still in cache: the wrapped
     optimizer's `step()` and the master-to-model copy in one pass. Call under no_grad()."""
-    chunks, steps = step.plan(items, cache=True)  # master grads persist: the plan holds
+    chunks, steps = step.plan(items, cache=True)
     step.update_(chunks, steps, None, zero_grads=False)
+    _release_grads(chunks)
