@@ -68,6 +68,7 @@ def test_memory_counts_state_per_parameter_and_saved_activations(capsys):
         "fastai_v1": 20.0,  # half params and grads, fp32 masters and master grads, moments
         "mixprec_unfused": 20.0,
         "mixprec_fused": 16.0,  # no fp32 grads: half params and grads, masters, moments
+        "mixprec_split": 14.0,  # bf16 weights + 16 low bits, bf16 grads, moments
     }
     fused_line = next(line for line in out.splitlines() if "mixprec_fused" in line)
     assert "1,048," in fused_line  # its fixed 1 MiB fp32 scratch

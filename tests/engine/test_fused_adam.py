@@ -1,6 +1,8 @@
 """The fused Adam(W) step: the unfused path's numbers, 16 bytes per parameter, same API."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -205,3 +207,20 @@ def test_fused_handles_channels_last_weights_like_the_unfused_path():
         results.append(_masters(opt))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_plan_is_kept_across_steps_and_keeps_no_old_gradient_alive():
+    torch.manual_seed(0)
+    model = model_to_half(nn.Linear(8, 4))
+    opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), 512.0)
+    plans, grads = [], []
+    for _ in range(3):
+        opt.backward(model(torch.randn(2, 8).half()).float().sum())
+        grads.append(weakref.ref(model.weight.grad))
+        assert opt.step()
+        opt.zero_grad()  # set_to_none: the next backward makes new gradients
+        plans.append(opt._fused._cache[1])
+    assert plans[0] is plans[1] is plans[2]  # re-pointed, not planned again
+    assert all(c.grads == [] for c in plans[0])
+    gc.collect()
+    assert all(g() is None for g in grads)  # the plan held none of them

@@ -22,7 +22,7 @@ from mixprec.core.optim_state import REQUIRED_STATE
 
 N_BATCHES = 4
 CONFIGS: dict[str, dict[str, Any] | None] = {
-    "master": {"dtype": torch.bfloat16},
+    "master": {"dtype": torch.bfloat16, "fused": False},  # the wrapped optimizer steps
     "flat": {"dtype": torch.bfloat16, "flat_master": True},
     "fused": {"dtype": torch.bfloat16, "fused": True, "loss_scale": "dynamic"},
     "autocast": {"dtype": torch.bfloat16, "mode": "autocast"},

@@ -161,10 +161,14 @@ def real_number(value: Any) -> float | None:
     return None
 
 
-def check_flag(name: str, value: Any) -> bool:
-    """`value` if it is True or False; else a TypeError (a string "False" would mean True)."""
+def check_flag(name: str, value: Any, *, none_ok: bool = False) -> bool | None:
+    """`value` if it is True or False (or None, with `none_ok`); else a TypeError (a string
+    "False" would mean True)."""
+    if value is None and none_ok:
+        return None
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {value!r}.")
+        allowed = "True, False or None" if none_ok else "True or False"
+        raise TypeError(f"{name} must be {allowed}; got {value!r}.")
     return value
 
 

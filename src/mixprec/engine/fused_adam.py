@@ -30,7 +30,10 @@ __all__ = [
     "fused_device_supported",
     "fused_items",
     "fused_unsupported_reason",
+    "step_from_master_grads_",
 ]
+
+SPLIT_MAX = (1 << 15) - 1  # the largest int16 remainder of a split master
 
 FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 """The optimizers the fused step implements (exact types: a subclass may change `step`)."""
@@ -38,13 +41,18 @@ FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.
 
 class FusedItem(NamedTuple):
     """One block to update: `view` of `master` at element `offset` (None: the whole master),
-    from the half gradient `grad`, rounding the result into the half tensor `half`."""
+    from the half gradient `grad`, rounding the result into the half tensor `half`.
+
+    With `low` (split masters, `mixprec.core.split`), `master` is the bf16 model parameter
+    itself (the optimizer's state key) and the fp32 master is rebuilt from `half` and `low`
+    in a scratch buffer for the update, then stored back into both."""
 
     master: torch.Tensor
     view: torch.Tensor
     offset: int | None
     grad: torch.Tensor
     half: torch.Tensor
+    low: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,7 +65,15 @@ class _Chunk:
     max_exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
-    halves: list[torch.Tensor] = field(default_factory=list)
+    halves: list[torch.Tensor] = field(default_factory=list)  # to round the new masters into
+    masters: list[torch.Tensor] = field(default_factory=list)  # the params those come from
+    # split masters: the rebuilt fp32 views, their bf16 and int16 halves, an int32 work view
+    split_masters: list[torch.Tensor] = field(default_factory=list)
+    split_highs: list[torch.Tensor] = field(default_factory=list)
+    split_lows: list[torch.Tensor] = field(default_factory=list)
+    split_work: list[torch.Tensor] = field(default_factory=list)
+    # where each of `grads` comes from: (item index, start of the 1-D piece or None: whole)
+    grad_src: list[tuple[int, int | None]] = field(default_factory=list)
     numel: int = 0
 
 
@@ -90,11 +106,40 @@ def _scalar(x: Any) -> float:
 
 
 def fused_items(
-    model_params: ParamGroups, master_params: ParamGroups, flat_groups: Sequence[FlatGroup]
+    model_params: ParamGroups,
+    master_params: ParamGroups,
+    flat_groups: Sequence[FlatGroup],
+    from_master_grads: bool = False,
 ) -> list[list[FusedItem]]:
     """Per param group, the blocks a fused step updates: every flat buffer's slice of the
     group's master (`flat_groups` given, one per non-empty group), or every master whose
-    parameter has a gradient."""
+    parameter has a gradient. `from_master_grads`: the gradients are the (already unscaled)
+    fp32 master gradients, not the model's half ones; a master without one is left out."""
+    if from_master_grads:
+        if not flat_groups:
+            return [
+                [
+                    FusedItem(m, m.detach(), None, m.grad, p)
+                    for p, m in zip(ps, ms)
+                    if m.grad is not None
+                ]
+                for ps, ms in zip(model_params, master_params)
+            ]
+        flat = iter(flat_groups)
+        items_m: list[list[FusedItem]] = []
+        for params, masters in zip(model_params, master_params):
+            fg = next(flat) if params else None
+            if fg is None or masters[0].grad is None:
+                items_m.append([])
+                continue
+            md = masters[0].detach()
+            items_m.append(
+                [
+                    FusedItem(masters[0], md[a:b], a, g, d)
+                    for (a, b), g, d in zip(fg.slices, fg.master_grad_slices(), fg.data)
+                ]
+            )
+        return items_m
     if not flat_groups:
         return [
             [
@@ -131,7 +176,11 @@ class FusedAdamStep:
             raise ValueError(f"fused=True cannot be used: {reason}. Pass fused=False.")
         self.optimizer = optimizer
         self.chunk = int(chunk)
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+        # split masters stored one ulp off (mixprec.core.split), counted if asked: the count
+        # is a reduction per chunk, as slow as the rest of the split bookkeeping together
+        self.count_ties = False
+        self.ties: dict[torch.device, torch.Tensor] = {}
         self._one: dict[torch.device, torch.Tensor] = {}
         self._cache: tuple[tuple[int, ...], list[_Chunk], list[torch.Tensor]] | None = None
 
@@ -139,20 +188,24 @@ class FusedAdamStep:
     def _state(self, master: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
         """The optimizer's state for `master`, created as torch's Adam would if empty."""
         state = self.optimizer.state[master]
+        fp32 = {"dtype": torch.float32, "memory_format": torch.preserve_format}
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
-            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(master, **fp32)
+            state["exp_avg_sq"] = torch.zeros_like(master, **fp32)
         elif state["step"].device != master.device or state["step"].dtype != torch.float32:
             state["step"] = state["step"].to(master.device, torch.float32)  # kernels need both
         if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(master, **fp32)
         return state
 
-    def _scratch_for(self, device: torch.device) -> torch.Tensor:
-        if device not in self._scratch:
-            self._scratch[device] = torch.empty(self.chunk, dtype=torch.float32, device=device)
-        return self._scratch[device]
+    def _scratch_for(self, device: torch.device, which: int = 0) -> torch.Tensor:
+        """fp32 scratch `which` of `chunk` elements on `device`: 0 for gradients, 1 for
+        rebuilt split masters."""
+        key = (device, which)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(self.chunk, dtype=torch.float32, device=device)
+        return self._scratch[key]
 
     # -- the plan: chunks of views, rebuilt only when a tensor behind them changes ---------
     def plan(
@@ -164,53 +217,90 @@ class FusedAdamStep:
             for items, pg in zip(groups, self.optimizer.param_groups)
         ]
         key: tuple[int, ...] = ()
+        grads = [it.grad for items in groups for it in items]
         if cache:
             # The chunks' views keep every object named here alive, so no id can be reused.
+            # Gradients are left out: a backward after zero_grad(set_to_none=True) makes new
+            # ones, and the plan only re-points its views of them.
             key = tuple(
                 x
                 for items, sts in zip(groups, states)
                 for it, st in zip(items, sts)
-                for x in (id(it.master), it.offset, id(it.grad), id(it.half), *map(id, st.values()))
+                for x in (
+                    id(it.master),
+                    it.offset,
+                    id(it.half),
+                    id(it.low),
+                    it.grad.dtype,
+                    *map(id, st.values()),
+                )
             )
             if self._cache is not None and self._cache[0] == key:
-                return self._cache[1], self._cache[2]
-        chunks: list[_Chunk] = []
+                chunks = self._cache[1]
+                if _repoint_grads(chunks, grads):
+                    return chunks, self._cache[2]
+        chunks = []
         steps: dict[int, torch.Tensor] = {}
+        k = 0
         for g, (items, sts) in enumerate(zip(groups, states)):
             for it, st in zip(items, sts):
                 steps[id(st["step"])] = st["step"]
-                self._add_item(chunks, g, it, st)
+                self._add_item(chunks, g, it, st, k)
+                k += 1
         result = (chunks, list(steps.values()))
-        self._cache = (key, *result) if cache else None
+        # a piece with its own scratch (odd layout) is not kept: it would hold fp32 memory
+        whole = any(src[1] is None for c in chunks for src in c.grad_src)
+        self._cache = (key, *result) if cache and not whole else None
         return result
 
-    def _add_item(self, chunks: list[_Chunk], g: int, it: FusedItem, st: dict[str, Any]) -> None:
+    def _add_item(
+        self, chunks: list[_Chunk], g: int, it: FusedItem, st: dict[str, Any], k: int
+    ) -> None:
         moments = [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq")]
         if it.offset is not None:  # a slice of a flat master: slice its state the same way
             n = it.view.numel()
             moments = [
                 None if m is None else m.view(-1)[it.offset : it.offset + n] for m in moments
             ]
-        parts = [it.view, it.grad, it.half, *(m for m in moments if m is not None)]
+        parts = [it.view, it.grad, it.half, *(m for m in (*moments, it.low) if m is not None)]
         contiguous = all(t.is_contiguous() for t in parts)
+        every = (it.view, it.grad, it.half, it.low, *moments)
+        in_place = it.half is it.view  # an fp32 parameter that is its own master
         if contiguous:
-            flat = [
-                None if t is None else t.view(-1) for t in (it.view, it.grad, it.half, *moments)
-            ]
+            flat = [None if t is None else t.view(-1) for t in every]
             bounds = range(0, it.view.numel(), self.chunk)
             pieces = [[None if t is None else t[a : a + self.chunk] for t in flat] for a in bounds]
+            starts: list[int | None] = list(bounds)
         else:  # an odd layout: one piece with its own scratch (allocated per step)
-            pieces = [[it.view, it.grad, it.half, *moments]]
-        for view, grad, half, exp_avg, exp_avg_sq, max_sq in pieces:
+            pieces = [list(every)]
+            starts = [None]
+        for (view, grad, half, low, exp_avg, exp_avg_sq, max_sq), start in zip(pieces, starts):
             n = view.numel()
             if not chunks or chunks[-1].group != g or chunks[-1].numel + n > self.chunk:
                 chunks.append(_Chunk(group=g))
             c = chunks[-1]
             if contiguous:
                 scratch = self._scratch_for(view.device)[c.numel : c.numel + n]
-                c.numel += n
             else:  # same layout as the master, as the kernel expects
-                scratch = torch.empty_like(view, memory_format=torch.preserve_format)
+                scratch = torch.empty_like(
+                    view, dtype=torch.float32, memory_format=torch.preserve_format
+                )
+            if low is not None:  # the kernel steps the master rebuilt in scratch
+                rebuilt = (
+                    self._scratch_for(view.device, 1)[c.numel : c.numel + n]
+                    if contiguous
+                    else torch.empty_like(scratch, memory_format=torch.preserve_format)
+                )
+                view = rebuilt
+                c.split_masters.append(rebuilt)
+                c.split_highs.append(half)
+                c.split_lows.append(low)
+                c.split_work.append(scratch.view(torch.int32))  # free once the kernel ran
+            elif not in_place:
+                c.halves.append(half)
+                c.masters.append(view)
+            if contiguous:
+                c.numel += n
             c.params.append(view)
             c.scratch.append(scratch)
             c.exp_avgs.append(exp_avg)
@@ -219,7 +309,7 @@ class FusedAdamStep:
                 c.max_exp_avg_sqs.append(max_sq)
             c.steps.append(st["step"])
             c.grads.append(grad)
-            c.halves.append(half)
+            c.grad_src.append((k, start))
 
     # -- the two passes ----------------------------------------------------------------------
     def check_(
@@ -247,22 +337,30 @@ class FusedAdamStep:
         self,
         chunks: Sequence[_Chunk],
         steps: list[torch.Tensor],
-        grad_scale: torch.Tensor,
+        grad_scale: torch.Tensor | None,
         zero_grads: bool,
     ) -> None:
-        """One Adam(W) step of every chunk from its half gradients divided by `grad_scale`; the
-        new masters are rounded into the half model, and the half gradients zeroed if asked."""
+        """One Adam(W) step of every chunk from its gradients (half, or fp32 master ones)
+        divided by `grad_scale` (None: as they are); the new masters are rounded into the half
+        model, and the gradients zeroed if asked."""
         if steps:
             torch._foreach_add_(steps, 1)
         groups = self.optimizer.param_groups
         for c in chunks:
+            if c.split_masters:  # rebuild the fp32 masters from the bf16 weights and low bits
+                _join_all_(c.split_masters, c.split_highs, c.split_lows)
             pg = groups[c.group]
             beta1, beta2 = pg["betas"]
             decoupled = isinstance(self.optimizer, torch.optim.AdamW) or pg.get(
                 "decoupled_weight_decay", False
             )
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            torch._foreach_copy_(c.scratch, c.grads)
+            # fp32 gradients kept as they are (master grads) need no cast into the scratch
+            fp32 = not zero_grads and all(g.dtype == torch.float32 for g in c.grads)
+            grads = c.grads if fp32 else None
+            if grads is None:
+                torch._foreach_copy_(c.scratch, c.grads)
+                grads = c.scratch
             if zero_grads:
                 torch._foreach_zero_(c.grads)
             lr = pg["lr"]
@@ -270,7 +368,7 @@ class FusedAdamStep:
                 lr = lr.item()
             kernel(
                 c.params,
-                c.scratch,
+                grads,
                 c.exp_avgs,
                 c.exp_avg_sqs,
                 c.max_exp_avg_sqs,
@@ -285,7 +383,16 @@ class FusedAdamStep:
                 grad_scale=grad_scale,
                 found_inf=None,
             )
-            torch._foreach_copy_(c.halves, c.params)  # fp32 -> half while in cache
+            if c.halves:
+                torch._foreach_copy_(c.halves, c.masters)  # fp32 -> half while in cache
+            if c.split_masters:
+                ties = None
+                if self.count_ties:
+                    device = c.split_masters[0].device
+                    if device not in self.ties:
+                        self.ties[device] = torch.zeros((), dtype=torch.int64, device=device)
+                    ties = self.ties[device]
+                _split_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work, ties)
 
     def step(
         self,
@@ -308,7 +415,7 @@ class FusedAdamStep:
         found_inf.zero_()
         state = self.optimizer.state
         fresh = [it.master for group in items for it in group if not state.get(it.master)]
-        chunks, steps = self.plan(items, cache=flat)
+        chunks, steps = self.plan(items, cache=True)
         norm = self.check_(chunks, found_inf, want_norm=clip is not None)
         if norm is not None:
             norm = norm / scale
@@ -326,4 +433,58 @@ class FusedAdamStep:
             for master in fresh:
                 state.pop(master, None)
             self._cache = None
+        _release_grads(chunks)
         return overflow, norm
+
+
+def _release_grads(chunks: Sequence[_Chunk]) -> None:
+    """Drop a plan's views of this step's gradients, so that zero_grad() frees them."""
+    for c in chunks:
+        c.grads = []
+
+
+def _repoint_grads(chunks: Sequence[_Chunk], grads: Sequence[torch.Tensor]) -> bool:
+    """Point a cached plan's gradient views at this step's `grads` (same shapes and dtypes,
+    one per item); False if one cannot be viewed as the plan needs (plan again)."""
+    for c in chunks:
+        new = []
+        for k, start in c.grad_src:
+            g = grads[k]
+            if start is None or not g.is_contiguous():
+                return False
+            new.append(g.view(-1)[start : start + c.params[len(new)].numel()])
+        c.grads = new
+    return True
+
+
+def _join_all_(masters: list, highs: list, lows: list) -> None:
+    """`mixprec.core.split.join_` over lists, a few foreach kernels for the whole chunk."""
+    bits = [m.view(torch.int32) for m in masters]
+    torch._foreach_copy_(bits, [h.view(torch.int16) for h in highs])
+    torch._foreach_mul_(bits, 1 << 16)
+    torch._foreach_add_(bits, lows)
+
+
+def _split_all_(
+    masters: list, highs: list, lows: list, work: list, ties: torch.Tensor | None
+) -> None:
+    """`mixprec.core.split.split_` over lists, counting into `ties`."""
+    torch._foreach_copy_(highs, masters)  # round to nearest even: the model's weights
+    torch._foreach_copy_(work, [h.view(torch.int16) for h in highs])
+    torch._foreach_mul_(work, -(1 << 16))
+    torch._foreach_add_(work, [m.view(torch.int32) for m in masters])
+    if ties is not None:  # about one in 2**17 element-steps: see mixprec.core.split
+        for w in work:
+            ties.add_((w > SPLIT_MAX).sum())
+    torch._foreach_clamp_max_(work, SPLIT_MAX)
+    torch._foreach_clamp_min_(work, -SPLIT_MAX - 1)
+    torch._foreach_copy_(lows, work)
+
+
+def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedItem]]) -> None:
+    """Adam(W)-step masters whose fp32 gradients are unscaled (and clipped) already, chunk by
+    chunk, rounding the new masters into the half model while still in cache: the wrapped
+    optimizer's `step()` and the master-to-model copy in one pass. Call under no_grad()."""
+    chunks, steps = step.plan(items, cache=True)
+    step.update_(chunks, steps, None, zero_grads=False)
+    _release_grads(chunks)

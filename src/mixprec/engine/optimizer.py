@@ -7,7 +7,7 @@ import dataclasses
 import gc
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -49,7 +49,15 @@ from mixprec.core.optim_state import (
 from mixprec.core.policy import PrecisionPolicy, Rule, as_policy
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
-from mixprec.engine.fused_adam import FusedAdamStep, fused_device_supported, fused_items
+from mixprec.engine.flat_step import FlatViewStep
+from mixprec.engine.fused_adam import (
+    FusedAdamStep,
+    fused_device_supported,
+    fused_items,
+    fused_unsupported_reason,
+    step_from_master_grads_,
+)
+from mixprec.engine.split_master import SplitMasters, check_split_options
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
 from mixprec.parallel.distributed import all_reduce_overflow_, is_data_parallel
@@ -85,9 +93,19 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     An overflowing step changes no weight and no optimizer state. The keyword options are
     those of `LossScaler`.
 
-    `fused=True` (torch.optim.Adam/AdamW only) steps the masters straight from the half
-    gradients with torch's fused kernel and keeps no fp32 gradient (16 bytes of state per
-    parameter, not 20); same numbers within fp32 rounding. See `mixprec.engine.fused_adam`.
+    `fused` (default None: on whenever the optimizer allows it, i.e. it is exactly
+    torch.optim.Adam or AdamW) steps the masters straight from the half gradients with
+    torch's fused kernel and keeps no fp32 gradient (16 bytes of state per parameter, not
+    20); same numbers within fp32 rounding. `fused=False` opts out (the wrapped optimizer's
+    own `step()` runs on fp32 master gradients); `fused=True` insists and refuses an
+    optimizer it cannot fuse. See `mixprec.engine.fused_adam`. With `flat_master=True` and
+    `fused=False`, element-wise optimizers (SGD, Adam, RMSprop, ...) step the flat master
+    through cache-sized views of it (`mixprec.engine.flat_step`): same numbers, faster.
+
+    `master="split"` (bf16 models, Adam/AdamW) keeps each fp32 master as the bf16 weight
+    plus 16 low bits, rebuilt chunk by chunk inside the fused step: 14 bytes of training
+    state per parameter instead of 16, the fp32-master path's numbers bit for bit except
+    for the rare master stored one ulp off (`mixprec.core.split`), a slower optimizer step.
 
     Data-parallel (`torch.distributed` initialized with more than one process in
     `process_group`, None meaning the default group): the overflow flag is all-reduced, so
@@ -120,7 +138,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         *,
         flat_master: bool = False,
         clip: float | None = None,
-        fused: bool = False,
+        fused: bool | None = None,
+        master: Literal["fp32", "split"] = "fp32",
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
         model: nn.Module | None = None,
@@ -142,14 +161,29 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             )
         clip = check_engine_options(clip, data_parallel)
         check_flag("flat_master", flat_master)
-        check_flag("fused", fused)
+        check_flag("fused", fused, none_ok=True)
+        if master not in ("fp32", "split"):
+            raise ValueError(f'master must be "fp32" or "split"; got {master!r}.')
         check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         model_params = [list(group["params"]) for group in optimizer.param_groups]
         check_master_params(model_params, bool(flat_master))
         _check_not_held(model_params)
         policy = self._conversion(model_params, model, dtype, keep_fp32)
+        if master == "split":
+            if policy is not None and self.dtype != torch.bfloat16:
+                raise ValueError(
+                    'MixedPrecisionOptimizer(..., master="split") stores masters as bf16 '
+                    f"weights plus 16 low bits; the model would be converted to {self.dtype}. Pass "
+                    'dtype=torch.bfloat16, or use master="fp32".'
+                )
+            check_split_options(optimizer, model_params, bool(flat_master), fused)
         self.param_names = {} if model is None else forensics.param_names(model, model_params)
         self.scaler = LossScaler(loss_scale, **scaler_options)
+        # fused=None: the fastest correct path for this optimizer. Asked for explicitly, the
+        # fused path also frees the fp32 master grads it had to make (16 B/param).
+        self._lean = fused is True
+        if fused is None:
+            fused = fused_unsupported_reason(optimizer) is None
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
         self.optimizer = optimizer
         self.flat_master = bool(flat_master)
@@ -157,16 +191,37 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.model_params = model_params
-        # Given an fp32 model, the masters are made before converting it: exact copies.
-        self.master_params = make_masters(model_params, self.flat_master)
-        move_state_to_masters(optimizer.state, model_params, self.master_params, self.flat_master)
+        # split: the optimizer steps the model's own parameters, their masters rebuilt from
+        # the bf16 weights and 16 low bits inside the fused step (mixprec.engine.split_master).
+        # Given an fp32 model, the masters are taken before converting it: exact copies.
+        exact = (
+            [[p.detach() for p in g] for g in model_params]  # conversion replaces, not writes
+            if master == "split" and policy is not None
+            else None
+        )
+        self.master_params = (
+            [list(g) for g in model_params]
+            if master == "split"
+            else make_masters(model_params, self.flat_master)
+        )
+        if master != "split":
+            move_state_to_masters(
+                optimizer.state, model_params, self.master_params, self.flat_master
+            )
         if policy is not None:
             try:
                 model_to_half(model, self.dtype, policy)
             except BaseException:  # e.g. interrupted: the model back as it was
-                exact = masters_by_param(model_params, self.master_params, self.flat_master)
-                restore_fp32_(model, exact)
+                restore_fp32_(
+                    model,
+                    masters_by_param(model_params, self.master_params, self.flat_master)
+                    if exact is None
+                    else {id(p): e for g, eg in zip(model_params, exact) for p, e in zip(g, eg)},
+                )
                 raise
+        self.split = SplitMasters(model_params) if master == "split" else None
+        if self.split is not None and exact is not None:
+            self.split.load_(exact)  # weights rounded, low bits from the exact fp32 values
         self._flat_groups = (
             [FlatGroup(ps, ms[0]) for ps, ms in zip(model_params, self.master_params) if ps]
             if self.flat_master
@@ -175,7 +230,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         for group, masters in zip(optimizer.param_groups, self.master_params):
             group["params"] = masters
         if self._fused is not None:
-            self._release_master_grads()
+            self._release_master_grads()  # made again only when a step needs them
+        self._view_step: FlatViewStep | None = None
+        self._make_view_step()
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
         self.last_grad_norm: torch.Tensor | None = None
@@ -248,15 +305,21 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         check_param_group(param_group)
         params = new_group_params(param_group["params"], self.model_params)
         _check_not_held([params])
-        (masters,) = make_masters([params], self.flat_master)
+        if self.split is not None:
+            check_split_options(self.optimizer, [params], False, True)
+            self.split.add_group(params)
+            masters = list(params)
+        else:
+            (masters,) = make_masters([params], self.flat_master)
         if self.flat_master and params:
             self._flat_groups.append(FlatGroup(params, masters[0]))
         self.optimizer.add_param_group({**param_group, "params": masters})
         self.model_params.append(params)
         self.master_params.append(masters)
         self._buffers = None  # the masters may now span another device
+        self._make_view_step()
         if self._fused is not None:
-            self._release_master_grads()
+            self._release_master_grads()  # as at construction: made when a step needs them
 
     # -- the mixed-precision loop -----------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -292,7 +355,13 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 "scale_loss(loss)) before unscale_() or step()."
             )
         buffers = self._step_buffers()
-        if self._pending and not self._accumulated and buffers is not None:
+        if self.split is not None:
+            self.split.accumulate_()  # the fp32 grads of this step
+            self._pending, self._accumulated = False, True
+            found_inf = unscale_and_check_(self.split.acc_grads(), 1.0 / self.scaler.scale)
+            if found_inf is None:
+                found_inf = torch.zeros(1, device=self._device())
+        elif self._pending and not self._accumulated and buffers is not None:
             # The common case, one backward per step: cast, unscale and check in one sweep.
             found_inf, inv_scale, _ = buffers
             found_inf.zero_()
@@ -314,7 +383,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._all_reduce_overflow(found_inf)
         self.telemetry.record_(found_inf, self.scaler.scale, self._master_grads)  # before clip
         if self.clip is not None:
-            masters = [m for group in self.master_params for m in group]
+            masters = (
+                self.split.clip_proxies()
+                if self.split is not None
+                else [m for group in self.master_params for m in group]
+            )
             self.last_grad_norm = forensics.clip_grad_norm_if_finite_(masters, self.clip)
         self._found_inf = found_inf
 
@@ -348,13 +421,26 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self.last_overflow = self._overflow_report(from_model_grads=False)
         if not overflow:
             try:
-                self.optimizer.step()
+                if self.split is not None:
+                    assert self._fused is not None
+                    with torch.no_grad():
+                        step_from_master_grads_(self._fused, self.split.items(from_acc=True))
+                elif self._fused is not None and fused_device_supported(self._device()):
+                    items = fused_items(
+                        self.model_params, self.master_params, self._flat_groups, True
+                    )
+                    with torch.no_grad():  # the wrapped step and the copy to the model, in cache
+                        step_from_master_grads_(self._fused, items)
+                else:
+                    (self.optimizer if self._view_step is None else self._view_step).step()
+                    self._copy_masters_to_model()
             except BaseException:  # raised inside the inner step (a hook, out of memory)
                 self._after_failed_step()
                 raise
-            self._copy_masters_to_model()
         # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
-        if self._fused is not None:
+        if self.split is not None:
+            self.split.drop_acc()
+        if self._lean:
             self._release_master_grads()
         self._pending = self._accumulated = False
         with forensics.naming_overflow(self.last_overflow if overflow else None):
@@ -364,7 +450,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _fused_step(self) -> bool:
         """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
         assert self._fused is not None and self._buffers is not None
-        items = fused_items(self.model_params, self.master_params, self._flat_groups)
+        items = (
+            self.split.items(from_acc=False)
+            if self.split is not None
+            else fused_items(self.model_params, self.master_params, self._flat_groups)
+        )
         scale = self.scaler.scale
 
         def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
@@ -393,8 +483,10 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step, in the model and the masters."""
         self._zero_model_grads(set_to_none)
-        if self._fused is not None and self._accumulated:
-            self._release_master_grads()  # the fused path keeps no fp32 grads between steps
+        if self.split is not None:
+            self.split.drop_acc()
+        if self._lean and self._accumulated:
+            self._release_master_grads()  # fused=True keeps no fp32 grads between steps
         self._pending = self._accumulated = False
         self._found_inf = None
 
@@ -408,6 +500,12 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self._fused._cache = None
         self._copy_masters_to_model()
         self.zero_grad()
+
+    def _make_view_step(self) -> None:
+        """Flat masters of an element-wise optimizer step through cache-sized views."""
+        if self.flat_master and FlatViewStep.supported(self.optimizer):
+            numels = [sum(p.numel() for p in ps) for ps in self.model_params if ps]
+            self._view_step = FlatViewStep(self.optimizer, numels)
 
     def _is_data_parallel(self) -> bool:
         return self.data_parallel and is_data_parallel(self.process_group)
@@ -474,15 +572,22 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 grads = [None] * len(params) if flat is None else list(flat.detach().split(sizes))
             else:
                 grads = [m.grad for m in masters]
+            if self.split is not None and not from_model_grads:
+                grads = [self.split.acc.get(p) for p in params]
             for j, (p, g) in enumerate(zip(params, grads)):
                 if g is not None:
                     yield names.get(p, f"param_groups[{i}][{j}]"), tuple(p.shape), g
 
     def _master_grads(self) -> list[torch.Tensor]:
+        if self.split is not None:
+            return self.split.acc_grads()
         return [m.grad for group in self.master_params for m in group if m.grad is not None]
 
     def _release_master_grads(self) -> None:
         """Free the fp32 master gradients: the fused path keeps none between steps."""
+        if self.split is not None:  # the masters are the model's parameters: keep their grads
+            self.split.drop_acc()
+            return
         self._grad_chunks_cache = None
         for fg in self._flat_groups:
             fg.release_master_grad()
@@ -493,7 +598,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _move_grads_to_masters(self) -> None:
         """Model grads -> master grads (copy on the first micro-batch, add after), then zero
         the model grads."""
-        if self.flat_master:
+        if self.split is not None:
+            self.split.accumulate_()
+        elif self.flat_master:
             dst, src = master_grad_pairs(self.model_params, self.master_params, self._flat_groups)
             with torch.no_grad():
                 if dst:
@@ -530,10 +637,16 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """fp32 masters, the wrapped optimizer's state and the scaler's state (references)."""
+        """fp32 masters, the wrapped optimizer's state and the scaler's state (references;
+        split masters: rebuilt fp32 copies, the same layout as the fp32 path's)."""
+        masters = (
+            self.split.masters()
+            if self.split is not None
+            else [[m.detach() for m in group] for group in self.master_params]
+        )
         return {
             "mode": "master",
-            "masters": [[m.detach() for m in group] for group in self.master_params],
+            "masters": masters,
             "optimizer": self.optimizer.state_dict(),
             "optimizer_type": optimizer_type_name(self.optimizer),
             "scaler": self.scaler.state_dict(),
@@ -567,21 +680,35 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         with deferred_interrupt():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             self.scaler.load_state_dict(state_dict["scaler"])
-            with torch.no_grad():
-                torch._foreach_copy_(
-                    [m for group in self.master_params for m in group],
-                    [m for group in saved for m in group],
-                )
-            self._copy_masters_to_model()
+            if self.split is not None:
+                self._keep_state_fp32(state_dict["optimizer"])
+                self.split.load_(saved)  # bf16 weights and low bits from the fp32 masters
+            else:
+                with torch.no_grad():
+                    torch._foreach_copy_(
+                        [m for group in self.master_params for m in group],
+                        [m for group in saved for m in group],
+                    )
+                self._copy_masters_to_model()
             self.zero_grad()
             if self._fused is not None:
                 self._fused._cache = None
+
+    def _keep_state_fp32(self, saved: Mapping[str, Any]) -> None:
+        """torch's load_state_dict casts state to each parameter's dtype (bf16 here): put the
+        saved fp32 moments back."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, entries in saved.get("state", {}).items():
+            st = self.optimizer.state[params[int(index)]]
+            for k, v in entries.items():
+                if torch.is_tensor(v) and v.is_floating_point() and v.dim() and k in st:
+                    st[k] = v.detach().to(st[k].device, torch.float32, copy=True)
 
     def __repr__(self) -> str:
         return (
             f"MixedPrecisionOptimizer({self.optimizer.__class__.__name__}, "
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
-            f"fused={self.fused})"
+            f"fused={self.fused}, master={'split' if self.split is not None else 'fp32'!r})"
         )
 
 

@@ -53,8 +53,9 @@ class MixedPrecision(Callback):
 
     `loss_scale`: a positive number (static scaling, default 512) or "dynamic". Keyword
     options: `dtype` (torch.float16 or torch.bfloat16), `clip` (max global norm of the
-    unscaled fp32 master gradients), `fused` (Adam/AdamW only: step the masters straight
-    from the half gradients, see `MixedPrecisionOptimizer`) and the `LossScaler` keywords (`init_scale`,
+    unscaled fp32 master gradients), `fused` (step the masters straight from the half
+    gradients; default None: whenever the optimizer is Adam/AdamW, `fused=False` opts out;
+    see `MixedPrecisionOptimizer`) and the `LossScaler` keywords (`init_scale`,
     `growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, `min_scale`,
     `max_scale`, `floor_patience`). `Learner.to_fp16(**options)` builds and adds one.
 
@@ -80,14 +81,14 @@ class MixedPrecision(Callback):
         *,
         dtype: torch.dtype = torch.float16,
         clip: float | None = None,
-        fused: bool = False,
+        fused: bool | None = None,
         mode: Mode = "master",
         telemetry: int | Telemetry | None = None,
         **scaler_options: Any,
     ) -> None:
         self.mode = check_mode(mode)
         check_flag("flat_master", flat_master)
-        check_flag("fused", fused)
+        check_flag("fused", fused, none_ok=True)
         check_mode_options(self.mode, flat_master=flat_master, fused=fused)
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
         if telemetry is not None and not isinstance(telemetry, Telemetry):
@@ -98,7 +99,7 @@ class MixedPrecision(Callback):
         self.flat_master = bool(flat_master)
         self.dtype = check_half_dtype(dtype)
         self.clip = check_engine_options(clip, True)  # refuse a bad clip now too
-        self.fused = bool(fused)
+        self.fused = None if fused is None else bool(fused)
         self.scaler_options = scaler_options
         self.opt: MixedPrecisionOptimizer | AutocastOptimizer | None = None
         self._tfm = partial(batch_to_half, dtype=self.dtype)
@@ -240,8 +241,10 @@ class MixedPrecision(Callback):
         """Model grads to fp32 master grads, divided by the scale, checked for inf/nan.
 
         With `fused=True` the step does this itself, from the half grads, keeping no fp32
-        grads (unless a flat group is frozen: a fused flat step would move it)."""
-        if self.opt.fused and not self._frozen_flat:
+        grads (unless a flat group is frozen: a fused flat step would move it). By default
+        (`fused=None`) the master grads are filled here as documented, and the step then runs
+        the fused Adam(W) kernel on them when it can."""
+        if self.fused is True and self.opt.fused and not self._frozen_flat:
             return
         self.opt.unscale_()
         for master in self._frozen_flat:  # no grad: the optimizer leaves frozen groups alone

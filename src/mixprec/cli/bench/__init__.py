@@ -19,6 +19,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mixprec.cli.bench.overhead",
         "optimizer-phase time: mixprec vs torch.amp vs floor",
     ),
+    "step": (
+        "mixprec.cli.bench.step",
+        "whole training steps on five model families, every mode, with peak memory",
+    ),
     "memory": ("mixprec.cli.bench.memory", "training-state bytes per parameter, activation memory"),
     "gpu": (
         "mixprec.cli.bench.gpu",

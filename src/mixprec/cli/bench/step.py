@@ -1,0 +1,282 @@
+"""`mixprec bench step`: whole training steps (forward, backward, optimizer) per mode.
+
+Five model families (`step_models`: ResNet with BatchNorm, ConvNeXt with LayerNorm2d and
+layer scale, ViT, GPT with tied embeddings, BERT) train with AdamW on one synthetic batch
+in every mode below. The modes of one model are built side by side in one process and run
+in turn, one step each per round, so a noisy machine slows them alike; times are medians.
+Peak memory is measured in a fresh process per (model, mode), after the imports and the
+batch: on a CPU the resident set's high-water mark (reset first, Linux `clear_refs`; else
+`ru_maxrss`) minus the resident set before the model is built, on a GPU the rise of
+`torch.cuda.max_memory_allocated`.
+
+Modes: `fp32`; `autocast` (torch.autocast with torch's default AdamW, + GradScaler for
+fp16) and `autocast+fusedadamw` (the same with `AdamW(fused=True)`); mixprec's
+`per-tensor` (`fused=False`), `flat` (`flat_master=True, fused=False`), `fused`,
+`flat+fused`, `split` (`master="split"`, bf16 only), `autocast-mode` (`AutocastOptimizer`),
+`default` (`MixedPrecisionOptimizer(AdamW(...))`, no options) and `to_fp16` (what
+`learn.to_fp16()` runs: static scale 512, the master grads filled by `unscale_()` at
+`on_backward_end`, then `step()`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from mixprec.cli.bench.common import (
+    add_common_arguments,
+    apply_threads,
+    describe_machine,
+    format_table,
+    print_result,
+    side_by_side,
+)
+from mixprec.cli.bench.step_models import FAMILIES, Family, family
+from mixprec.core.convert import model_to_half
+from mixprec.engine.autocast import AutocastOptimizer
+from mixprec.engine.optimizer import MixedPrecisionOptimizer
+
+__all__ = ["MODES", "add_arguments", "build_step", "default_mode", "measure", "peak_mib", "run"]
+
+BASELINES: tuple[str, ...] = ("fp32", "autocast", "autocast+fusedadamw")
+MIXPREC: dict[str, dict[str, Any]] = {
+    "per-tensor": {"fused": False},
+    "flat": {"flat_master": True, "fused": False},
+    "fused": {"fused": True},
+    "flat+fused": {"flat_master": True, "fused": True},
+    "split": {"master": "split"},
+    "default": {},
+}
+MODES: tuple[str, ...] = (*BASELINES, *MIXPREC, "autocast-mode", "to_fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LR = 1e-4
+
+
+def _supported(mode: str, dtype: torch.dtype) -> bool:
+    return not (mode == "split" and dtype != torch.bfloat16)
+
+
+def build_step(
+    fam: Family, mode: str, dtype: torch.dtype, device: torch.device
+) -> Callable[[], None]:
+    """A fresh model and optimizer for `mode` (in `dtype`), as one training-step callable."""
+    torch.manual_seed(0)
+    model = fam.make().to(device)
+    x, y = fam.inputs, fam.targets
+    if mode in BASELINES or mode == "autocast-mode":
+        fused_adamw = {"fused": True} if mode == "autocast+fusedadamw" else {}
+        inner = torch.optim.AdamW(model.parameters(), lr=LR, **fused_adamw)
+        if mode == "autocast-mode":
+            opt = AutocastOptimizer(inner, dtype=dtype)
+
+            def engine_autocast() -> None:
+                with opt.autocast():
+                    loss = fam.loss(model(x), y)
+                opt.backward(loss)
+                opt.step()
+                opt.zero_grad()
+
+            return model, engine_autocast
+        amp = None if mode == "fp32" else dtype
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+        def torch_step() -> None:
+            with torch.autocast(device.type, amp) if amp is not None else nullcontext():
+                out = model(x)
+            scaler.scale(fam.loss(out, y)).backward()
+            scaler.step(inner)
+            scaler.update()
+            inner.zero_grad(set_to_none=True)
+
+        return model, torch_step
+    model_to_half(model, dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    inner = torch.optim.AdamW(model.parameters(), lr=LR)
+    if mode == "to_fp16":
+        opt = MixedPrecisionOptimizer(inner, 512.0)
+
+        def callback_step() -> None:  # MixedPrecision's events, in the Learner's order
+            opt.backward(fam.loss(model(x), y))
+            opt.unscale_()  # on_backward_end: master grads filled, as documented
+            opt.step()
+            opt.zero_grad()
+
+        return model, callback_step
+    opt = MixedPrecisionOptimizer(inner, **MIXPREC[mode])
+
+    def mixprec_step() -> None:
+        opt.backward(fam.loss(model(x), y))
+        opt.step()
+        opt.zero_grad()
+
+    return model, mixprec_step
+
+
+def default_mode() -> str:
+    """What `MixedPrecisionOptimizer(torch.optim.AdamW(...))` resolves to here, in mode names."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = MixedPrecisionOptimizer(torch.optim.AdamW([p]))
+    name = ("flat" if opt.flat_master else "per-tensor") + ("+fused" if opt.fused else "")
+    return name + ("+split" if getattr(opt, "split", False) else "")
+
+
+def peak_mib(model: str, mode: str, dtype: str, device: str, tiny: bool, steps: int = 3) -> float:
+    """Peak memory of `steps` training steps of `mode` on `model`, in a fresh process (MiB)."""
+    code = (
+        "import sys; from mixprec.cli.bench.step import _peak_child; "
+        f"_peak_child({model!r}, {mode!r}, {dtype!r}, {device!r}, {tiny!r}, {steps!r}, "
+        f"{torch.get_num_threads()!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"peak memory of {model}/{mode} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(
+    model: str, mode: str, dtype: str, device: str, tiny: bool, steps: int, threads: int
+) -> None:
+    """In the child process: print the peak memory, MiB, of `steps` steps."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    fam = family(model, tiny, dev)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.max_memory_allocated(dev)
+    else:  # the imports' peak is above what they keep: reset it, start from what is resident
+        base = _reset_peak_rss()
+    _, step = build_step(fam, mode, DTYPES.get(dtype, torch.float32), dev)
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        print((torch.cuda.max_memory_allocated(dev) - base) / 2**20)
+    else:
+        print((_peak_rss_kib() - base) / 1024)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the resident set's high-water mark (Linux); return the resident KiB now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _status_kib("VmRSS") or 0
+
+
+def _peak_rss_kib() -> int:
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure(
+    models: Sequence[str] = FAMILIES,
+    modes: Sequence[str] = MODES,
+    dtypes: Sequence[str] = ("bf16",),
+    *,
+    device: str | torch.device = "cpu",
+    tiny: bool = False,
+    repeats: int = 9,
+    warmup: int = 2,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """`{"rows": [...], "default_mode": ...}`: per model, dtype and mode the median step (ms),
+    its ratio to fp32 and to torch.autocast of that dtype, and the peak memory (MiB)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows: list[dict[str, Any]] = []
+    for name in models:
+        fam = family(name, tiny, device)
+        cases: dict[tuple[str, str], Any] = {}
+        for dt in dtypes:
+            for mode in modes:
+                if _supported(mode, DTYPES[dt]) and (mode != "fp32" or dt == dtypes[0]):
+                    cases[("fp32" if mode == "fp32" else dt, mode)] = (
+                        None, build_step(fam, mode, DTYPES[dt], device)[1],
+                    )  # fmt: skip
+        times = side_by_side(cases, repeats=repeats, warmup=warmup, sync=sync)
+        fp32 = times.get(("fp32", "fp32"))
+        for (dt, mode), ms in times.items():
+            amp = times.get((dt, "autocast"))
+            rows.append({
+                "model": name, "mode": mode, "dtype": dt, "ms": round(ms, 3),
+                "vs_fp32": None if fp32 is None else round(ms / fp32, 3),
+                "vs_autocast": None if amp is None or dt == "fp32" else round(ms / amp, 3),
+                "peak_mib": round(peak_mib(name, mode, dt, str(device), tiny), 1)
+                if memory else None,
+            })  # fmt: skip
+        del cases
+    return {"rows": rows, "default_mode": default_mode()}
+
+
+def format_report(result: dict[str, Any], title: str) -> str:
+    """One table: step time, ratios, peak memory per model and mode."""
+    headers = ["model", "dtype", "mode", "ms", "x fp32", "x autocast", "peak MiB"]
+    rows = [
+        [r["model"], r["dtype"], r["mode"], r["ms"], r["vs_fp32"], r["vs_autocast"], r["peak_mib"]]
+        for r in result["rows"]
+    ]
+    return (
+        f"{title}\n{format_table(headers, rows)}\n"
+        f"default mode: {result['default_mode']}; target: default <= 0.85x autocast"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `mixprec bench step`."""
+    parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(DTYPES), default=None,
+        help="half dtypes (default: bf16 on cpu, fp16 and bf16 on cuda)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models: a quick smoke run")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print; 0 on success, 2 if the device is missing."""
+    apply_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU machine, or use --device cpu.")
+        return 2
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(
+            f"--repeats must be >= 1 and --warmup >= 0; got {args.repeats}, {args.warmup}."
+        )
+    dtypes = args.dtypes or (["fp16", "bf16"] if args.device.startswith("cuda") else ["bf16"])
+    result = measure(
+        args.models, args.modes, dtypes, device=args.device, tiny=args.tiny,
+        repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
+    )  # fmt: skip
+    size = "tiny models" if args.tiny else "bench models"
+    title = f"training step, median ms ({size}, {describe_machine()})"
+    print_result(format_report(result, title), result, args.json)
+    return 0
