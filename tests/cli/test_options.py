@@ -29,6 +29,8 @@ REFUSED = [
     (["train", "--precisions", ""], "--precisions: expected a comma-separated list from fp32"),
     (["train", "--precisions", "fp32,fp8"], "got unknown 'fp8'"),
     (["bench", "overhead", "--sizes", "-5"], "--sizes: expected a whole number >= 1"),
+    (["bench", "step", "--repeats", "0"], "--repeats: expected a positive integer"),
+    (["bench", "step", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
     (["bench", "memory", "--n-params", "1.5e3x"], "--n-params: expected a whole number >= 1000"),
     (["diagnose", "--underflow-threshold", "2"], "expected a share in \\[0, 1\\), got '2'"),
     (["diagnose", "--batch-size", "-3"], "--batch-size: expected a positive integer, got '-3'"),

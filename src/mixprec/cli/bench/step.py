@@ -40,6 +40,7 @@ from mixprec.cli.bench.common import (
     side_by_side,
 )
 from mixprec.cli.bench.step_models import FAMILIES, Family, family
+from mixprec.cli.options import non_negative_int, positive_int
 from mixprec.core.convert import model_to_half
 from mixprec.engine.autocast import AutocastOptimizer
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
@@ -255,8 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--tiny", action="store_true", help="tiny models: a quick smoke run")
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    parser.add_argument("--repeats", type=positive_int, default=9, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     add_common_arguments(parser)
 
@@ -267,10 +268,6 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU machine, or use --device cpu.")
         return 2
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError(
-            f"--repeats must be >= 1 and --warmup >= 0; got {args.repeats}, {args.warmup}."
-        )
     dtypes = args.dtypes or (["fp16", "bf16"] if args.device.startswith("cuda") else ["bf16"])
     result = measure(
         args.models, args.modes, dtypes, device=args.device, tiny=args.tiny,
