@@ -266,3 +266,16 @@ def test_fused_steps_from_the_half_grads_with_the_same_numbers(tmp_path, flat):
         assert learn.opt.fused is fused and probe.held is not fused  # fused: no fp32 grads
     masters = [[m.detach() for g in learn.opt.master_params for m in g] for learn in runs.values()]
     torch.testing.assert_close(masters[1], masters[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_option_is_refused_by_name_and_leaves_the_model_fp32(tmp_path):
+    learn = make_learner(tmp_path)
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    with pytest.raises(
+        TypeError, match=r'the Learner keeps fp32 masters; split masters \(master="split"\)'
+    ):
+        learn.to_fp16(dtype=torch.bfloat16, master="split")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) init_sacle; .* init_scale"):
+        learn.to_fp16("dynamic", init_sacle=2.0**10)
+    for n, p in learn.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n

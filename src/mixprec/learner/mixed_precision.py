@@ -7,6 +7,7 @@ works as it did in fastai v1.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -90,6 +91,7 @@ class MixedPrecision(Callback):
         check_flag("flat_master", flat_master)
         check_flag("fused", fused, none_ok=True)
         check_mode_options(self.mode, flat_master=flat_master, fused=fused)
+        _check_option_names(scaler_options)
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
         if telemetry is not None and not isinstance(telemetry, Telemetry):
             telemetry = Telemetry(every=telemetry)
@@ -262,6 +264,24 @@ class MixedPrecision(Callback):
         return (
             f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
             f"dtype={self.dtype}, clip={self.clip}, fused={self.fused}, mode={self.mode!r})"
+        )
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    """Raise a TypeError naming the options that neither MixedPrecision nor LossScaler takes."""
+    if "master" in options:
+        raise TypeError(
+            f"MixedPrecision(master={options['master']!r}): the Learner keeps fp32 masters; "
+            'split masters (master="split") are for the plain loop, '
+            'MixedPrecisionOptimizer(opt, model=model, dtype=torch.bfloat16, master="split"). '
+            "Drop master=."
+        )
+    known = [n for n in inspect.signature(LossScaler).parameters if n != "loss_scale"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(
+            f"MixedPrecision got unknown option(s) {', '.join(unknown)}; it takes dtype, clip, "
+            f"fused, mode, telemetry, flat_master and the LossScaler options {', '.join(known)}."
         )
 
 
