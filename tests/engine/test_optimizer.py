@@ -1,5 +1,6 @@
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -438,3 +439,38 @@ def test_fused_zero_grad_mid_accumulation_frees_the_fp32_master_grads():
     assert all(m.grad is None for g in opt.master_params for m in g)
     opt.backward(model(x).float().sum())
     assert opt.step()
+
+
+def test_the_automatic_fused_step_runs_the_wrapped_optimizers_step_hooks():
+    """fused=None gives way to the wrapped optimizer's own step when hooks are registered on
+    it, so they run on every applied step; an lr scheduler built on it does not warn."""
+    model = _half_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1)
+    opt = MixedPrecisionOptimizer(inner, 128.0)
+    assert opt.fused  # AdamW: fused by default
+    opt.backward(_loss(model, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()"
+        assert opt.step()
+        sched.step()
+    opt.zero_grad()
+    calls = []
+    handle = inner.register_step_post_hook(lambda o, args, kwargs: calls.append(o))
+    for seed in (1, 2):
+        opt.backward(_loss(model, seed))
+        assert opt.step()
+        opt.zero_grad()
+    handle.remove()
+    assert calls == [inner, inner]
+    reference = _half_model()
+    ref = MixedPrecisionOptimizer(torch.optim.AdamW(reference.parameters(), lr=1e-3), 128.0)
+    ref.optimizer.param_groups[0]["lr"] = inner.param_groups[0]["lr"] * 10  # before StepLR
+    for seed in (0, 1, 2):
+        if seed == 1:
+            ref.optimizer.param_groups[0]["lr"] = inner.param_groups[0]["lr"]
+        ref.backward(_loss(reference, seed))
+        ref.step()
+        ref.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)  # the hooked steps are the same AdamW steps

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.optim.optimizer as optim_module
 from torch import nn
 
 from mixprec.core.checks import (
@@ -182,6 +183,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         # fused=None: the fastest correct path for this optimizer. Asked for explicitly, the
         # fused path also frees the fp32 master grads it had to make (16 B/param).
         self._lean = fused is True
+        self._auto_fused = fused is None
         if fused is None:
             fused = fused_unsupported_reason(optimizer) is None
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
@@ -410,9 +412,15 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
 
     def _step(self) -> bool:
         if self._found_inf is None:
-            if self._fused is not None and self._pending and not self._accumulated:  # noqa: SIM102
-                if self._step_buffers() is not None and fused_device_supported(self._device()):
-                    return self._fused_step()
+            if (
+                self._fused is not None
+                and self._pending
+                and not self._accumulated
+                and not self._gives_way()
+                and self._step_buffers() is not None
+                and fused_device_supported(self._device())
+            ):
+                return self._fused_step()
             self._unscale()
         assert self._found_inf is not None
         overflow = bool(self._found_inf.item())  # the one host sync of the step
@@ -425,12 +433,18 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                     assert self._fused is not None
                     with torch.no_grad():
                         step_from_master_grads_(self._fused, self.split.items(from_acc=True))
-                elif self._fused is not None and fused_device_supported(self._device()):
+                    self._stepped_fused()
+                elif (
+                    self._fused is not None
+                    and not self._gives_way()
+                    and fused_device_supported(self._device())
+                ):
                     items = fused_items(
                         self.model_params, self.master_params, self._flat_groups, True
                     )
                     with torch.no_grad():  # the wrapped step and the copy to the model, in cache
                         step_from_master_grads_(self._fused, items)
+                    self._stepped_fused()
                 else:
                     (self.optimizer if self._view_step is None else self._view_step).step()
                     self._copy_masters_to_model()
@@ -446,6 +460,25 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         with forensics.naming_overflow(self.last_overflow if overflow else None):
             self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
         return not overflow
+
+    def _gives_way(self) -> bool:
+        """Whether an automatic fused step (fused=None) gives way to the wrapped optimizer's
+        own step this time: step hooks are registered on it (or globally), and only its own
+        step runs them."""
+        if not self._auto_fused or self.split is not None:
+            return False
+        opt = self.optimizer
+        return bool(
+            getattr(opt, "_optimizer_step_pre_hooks", None)
+            or getattr(opt, "_optimizer_step_post_hooks", None)
+            or optim_module._global_optimizer_pre_hooks
+            or optim_module._global_optimizer_post_hooks
+        )
+
+    def _stepped_fused(self) -> None:
+        # An lr scheduler built on the wrapped optimizer watches for its step() to warn about
+        # a scheduler stepped first; the fused kernel updated its params without calling it.
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]
 
     def _fused_step(self) -> bool:
         """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
@@ -471,6 +504,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 raise
             if overflow:  # read the half grads before they are zeroed
                 self.last_overflow = self._overflow_report(from_model_grads=True)
+            else:
+                self._stepped_fused()
             if norm is not None:
                 self.last_grad_norm = norm
             if overflow or not self.flat_master:
