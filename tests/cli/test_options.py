@@ -29,6 +29,10 @@ REFUSED = [
     (["train", "--precisions", ""], "--precisions: expected a comma-separated list from fp32"),
     (["train", "--precisions", "fp32,fp8"], "got unknown 'fp8'"),
     (["bench", "overhead", "--sizes", "-5"], "--sizes: expected a whole number >= 1"),
+    (
+        ["experiment", "underflow", "--loss-weight-log2", "400"],
+        "--loss-weight-log2: expected an integer from -100 to 100",
+    ),
     (["bench", "step", "--repeats", "0"], "--repeats: expected a positive integer"),
     (["bench", "step", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
     (["bench", "memory", "--n-params", "1.5e3x"], "--n-params: expected a whole number >= 1000"),

@@ -20,6 +20,7 @@ __all__ = [
     "comma_list",
     "count",
     "int_at_least",
+    "int_in",
     "loss_scale",
     "non_negative_int",
     "pin_threads",
@@ -73,6 +74,23 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An option type: an integer from `low` to `high`."""
+    expected = f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise _refuse(expected, text) from None
+        if not low <= value <= high:
+            raise _refuse(expected, text)
+        return value
+
+    parse.__name__ = f"int_in_{low}_{high}"
     return parse
 
 

@@ -33,7 +33,7 @@ from mixprec.cli.experiments.options import PRECISION_NAMES, add_common_argument
 from mixprec.cli.experiments.plots import plot_loss_curves
 from mixprec.cli.experiments.report import format_table, summarize
 from mixprec.cli.experiments.tasks import digits_task
-from mixprec.cli.options import comma_list, pin_threads, report_file
+from mixprec.cli.options import comma_list, int_in, pin_threads, report_file
 from mixprec.core.convert import cast_floats, model_to_float, model_to_half
 from mixprec.inspect.diagnose import diagnose, record_activation_gradients, weight_gradients
 from mixprec.inspect.gradient_range import GradientHistogram
@@ -170,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--loss-weight-log2",
-        type=int,
+        type=int_in(-100, 100),  # 2**k times the loss stays a normal fp32 number
         default=-16,
         help="the objective is the loss times 2**this",
     )
