@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,7 +14,6 @@ from torch import nn
 from mixprec.core.checks import (
     check_engine_options,
     check_flag,
-    check_optimizer_holds,
     check_optimizer_supported,
     check_param_group,
 )
@@ -28,11 +25,10 @@ from mixprec.core.chunked import (
     step_buffers,
 )
 from mixprec.core.convert import model_to_half, restore_fp32_
-from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     FlatGroup,
-    ParamGroups,
     check_master_params,
     check_saved_masters,
     make_masters,
@@ -47,9 +43,10 @@ from mixprec.core.optim_state import (
     drop_incomplete_state_,
     optimizer_type_name,
 )
-from mixprec.core.policy import PrecisionPolicy, Rule, as_policy
+from mixprec.core.policy import PrecisionPolicy, Rule
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
+from mixprec.engine.conversion import conversion
 from mixprec.engine.flat_step import FlatViewStep
 from mixprec.engine.fused_adam import (
     FusedAdamStep,
@@ -58,6 +55,7 @@ from mixprec.engine.fused_adam import (
     fused_unsupported_reason,
     step_from_master_grads_,
 )
+from mixprec.engine.holders import check_not_held, hold, let_go
 from mixprec.engine.split_master import SplitMasters, check_split_options
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
@@ -67,10 +65,6 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["MixedPrecisionOptimizer"]
-
-# Every wrapper that holds model parameters: two stepping one parameter would overwrite
-# each other's update, so a second one is refused (see `release`).
-_HOLDERS: weakref.WeakSet[MixedPrecisionOptimizer] = weakref.WeakSet()
 
 
 class MixedPrecisionOptimizer(OptimizerWrapper):
@@ -168,8 +162,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         model_params = [list(group["params"]) for group in optimizer.param_groups]
         check_master_params(model_params, bool(flat_master))
-        _check_not_held(model_params)
-        policy = self._conversion(model_params, model, dtype, keep_fp32)
+        check_not_held(model_params)
+        self.dtype, policy = conversion(model_params, model, dtype, keep_fp32)
         if master == "split":
             if policy is not None and self.dtype != torch.bfloat16:
                 raise ValueError(
@@ -244,58 +238,20 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
         self._released = False
-        _HOLDERS.add(self)
+        hold(self)
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
-
-    def _conversion(
-        self,
-        model_params: ParamGroups,
-        model: nn.Module | None,
-        dtype: torch.dtype | None,
-        keep_fp32: tuple[Rule, ...] | PrecisionPolicy | None,
-    ) -> PrecisionPolicy | None:
-        """The policy to convert `model` with (the optimizer holds fp32 parameters), or None
-        (it holds a half model's); sets `self.dtype`. Raises before anything is converted."""
-        dtypes = {p.dtype for group in model_params for p in group}
-        if dtypes & set(HALF_DTYPES):
-            if dtype is not None or keep_fp32 is not None:
-                raise ValueError(
-                    "dtype= and keep_fp32= say how to convert the fp32 model, but the optimizer "
-                    f"already holds half parameters ({sorted(str(d) for d in dtypes)}). Drop "
-                    "them, or build the optimizer on the fp32 model and pass model=model."
-                )
-            self.dtype = next(d for d in HALF_DTYPES if d in dtypes)
-            return None
-        held = f"the optimizer holds no fp16/bf16 parameters (dtypes: {sorted(map(str, dtypes))})"
-        if model is None:
-            raise ValueError(
-                f"{held}. Pass the fp32 model to convert it with masters from its exact "
-                "weights: MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), "
-                "model=model, dtype=torch.bfloat16)."
-            )
-        if any(p.dtype in HALF_DTYPES for p in model.parameters()):
-            raise ValueError(
-                f"{held} but the model is already converted to half: build the optimizer on "
-                "its parameters, torch.optim.AdamW(model.parameters()), or on the fp32 model "
-                "before converting it (then MixedPrecisionOptimizer converts it, model=model)."
-            )
-        self.dtype = check_half_dtype(torch.float16 if dtype is None else dtype)
-        policy = as_policy(keep_fp32)
-        policy.fp32_roots(model, self.dtype)  # a bad rule raises here, not half-way through
-        check_optimizer_holds(model, [p for g in model_params for p in g], every_trainable=False)
-        return policy
 
     def release(self) -> None:
         """Stop holding the model's parameters, so another wrapper may take them; this one
         refuses to step from now on."""
         self._released = True
-        _HOLDERS.discard(self)
+        let_go(self)
 
     def hold(self) -> None:
         """Take the parameters back after `release()`; refused if another wrapper holds them."""
-        _check_not_held(self.model_params)
+        check_not_held(self.model_params)
         self._released = False
-        _HOLDERS.add(self)
+        hold(self)
 
     @property
     def fused(self) -> bool:
@@ -306,7 +262,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
         check_param_group(param_group)
         params = new_group_params(param_group["params"], self.model_params)
-        _check_not_held([params])
+        check_not_held([params])
         if self.split is not None:
             check_split_options(self.optimizer, [params], False, True)
             self.split.add_group(params)
@@ -745,28 +701,3 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
             f"fused={self.fused}, master={'split' if self.split is not None else 'fp32'!r})"
         )
-
-
-def _held_by_others(ids: set[int]) -> list[torch.Tensor]:
-    for other in list(_HOLDERS):
-        shared = [p for group in other.model_params for p in group if id(p) in ids]
-        if shared:
-            return shared
-    return []
-
-
-def _check_not_held(model_params: ParamGroups) -> None:
-    """Raise a ValueError if another live MixedPrecisionOptimizer holds one of the parameters."""
-    ids = {id(p) for group in model_params for p in group}
-    if _held_by_others(ids):
-        gc.collect()  # a dropped wrapper may live on in a reference cycle until collected
-        shared = _held_by_others(ids)
-        if shared:
-            shapes = ", ".join(str(tuple(p.shape)) for p in shared[:4])
-            raise ValueError(
-                f"{len(shared)} of these parameters (shapes {shapes}"
-                f"{', ...' if len(shared) > 4 else ''}) are already held by another "
-                "MixedPrecisionOptimizer: both would step them and overwrite each other's "
-                "update. Use one wrapper per parameter (one optimizer with several param "
-                "groups), or call release() on the other first."
-            )

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mixprec.core.figures import save_figure
+
 __all__ = [
     "FORMATS",
     "FloatFormat",
@@ -357,6 +359,5 @@ class GradientRange:
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
         ax.set_ylim(0, max(1.0, float(np.max(ax.get_ylim()))))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         return path

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mixprec.core.checkpoint import loader_generators, rng_state, set_rng_state
+from mixprec.core.figures import save_figure
 from mixprec.learner.callback import Callback, LearnerLike
 
 __all__ = ["LRFinder", "LRFinderResult", "LearnerSnapshot", "suggest_lr"]
@@ -196,9 +197,4 @@ class LRFinderResult:
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss (smoothed)")
         ax.grid(alpha=0.3)
-        if title:
-            fig.suptitle(title)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        return path
+        return save_figure(fig, path, title)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mixprec.core.figures import save_figure
 from mixprec.engine.telemetry import TelemetryReader, follow
 from mixprec.learner.callback import Callback
 from mixprec.learner.schedule import get_momentum
@@ -173,12 +174,7 @@ class Recorder(Callback):
         for ax in axes:
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("step")
-        if title:
-            fig.suptitle(title)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        return path
+        return save_figure(fig, path, title)
 
     def __repr__(self) -> str:
         return (
@@ -248,12 +244,7 @@ def plot_runs(
             transform=ax_scale.transAxes,
         )
     ax_scale.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, title)
 
 
 def _plot_grad_norms(ax: Any, rec: Recorder, name: str, style: str, color: Any) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 
 from mixprec.cli.experiments.loop import PRECISIONS, RunRecord
 from mixprec.cli.experiments.report import mean_curve
+from mixprec.core.figures import save_figure
 
 __all__ = ["STYLES", "plot_loss_curves"]
 
@@ -49,7 +50,4 @@ def plot_loss_curves(
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)
