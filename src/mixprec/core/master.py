@@ -396,10 +396,6 @@ class FlatGroup:
         master = self.master.detach()
         return [master[a:b] for a, b in self._slices]
 
-    def zero_grad_(self) -> None:
-        """Zero the model gradients, one fill per buffer."""
-        torch._foreach_zero_(self.grads)
-
 
 def shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
     """Shapes per group, a few per group, for error messages."""

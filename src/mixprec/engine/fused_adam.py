@@ -333,6 +333,32 @@ class FusedAdamStep:
             return torch.zeros((), device=found_inf.device)
         return torch.linalg.vector_norm(torch.stack(norms))
 
+    def _kernel_args(self, group: int, device: torch.device) -> tuple[Any, dict[str, Any]]:
+        """The fused kernel and its hyper-parameters for param group `group` (an lr tensor on
+        another device read once: a host sync per group and step, not per chunk)."""
+        pg = self.optimizer.param_groups[group]
+        beta1, beta2 = pg["betas"]
+        decoupled = isinstance(self.optimizer, torch.optim.AdamW) or pg.get(
+            "decoupled_weight_decay", False
+        )
+        lr = pg["lr"]
+        if torch.is_tensor(lr) and lr.device != device:
+            lr = lr.item()
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        return kernel, {
+            "amsgrad": bool(pg["amsgrad"]),
+            "lr": lr,
+            "beta1": _scalar(beta1),
+            "beta2": _scalar(beta2),
+            "weight_decay": float(pg["weight_decay"]),
+            "eps": float(pg["eps"]),
+            "maximize": bool(pg["maximize"]),
+        }
+
+    def invalidate(self) -> None:
+        """Forget the cached chunk plan (after a load or a failed step)."""
+        self._cache = None
+
     def update_(
         self,
         chunks: Sequence[_Chunk],
@@ -345,16 +371,13 @@ class FusedAdamStep:
         model, and the gradients zeroed if asked."""
         if steps:
             torch._foreach_add_(steps, 1)
-        groups = self.optimizer.param_groups
+        per_group: dict[int, tuple[Any, dict[str, Any]]] = {}  # read once per step, not chunk
         for c in chunks:
             if c.split_masters:  # rebuild the fp32 masters from the bf16 weights and low bits
                 _join_all_(c.split_masters, c.split_highs, c.split_lows)
-            pg = groups[c.group]
-            beta1, beta2 = pg["betas"]
-            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or pg.get(
-                "decoupled_weight_decay", False
-            )
-            kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            if c.group not in per_group:
+                per_group[c.group] = self._kernel_args(c.group, c.params[0].device)
+            kernel, args = per_group[c.group]
             # fp32 gradients kept as they are (master grads) need no cast into the scratch
             fp32 = not zero_grads and all(g.dtype == torch.float32 for g in c.grads)
             grads = c.grads if fp32 else None
@@ -363,9 +386,6 @@ class FusedAdamStep:
                 grads = c.scratch
             if zero_grads:
                 torch._foreach_zero_(c.grads)
-            lr = pg["lr"]
-            if torch.is_tensor(lr) and lr.device != c.params[0].device:
-                lr = lr.item()
             kernel(
                 c.params,
                 grads,
@@ -373,13 +393,7 @@ class FusedAdamStep:
                 c.exp_avg_sqs,
                 c.max_exp_avg_sqs,
                 c.steps,
-                amsgrad=bool(pg["amsgrad"]),
-                lr=lr,
-                beta1=_scalar(beta1),
-                beta2=_scalar(beta2),
-                weight_decay=float(pg["weight_decay"]),
-                eps=float(pg["eps"]),
-                maximize=bool(pg["maximize"]),
+                **args,
                 grad_scale=grad_scale,
                 found_inf=None,
             )

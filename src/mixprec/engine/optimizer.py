@@ -488,7 +488,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         next backward starts a new step. The step is not counted."""
         drop_incomplete_state_(self.optimizer)
         if self._fused is not None:
-            self._fused._cache = None
+            self._fused.invalidate()
         self._copy_masters_to_model()
         self.zero_grad()
 
@@ -617,14 +617,12 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 fg.repair_grads()
             torch._foreach_zero_([g for fg in self._flat_groups for g in fg.grads])
             return
-        for group in self.model_params:
-            for p in group:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+        params = [p for group in self.model_params for p in group if p.grad is not None]
+        if set_to_none:
+            for p in params:
+                p.grad = None
+        elif params:
+            torch._foreach_zero_([p.grad for p in params])
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -683,7 +681,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 self._copy_masters_to_model()
             self.zero_grad()
             if self._fused is not None:
-                self._fused._cache = None
+                self._fused.invalidate()
 
     def _keep_state_fp32(self, saved: Mapping[str, Any]) -> None:
         """torch's load_state_dict casts state to each parameter's dtype (bf16 here): put the

@@ -53,19 +53,18 @@ class SplitMasters:
 
     def __init__(self, params: ParamGroups) -> None:
         self.params = params
-        self.low: dict[torch.Tensor, torch.Tensor] = {
-            p: torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
-            for g in params
-            for p in g
-            if p.dtype == torch.bfloat16
-        }
+        self.low: dict[torch.Tensor, torch.Tensor] = {}
+        for g in params:
+            self.add_group(g)
         self.acc: dict[torch.Tensor, torch.Tensor] = {}  # fp32 grads of this step, if any
 
     def add_group(self, params: Sequence[torch.Tensor]) -> None:
         """Low bits (zero: the master is the bf16 value) for a new group's parameters."""
         for p in params:
             if p.dtype == torch.bfloat16:
-                self.low[p] = torch.zeros_like(p, dtype=torch.int16)
+                self.low[p] = torch.zeros_like(
+                    p, dtype=torch.int16, memory_format=torch.preserve_format
+                )
 
     # -- values -------------------------------------------------------------------------------
     def master(self, p: torch.Tensor) -> torch.Tensor:
