@@ -32,6 +32,7 @@ __all__ = [
     "master2model",
     "master_views",
     "masters_by_param",
+    "masters_from_values",
     "model_g2master_g",
     "move_state_to_masters",
     "new_group_params",
@@ -210,6 +211,20 @@ def load_masters_(
         for p, view in zip(params, master_views(params, masters, flat_master)):
             if id(p) in exact:
                 view.copy_(exact[id(p)])
+
+
+def masters_from_values(
+    model_params: ParamGroups, values: ParamGroups, flat_master: bool
+) -> list[list[torch.Tensor]]:
+    """Masters laid out as this layout holds them, from each parameter's fp32 value (per
+    group, in parameter order): the values themselves, or one flat tensor per non-empty group
+    laid out as `flat_views` reads it (memory formats included)."""
+    if not flat_master:
+        return [[v.detach().to(torch.float32) for v in group] for group in values]
+    return [
+        [_flatten(group, params, params[0].device)] if params else []
+        for params, group in zip(model_params, values)
+    ]
 
 
 def masters_by_param(

@@ -8,13 +8,12 @@ rounds them, and `wrap_optimizer` copies them into the new masters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixprec.core.master import master2model
+from mixprec.core.master import load_masters_, master2model, master_views
 from mixprec.core.modes import Mode
 from mixprec.core.scaler import LossScale
 from mixprec.engine.autocast import AutocastOptimizer
@@ -73,36 +72,21 @@ def wrap_optimizer(
         model=model,  # names the parameters in overflow reports
         **scaler_options,
     )
+    exact_by_id = {id(p): v for p, v in exact.items()}
+    load_masters_(engine.model_params, engine.master_params, engine.flat_master, exact_by_id)
     with torch.no_grad():
-        for p, master in _master_views(engine):
-            if p in exact:
-                master.copy_(exact[p])
         if is_data_parallel():
             for group in engine.master_params:
                 for m in group:
                     torch.distributed.broadcast(m.data, src=0)
-        engine_master2model_(engine)
+        master2model(engine.model_params, engine.master_params, engine.flat_master)
     return engine
-
-
-def engine_master2model_(engine: MixedPrecisionOptimizer) -> None:
-    """Copy the engine's masters into the model (rounding to its dtype)."""
-    master2model(engine.model_params, engine.master_params, engine.flat_master)
-
-
-def _master_views(engine: MixedPrecisionOptimizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(model parameter, the master tensor or flat-master slice holding its fp32 value)."""
-    for params, masters in zip(engine.model_params, engine.master_params):
-        if not params:
-            continue
-        if engine.flat_master:
-            flat = masters[0].detach()
-            views = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
-        else:
-            views = [m.detach() for m in masters]
-        yield from zip(params, views)
 
 
 def masters_by_param(engine: MixedPrecisionOptimizer) -> ExactValues:
     """Each model parameter's fp32 master value (a view, no copy)."""
-    return dict(_master_views(engine))
+    return {
+        p: v
+        for params, masters in zip(engine.model_params, engine.master_params)
+        for p, v in zip(params, master_views(params, masters, engine.flat_master))
+    }

@@ -46,10 +46,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mixprec.core.checks import check_engine_options, check_trainable
-from mixprec.core.convert import cast_floats, model_to_float, model_to_half
+from mixprec.core.convert import cast_floats, model_to_float, model_to_half, restore_fp32_
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.master import masters_from_values
 from mixprec.core.modes import Mode, check_mode, check_mode_options
-from mixprec.core.policy import NORM_TYPES, PrecisionPolicy
+from mixprec.core.policy import DEFAULT_FP32, PrecisionPolicy, Rule
 from mixprec.core.scaler import LossScale, LossScaler
 from mixprec.engine.autocast import autocast_region, device_type_of
 from mixprec.engine.forensics import OverflowReport, clip_grad_norm_if_finite_
@@ -104,7 +105,7 @@ class MixedPrecisionPlugin(Precision):
         flat_master: bool = False,
         fused: bool = False,
         clip: float | None = None,
-        keep_fp32: tuple[type[nn.Module], ...] | PrecisionPolicy = NORM_TYPES,
+        keep_fp32: tuple[Rule, ...] | PrecisionPolicy = DEFAULT_FP32,
         log_metrics: bool = True,
         **scaler_options: Any,
     ) -> None:
@@ -373,13 +374,15 @@ class MixedPrecisionPlugin(Precision):
                 f"the checkpoint's optimizer state names masters that its state_dict lacks: "
                 f"{missing[:5]}. It was not saved by this plugin from this model."
             )
-        if state.get("flat_master", False):
-            state["masters"] = [
-                [torch.cat([weights[n].reshape(-1).float() for n in group])] if group else []
-                for group in groups
-            ]
-        else:
-            state["masters"] = [[weights[n].float() for n in group] for group in groups]
+        values = [[weights[n] for n in group] for group in groups]
+        params = dict(self._module.named_parameters()) if self._module is not None else {}
+        if state.get("flat_master", False) and not all(n in params for g in groups for n in g):
+            raise ValueError(
+                "the checkpoint holds flat masters, whose layout follows the model's "
+                "parameters; load it after the plugin has set up the module (trainer.fit)."
+            )
+        like = [[params.get(n, weights[n]) for n in group] for group in groups]
+        state["masters"] = masters_from_values(like, values, state.get("flat_master", False))
         states[0] = state
 
     def teardown(self) -> None:
@@ -393,11 +396,7 @@ class MixedPrecisionPlugin(Precision):
             exact = masters_by_param(self.optimizer)
         else:
             exact = self._exact
-        values = {p: exact[p].clone() for p in module.parameters() if p in exact}
-        model_to_float(module)
-        with torch.no_grad():
-            for p, value in values.items():
-                p.copy_(value)
+        restore_fp32_(module, {id(p): v for p, v in exact.items()})
         self._exact = {}
 
     # -- internals ----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.core.master import master_views as core_master_views
+from mixprec.core.master import masters_from_values
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 
 __all__ = ["master_views", "masters_from_entry", "model_entry"]
@@ -22,16 +24,11 @@ __all__ = ["master_views", "masters_from_entry", "model_entry"]
 
 def master_views(opt: MixedPrecisionOptimizer) -> dict[int, torch.Tensor]:
     """Per model parameter (by id), its master: the tensor, or its view of the flat master."""
-    views: dict[int, torch.Tensor] = {}
-    for params, masters in zip(opt.model_params, opt.master_params):
-        if not params:
-            continue
-        if opt.flat_master:
-            parts = masters[0].detach().split([p.numel() for p in params])
-            views.update((id(p), v.view_as(p)) for p, v in zip(params, parts))
-        else:
-            views.update((id(p), m.detach()) for p, m in zip(params, masters))
-    return views
+    return {
+        id(p): v
+        for params, masters in zip(opt.model_params, opt.master_params)
+        for p, v in zip(params, core_master_views(params, masters, opt.flat_master))
+    }
 
 
 def model_entry(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -54,11 +51,5 @@ def masters_from_entry(
     by parameter name); flat groups concatenated. The entry's keys and shapes must already
     have been checked against `model`."""
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-    rebuilt = []
-    for params in opt.model_params:
-        values = [entry[names[id(p)]].detach().to(torch.float32) for p in params]
-        if opt.flat_master:
-            rebuilt.append([torch.cat([v.reshape(-1) for v in values])] if params else [])
-        else:
-            rebuilt.append(values)
-    return rebuilt
+    values = [[entry[names[id(p)]] for p in params] for params in opt.model_params]
+    return masters_from_values(opt.model_params, values, opt.flat_master)
