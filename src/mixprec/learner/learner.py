@@ -47,7 +47,7 @@ from mixprec.learner.model_output import call_model
 from mixprec.learner.ranks import Ranks, set_epoch
 from mixprec.learner.recorder import Recorder
 from mixprec.learner.saved_weights import model_entry
-from mixprec.learner.schedule import OneCycleScheduler
+from mixprec.learner.schedule import OneCycleScheduler, set_lr
 from mixprec.parallel.distributed import no_sync
 
 __all__ = ["DEFAULT_LR", "Learner"]
@@ -164,12 +164,7 @@ class Learner:
         precision they get masters); return how many were added."""
         if self.opt is None:
             return 0
-        held = (
-            self.opt.model_params
-            if isinstance(self.opt, MixedPrecisionOptimizer)
-            else [g["params"] for g in self.opt.param_groups]
-        )
-        held_ids = {id(p) for group in held for p in group}
+        held_ids = {id(p) for p in held_params(self.opt)}
         added = 0
         for group in self.param_groups():
             fresh = [p for p in group["params"] if id(p) not in held_ids]
@@ -179,8 +174,7 @@ class Learner:
         return added
 
     def _set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
 
     # -- training ------------------------------------------------------------------------
     def fit(

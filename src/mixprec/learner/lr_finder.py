@@ -16,6 +16,7 @@ import torch
 from mixprec.core.checkpoint import loader_generators, rng_state, set_rng_state
 from mixprec.core.figures import save_figure
 from mixprec.learner.callback import Callback, LearnerLike
+from mixprec.learner.schedule import positive_number, set_lr
 
 __all__ = ["LRFinder", "LRFinderResult", "LearnerSnapshot", "suggest_lr"]
 
@@ -79,11 +80,8 @@ class LRFinder(Callback):
         stop_div: bool = True,
         beta: float = 0.98,
     ) -> None:
-        for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
+        positive_number("start_lr", start_lr)
+        positive_number("end_lr", end_lr)
         if end_lr <= start_lr:
             raise ValueError(f"end_lr must be above start_lr; got {start_lr} and {end_lr}.")
         if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 2:
@@ -128,9 +126,7 @@ class LRFinder(Callback):
         return step + 1 >= self.num_it or (self.stop_div and diverged)
 
     def _set_lr(self, learn: LearnerLike, step: int) -> None:
-        lr = self.lr(step)
-        for group in learn.opt.param_groups:
-            group["lr"] = lr
+        set_lr(learn.opt, self.lr(step))
 
     def result(self) -> LRFinderResult:
         """What the sweep found."""

@@ -39,6 +39,7 @@ from mixprec.parallel.distributed import (
     init_distributed,
     is_data_parallel,
     rendezvous,
+    save_on_rank0,
     wrap_ddp,
 )
 
@@ -184,19 +185,7 @@ class Ranks:
         self.meet("learn.save()")
         ranks: list[Any] = [None] * self.world_size
         dist.all_gather_object(ranks, checkpoint.get("rng"))
-        error: BaseException | None = None
-        if self.is_main:
-            try:
-                save_checkpoint({**checkpoint, "rng_ranks": ranks}, path)
-            except Exception as e:  # tell the other ranks before raising, or they would wait
-                error = e
-        status = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(status, src=0)  # also the barrier: the file is written
-        if error is not None:
-            raise error
-        if status[0] is not None:
-            raise RuntimeError(f"rank 0 could not write the checkpoint {path}: {status[0]}")
-        return Path(path)
+        return save_on_rank0({**checkpoint, "rng_ranks": ranks}, path)
 
     def own_rng(self, checkpoint: Mapping[str, Any]) -> Any:
         """The random state this rank restores from `checkpoint`: its own if the checkpoint was

@@ -85,7 +85,14 @@ def set_momentum(group: dict[str, Any], mom: float) -> None:
         group["momentum"] = mom
 
 
-def _positive(name: str, value: Any) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every param group of `optimizer` to `lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def positive_number(name: str, value: Any) -> float:
+    """`value` as a float if it is a positive finite number, else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
     if value <= 0:
@@ -110,9 +117,9 @@ class OneCycleScheduler(Callback):
         final_div: float | None = None,
         moms: Sequence[float] | None = (0.95, 0.85),
     ) -> None:
-        self.max_lr = _positive("max_lr", max_lr)
-        self.div = _positive("div", div)
-        self.final_div = None if final_div is None else _positive("final_div", final_div)
+        self.max_lr = positive_number("max_lr", max_lr)
+        self.div = positive_number("div", div)
+        self.final_div = None if final_div is None else positive_number("final_div", final_div)
         if isinstance(pct_start, bool) or not isinstance(pct_start, (int, float)):
             raise ValueError(f"pct_start must be a number in [0, 1); got {pct_start!r}.")
         if not 0 <= pct_start < 1:
