@@ -14,6 +14,7 @@ schedulers, `state_dict()` and the unfused path all see one optimizer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -91,14 +92,18 @@ def fused_unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def fused_device_supported(device: torch.device) -> bool:
-    """Whether torch has fused Adam kernels for `device`."""
+@functools.cache
+def _fused_device_types() -> frozenset[str]:
     try:
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        return device.type in _get_fused_kernels_supported_devices()
     except ImportError:  # older torch: the two it always had
-        return device.type in ("cpu", "cuda")
+        return frozenset(("cpu", "cuda"))
+    return frozenset(_get_fused_kernels_supported_devices())
+
+
+def fused_device_supported(device: torch.device) -> bool:
+    """Whether torch has fused Adam kernels for `device` (looked up once per process)."""
+    return device.type in _fused_device_types()
 
 
 def _scalar(x: Any) -> float:

@@ -369,12 +369,10 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _step(self) -> bool:
         if self._found_inf is None:
             if (
-                self._fused is not None
-                and self._pending
+                self._pending
                 and not self._accumulated
-                and not self._gives_way()
+                and self._can_fuse()
                 and self._step_buffers() is not None
-                and fused_device_supported(self._device())
             ):
                 return self._fused_step()
             self._unscale()
@@ -390,11 +388,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                     with torch.no_grad():
                         step_from_master_grads_(self._fused, self.split.items(from_acc=True))
                     self._stepped_fused()
-                elif (
-                    self._fused is not None
-                    and not self._gives_way()
-                    and fused_device_supported(self._device())
-                ):
+                elif self._can_fuse():
                     items = fused_items(
                         self.model_params, self.master_params, self._flat_groups, True
                     )
@@ -416,6 +410,14 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         with forensics.naming_overflow(self.last_overflow if overflow else None):
             self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
         return not overflow
+
+    def _can_fuse(self) -> bool:
+        """Whether this step runs through torch's fused Adam(W) kernel."""
+        return (
+            self._fused is not None
+            and not self._gives_way()
+            and fused_device_supported(self._device())
+        )
 
     def _gives_way(self) -> bool:
         """Whether an automatic fused step (fused=None) gives way to the wrapped optimizer's
