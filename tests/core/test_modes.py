@@ -109,9 +109,11 @@ def test_contradictory_options_are_refused_echoing_the_call(tmp_path):
     with pytest.raises(ValueError, match=r"MixedPrecision\(mode='autocast', flat_master=True\)"):
         learn.to_fp16(mode="autocast", flat_master=True)
     with pytest.raises(
-        ValueError, match=r"\(mode='autocast', flat_master=True, fused=True\): flat_master and "
+        ValueError, match=r"\(mode='autocast', flat_master=True\): flat_master lays"
     ):
         MixedPrecision(learn, flat_master=True, mode="autocast", fused=True)
+    with pytest.raises(ValueError, match="fused=True cannot be used: the fused step implements"):
+        make_learner(tmp_path, opt_func=torch.optim.SGD).to_fp16(mode="autocast", fused=True)
     with pytest.raises(ValueError, match="mode must be one of 'master', 'autocast'; got 'amp'"):
         learn.to_fp16(mode="amp")
     with pytest.raises(TypeError, match="mode must be a string"):

@@ -21,14 +21,21 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["fused_default", "unfused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_it_matches_torch_amp_bit_for_bit_through_an_overflow(dtype):
-    model = mlp()
+def test_it_matches_torch_amp_bit_for_bit_through_an_overflow(dtype, fused):
+    model = nn.Sequential(nn.Linear(8, 160), nn.ReLU(), nn.Linear(160, 4))  # vector lanes too
     ref = copy.deepcopy(model)
     opt = AutocastOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2), "dynamic", dtype=dtype, growth_interval=2
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        "dynamic",
+        dtype=dtype,
+        growth_interval=2,
+        fused=fused,
     )
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    assert opt.fused is (fused is None)
+    # torch's own fused AdamW, given the scale by GradScaler, is the fused path's reference
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=fused is None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
     for step in range(6):
         x, y = batch(step)
@@ -141,8 +148,10 @@ def test_contradictory_and_bad_arguments_are_refused():
     params = list(mlp().parameters())
     with pytest.raises(ValueError, match=r"AutocastOptimizer\(flat_master=True\): flat_master"):
         AutocastOptimizer(torch.optim.SGD(params, lr=0.1), flat_master=True)
-    with pytest.raises(ValueError, match=r"AutocastOptimizer\(fused=True\): fused shape"):
-        AutocastOptimizer(torch.optim.AdamW(params), fused=True)
+    with pytest.raises(ValueError, match="fused=True cannot be used: the fused step implements"):
+        AutocastOptimizer(torch.optim.SGD(params, lr=0.1), fused=True)
+    with pytest.raises(TypeError, match="fused must be"):
+        AutocastOptimizer(torch.optim.AdamW(params), fused="yes")
     AutocastOptimizer(torch.optim.SGD(params, lr=0.1), flat_master=False)  # harmless
     halves = list(model_to_half(mlp()).parameters())
     with pytest.raises(ValueError, match="trains an fp32 model, but the optimizer holds"):
@@ -195,3 +204,56 @@ def test_schedulers_and_stepper_advance_on_applied_steps_only():
         assert stepper.step(loss) is not bad
     assert stepper.skipped_steps == 1 and opt.param_groups[0]["lr"] == 0.25
     assert opt.loss_scale == 2.0**15
+
+
+def _fit(model, opt, steps, clip_first=False, inf_step=None):
+    for step in steps:
+        x, y = batch(step)
+        with opt.autocast():
+            loss = F.cross_entropy(model(x), y)
+        opt.backward(loss)
+        if step == inf_step:
+            model[0].weight.grad[0, 0] = float("nan")
+        if clip_first:
+            opt.unscale_()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("clip_first", [False, True], ids=["in_step", "unscale_first"])
+def test_the_fused_step_clips_and_skips_as_the_unfused_one(clip_first):
+    models = [mlp() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [
+        AutocastOptimizer(
+            torch.optim.AdamW(m.parameters(), lr=1e-2), "dynamic", clip=0.05, fused=fused
+        )
+        for m, fused in zip(models, (True, False))
+    ]
+    for m, opt in zip(models, opts):
+        _fit(m, opt, range(5), clip_first=clip_first, inf_step=3)
+    fused, unfused = opts
+    assert fused.skipped_steps == unfused.skipped_steps == 1
+    assert fused.last_overflow.faults == unfused.last_overflow.faults  # the same parameter named
+    assert fused.last_overflow.faults[0].nan == 1
+    torch.testing.assert_close(fused.last_grad_norm, unfused.last_grad_norm, rtol=1e-6, atol=0)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # the same optimizer state, so either path resumes the other's checkpoint
+    unfused.load_state_dict(fused.state_dict())
+    _fit(models[0], unfused, range(5, 6))
+
+
+def test_an_automatic_fused_step_gives_way_to_step_hooks():
+    model = mlp()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = AutocastOptimizer(inner, 512.0)
+    calls = []
+    handle = inner.register_step_post_hook(lambda o, a, k: calls.append(len(o.param_groups)))
+    _fit(model, opt, range(2))
+    assert calls == [1, 1]  # the wrapped optimizer's own step ran, its hook with it
+    handle.remove()
+    before = [p.detach().clone() for p in model.parameters()]
+    _fit(model, opt, range(2, 3))  # fused again: the hook is gone
+    assert calls == [1, 1] and opt.fused
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

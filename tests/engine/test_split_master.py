@@ -11,6 +11,7 @@ from torch import nn
 
 from mixprec import MixedPrecisionOptimizer, model_to_half
 from mixprec.core.split import join, join_, split, split_
+from mixprec.engine import fused_adam
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -241,3 +242,39 @@ def test_split_masters_from_an_fp32_model_start_at_its_exact_weights():
     with pytest.raises(ValueError, match=r'master="split"\) stores masters as bf16'):
         fp32 = nn.Linear(2, 2)
         MixedPrecisionOptimizer(torch.optim.AdamW(fp32.parameters()), model=fp32, master="split")
+
+
+@pytest.mark.parametrize("count_ties", [False, True], ids=["whole_chunk", "piece_by_piece"])
+def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_ties):
+    """The fused step's own split of its rebuilt masters (a whole chunk of bits at once, or
+    piece by piece when counting ties) against `split_`, on every high part's edges."""
+    high = torch.arange(-(2**15), 2**15, dtype=torch.int64)
+    d = torch.tensor([-32768, -32767, -1, 0, 1, 32767, 32768])
+    bits = (high[:, None] * 65536 + d[None, :]).reshape(-1)
+    bits = ((bits + 2**31) % 2**32 - 2**31).to(torch.int32)
+    n = bits.numel() // 2
+    params = [nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)), nn.Parameter(torch.zeros(3))]
+    params.append(nn.Parameter(torch.zeros(bits.numel() - n, dtype=torch.bfloat16)))
+    step = fused_adam.FusedAdamStep(torch.optim.AdamW(params), chunk=bits.numel() + 3)
+    step.count_ties = count_ties
+    lows = {p: torch.zeros_like(p, dtype=torch.int16) for p in params if p.dtype != torch.float32}
+    items = [
+        fused_adam.FusedItem(p, p.detach(), None, torch.zeros_like(p), p.detach(), lows.get(p))
+        for p in params
+    ]
+    (chunk,), _ = step.plan([items], cache=False)
+    assert len(chunk.split_masters) == 2
+    for m, part in zip(chunk.split_masters, bits.split([n, bits.numel() - n])):
+        m.view(torch.int32).copy_(part)
+    ties = torch.zeros((), dtype=torch.int64) if count_ties else None
+    fused_adam._split_chunk_(chunk, step._span(chunk), ties)
+    expected_ties = torch.zeros((), dtype=torch.int64)
+    want_high = torch.empty(bits.numel(), dtype=torch.bfloat16)
+    want_low = torch.empty(bits.numel(), dtype=torch.int16)
+    split_(bits.view(torch.float32), want_high, want_low, ties=expected_ties)
+    got_high = torch.cat([params[0].detach(), params[2].detach()])
+    got_low = torch.cat([lows[params[0]], lows[params[2]]])
+    assert torch.equal(got_high.view(torch.int16), want_high.view(torch.int16))
+    assert torch.equal(got_low, want_low)
+    if count_ties:
+        assert int(ties) == int(expected_ties) > 0

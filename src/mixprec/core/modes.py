@@ -42,20 +42,19 @@ def check_mode_options(
     mode: Mode, call: str = "MixedPrecision", show_mode: bool = True, **options: Any
 ) -> None:
     """Reject options that contradict `mode`, echoing the call (`call`, with `mode=` if
-    `show_mode`): under "autocast" there are no masters to lay flat (`flat_master`) or to
-    step fused from half gradients (`fused`)."""
-    if mode != "autocast":
+    `show_mode`): under "autocast" there are no masters to lay flat (`flat_master`)."""
+    if mode != "autocast" or not options.get("flat_master"):
         return
-    given = {k: v for k, v in options.items() if k in ("flat_master", "fused") and v}
-    if given:
-        shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
-        names = " and ".join(given)
-        args = f"mode='autocast', {shown}" if show_mode else shown
-        raise ValueError(
-            f"{call}({args}): {names} shape the fp32 master weights, which "
-            "mode='autocast' does not keep (the model itself stays fp32). Drop "
-            f"{names}, or use mode='master'."
-        )
+    args = (
+        f"mode='autocast', flat_master={options['flat_master']!r}"
+        if show_mode
+        else f"flat_master={options['flat_master']!r}"
+    )
+    raise ValueError(
+        f"{call}({args}): flat_master lays out the fp32 master weights, which "
+        "mode='autocast' does not keep (the model itself stays fp32). Drop flat_master, or "
+        "use mode='master'."
+    )
 
 
 def saved_mode(state_dict: Mapping[str, Any]) -> str | None:

@@ -18,16 +18,18 @@ masters spread evenly over their rounding intervals, that is one element-step in
 `split_` counts them when given a counter.
 
 inf and -inf are stored exactly (remainder 0), so is every finite value, ±0 and subnormals
-included; a nan master comes back as a nan (possibly another payload).
+included; a nan master comes back as a nan (possibly another payload): torch rounds a nan to
+a quiet bf16 nan, whose top mantissa bit no int16 remainder can borrow away.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["join", "join_", "split", "split_"]
+__all__ = ["MAX_REMAINDER", "join", "join_", "split", "split_"]
 
-_MAX, _MIN = (1 << 15) - 1, -(1 << 15)
+MAX_REMAINDER = (1 << 15) - 1
+"""The largest remainder int16 holds (the upper tie of an even high part is one more)."""
 
 
 def _check(high: torch.Tensor, low: torch.Tensor, master: torch.Tensor) -> None:
@@ -69,13 +71,13 @@ def split_(
     _check(high, low, master)
     high.copy_(master)  # round to nearest, ties to even
     d = torch.empty_like(master, dtype=torch.int32) if work is None else work.view(torch.int32)
-    d.copy_(high.view(torch.int16))
+    d.copy_(high.view(torch.int16))  # sign-extended
     d.mul_(-(1 << 16))  # -bits(high) * 2**16, modulo 2**32
     d.add_(master.view(torch.int32))
     if ties is not None:
-        ties.add_((d > _MAX).sum())
-    d.clamp_(_MIN, _MAX)  # only the upper tie of an even high (and nan) leave the range
-    low.copy_(d)
+        ties.add_((d > MAX_REMAINDER).sum())
+    d.clamp_max_(MAX_REMAINDER)  # the upper tie of an even high (and nan) leave the range
+    low.copy_(d)  # a nan's remainder may also lie below it: any int16 keeps a nan a nan
 
 
 def split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

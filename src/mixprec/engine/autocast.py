@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mixprec.core.checks import check_engine_options, check_optimizer_supported, check_param_group
+from mixprec.core.checks import (
+    check_engine_options,
+    check_flag,
+    check_optimizer_supported,
+    check_param_group,
+)
+from mixprec.core.chunked import step_buffers
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.modes import check_mode_options, check_saved_mode
@@ -27,8 +33,16 @@ from mixprec.core.optim_state import (
 )
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
+from mixprec.engine.fused_adam import (
+    FusedAdamStep,
+    FusedItem,
+    fused_device_supported,
+    fused_unsupported_reason,
+    step_from_master_grads_,
+)
 from mixprec.engine.telemetry import NO_TELEMETRY
-from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.engine.view_step import ViewStep
+from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks, step_hooks_registered
 from mixprec.parallel.distributed import all_reduce_overflow_
 
 if TYPE_CHECKING:
@@ -68,19 +82,22 @@ class AutocastOptimizer(OptimizerWrapper):
                 scheduler.step()
             opt.zero_grad()
 
-    The methods, the keyword options (those of `LossScaler`, `clip`, `data_parallel`) and
-    the step-or-skip rule are `MixedPrecisionOptimizer`'s. Autocast's casts are
-    differentiable, so the gradients arrive in fp32 on the fp32 parameters: `unscale_`
-    unscales and checks them in place (one fused kernel), `step` makes the one host sync per
-    step, and an overflowing step changes no weight and no optimizer state. Several
-    `backward` calls before `step` accumulate in fp32. `dtype` is the half dtype autocast
-    runs in (fp16 or bf16), `device_type` the device autocast covers (default: the
-    parameters'). `model` names the parameters in a skipped step's `last_overflow`.
+    The methods, the keyword options (those of `LossScaler`, `clip`, `fused`,
+    `data_parallel`) and the step-or-skip rule are `MixedPrecisionOptimizer`'s. Autocast's
+    casts are differentiable, so the gradients arrive in fp32 on the fp32 parameters:
+    `unscale_` unscales and checks them in place (one fused kernel), `step` makes the one host
+    sync per step, and an overflowing step changes no weight and no optimizer state. Several
+    `backward` calls before `step` accumulate in fp32. `fused` (default None: whenever the
+    optimizer is exactly torch.optim.Adam or AdamW) runs torch's fused Adam(W) kernel, which
+    unscales the gradients as it reads them; same numbers within fp32 rounding, `fused=False`
+    opts out. Unfused, element-wise optimizers step large parameters through cache-sized
+    views (`mixprec.engine.view_step`). `dtype` is the half dtype autocast runs in (fp16 or
+    bf16), `device_type` the device autocast covers (default: the parameters'). `model` names
+    the parameters in a skipped step's `last_overflow`.
     """
 
     mode = "autocast"
-    flat_master = False  # no masters, so neither flat nor fused ones
-    fused = False
+    flat_master = False  # no masters to lay flat
 
     def __init__(
         self,
@@ -89,6 +106,7 @@ class AutocastOptimizer(OptimizerWrapper):
         *,
         dtype: torch.dtype = torch.float16,
         clip: float | None = None,
+        fused: bool | None = None,
         device_type: str | None = None,
         process_group: ProcessGroup | None = None,
         data_parallel: bool = True,
@@ -106,9 +124,9 @@ class AutocastOptimizer(OptimizerWrapper):
                 "torch optimizer, once."
             )
         check_mode_options("autocast", "AutocastOptimizer", show_mode=False, **scaler_options)
-        for name in ("flat_master", "fused"):  # False is harmless: nothing to lay out or fuse
-            scaler_options.pop(name, None)
+        scaler_options.pop("flat_master", None)  # False is harmless: nothing to lay out
         clip = check_engine_options(clip, data_parallel)
+        check_flag("fused", fused, none_ok=True)
         check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         for group in optimizer.param_groups:
             _check_fp32(group["params"])
@@ -123,6 +141,12 @@ class AutocastOptimizer(OptimizerWrapper):
             else forensics.param_names(model, [g["params"] for g in optimizer.param_groups])
         )
         self.scaler = LossScaler(loss_scale, **scaler_options)
+        self._auto_fused = fused is None
+        if fused is None:
+            fused = fused_unsupported_reason(optimizer) is None
+        self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
+        self._view_step = ViewStep(optimizer) if ViewStep.supported(optimizer) else None
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.optimizer = optimizer
         self.clip = clip
         self.process_group = process_group
@@ -134,12 +158,20 @@ class AutocastOptimizer(OptimizerWrapper):
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
+    @property
+    def fused(self) -> bool:
+        """Whether Adam(W) steps run through torch's fused kernel (see the class docstring)."""
+        return self._fused is not None
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the fp32 model's parameters."""
         check_param_group(param_group)
         params = param_group["params"]
         _check_fp32([params] if isinstance(params, torch.Tensor) else list(params))
         self.optimizer.add_param_group(param_group)
+        self._buffers = None  # the parameters may now span another device
+        if self._fused is not None:
+            self._fused.invalidate()
 
     # -- the loop -----------------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager:
@@ -197,6 +229,13 @@ class AutocastOptimizer(OptimizerWrapper):
                 "backward(loss), then step()."
             )
         with deferred_interrupt():  # stepped and counted together (mixprec.core.interrupts)
+            if (
+                self._found_inf is None
+                and self._has_grads
+                and self._can_fuse()
+                and self._step_buffers() is not None
+            ):
+                return self._fused_step()
             if self._found_inf is None:
                 self.unscale_()
             assert self._found_inf is not None
@@ -204,23 +243,108 @@ class AutocastOptimizer(OptimizerWrapper):
             self._found_inf = None
             self._has_grads = False
             if overflow:  # only now: forensics cost nothing on clean steps
-                report = forensics.overflow_report(
-                    self._named_grads(), self.scaler.steps, self.scaler.scale
-                )
-                weights = forensics.weight_faults(
-                    (name, p, None) for name, p in self._named_params()
-                )
-                self.last_overflow = dataclasses.replace(report, weights=weights)
+                self._record_overflow()
             else:
                 try:
-                    self.optimizer.step()
+                    if self._can_fuse():  # unscaled by unscale_() already
+                        with torch.no_grad():
+                            step_from_master_grads_(self._fused, self._items())
+                        self._stepped_fused()
+                    else:
+                        (self.optimizer if self._view_step is None else self._view_step).step()
                 except BaseException:  # raised inside the inner step: no half-made state
-                    drop_incomplete_state_(self.optimizer)
-                    self.zero_grad()
+                    self._after_failed_step()
                     raise
             with forensics.naming_overflow(self.last_overflow if overflow else None):
                 self.scaler.update(overflow)  # may raise FloatingPointError; state consistent
             return not overflow
+
+    def _fused_step(self) -> bool:
+        """Check, clip and Adam(W)-step the parameters, the kernel unscaling the gradients."""
+        assert self._fused is not None and self._buffers is not None
+        items = self._items()
+        scale = self.scaler.scale
+
+        def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
+            if self.data_parallel:
+                all_reduce_overflow_(found_inf, self.process_group)
+            grads = lambda: [it.grad for group in items for it in group]  # noqa: E731
+            self.telemetry.record_(found_inf, scale, grads, grad_scale=scale)
+
+        with torch.no_grad():
+            try:
+                overflow, norm = self._fused.step(
+                    items, self._buffers, scale, self.clip, False, checked
+                )
+            except BaseException:
+                self._after_failed_step()
+                raise
+        self._has_grads = False
+        if overflow:
+            self._record_overflow()
+        else:
+            self._stepped_fused()
+        if norm is not None:
+            self.last_grad_norm = norm
+        with forensics.naming_overflow(self.last_overflow if overflow else None):
+            self.scaler.update(overflow)
+        return not overflow
+
+    def _items(self) -> list[list[FusedItem]]:
+        """Per group, every parameter with a gradient: its own master, stepped in place."""
+        return [
+            [
+                FusedItem(p, v, None, p.grad, v)
+                for p in group["params"]
+                if p.grad is not None
+                for v in (p.detach(),)
+            ]
+            for group in self.optimizer.param_groups
+        ]
+
+    def _can_fuse(self) -> bool:
+        """Whether this step runs through torch's fused Adam(W) kernel: asked for, or
+        automatic and no step hook waits for the optimizer's own step."""
+        return (
+            self._fused is not None
+            and not (self._auto_fused and step_hooks_registered(self.optimizer))
+            and fused_device_supported(self._device())
+        )
+
+    def _device(self) -> torch.device:
+        """The device of the first parameter (cpu if there is none)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _step_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(found_inf, unused, scale), reused every step; None if parameters span devices."""
+        if self._buffers is None:
+            self._buffers = step_buffers(
+                [p for group in self.optimizer.param_groups for p in group["params"]]
+            )
+        return self._buffers
+
+    def _stepped_fused(self) -> None:
+        # an lr scheduler watches for the wrapped optimizer's step() to warn about order
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+
+    def _record_overflow(self) -> None:
+        """`last_overflow` of this skipped step: the faulty gradients and weights."""
+        report = forensics.overflow_report(
+            self._named_grads(), self.scaler.steps, self.scaler.scale
+        )
+        weights = forensics.weight_faults((name, p, None) for name, p in self._named_params())
+        self.last_overflow = dataclasses.replace(report, weights=weights)
+
+    def _after_failed_step(self) -> None:
+        """After an exception inside the inner step: no half-made lazy state survives and
+        the next backward starts a new step."""
+        drop_incomplete_state_(self.optimizer)
+        if self._fused is not None:
+            self._fused.invalidate()
+        self.zero_grad()
 
     def _named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, parameter) of every parameter, in the optimizer's order."""
@@ -258,6 +382,8 @@ class AutocastOptimizer(OptimizerWrapper):
         with deferred_interrupt():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             self.scaler.load_state_dict(state_dict["scaler"])
+            if self._fused is not None:
+                self._fused.invalidate()
             self.zero_grad()
 
     def check_state_dict(self, state_dict: Any) -> None:
@@ -284,7 +410,8 @@ class AutocastOptimizer(OptimizerWrapper):
     def __repr__(self) -> str:
         return (
             f"AutocastOptimizer({self.optimizer.__class__.__name__}, scaler={self.scaler!r}, "
-            f"dtype={self.dtype}, device_type={self.device_type!r}, clip={self.clip})"
+            f"dtype={self.dtype}, device_type={self.device_type!r}, clip={self.clip}, "
+            f"fused={self.fused})"
         )
 
 

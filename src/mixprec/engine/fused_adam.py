@@ -23,6 +23,7 @@ import torch
 
 from mixprec.core.chunked import CHUNK_NUMEL
 from mixprec.core.master import FlatGroup, ParamGroups
+from mixprec.core.split import MAX_REMAINDER
 
 __all__ = [
     "FUSED_TYPES",
@@ -33,8 +34,6 @@ __all__ = [
     "fused_unsupported_reason",
     "step_from_master_grads_",
 ]
-
-SPLIT_MAX = (1 << 15) - 1  # the largest int16 remainder of a split master
 
 FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 """The optimizers the fused step implements (exact types: a subclass may change `step`)."""
@@ -73,6 +72,7 @@ class _Chunk:
     split_highs: list[torch.Tensor] = field(default_factory=list)
     split_lows: list[torch.Tensor] = field(default_factory=list)
     split_work: list[torch.Tensor] = field(default_factory=list)
+    split_span: bool = True  # every split master of the chunk lies in its scratch stretch
     # where each of `grads` comes from: (item index, start of the 1-D piece or None: whole)
     grad_src: list[tuple[int, int | None]] = field(default_factory=list)
     numel: int = 0
@@ -297,6 +297,7 @@ class FusedAdamStep:
                     else torch.empty_like(scratch, memory_format=torch.preserve_format)
                 )
                 view = rebuilt
+                c.split_span = c.split_span and contiguous
                 c.split_masters.append(rebuilt)
                 c.split_highs.append(half)
                 c.split_lows.append(low)
@@ -332,6 +333,9 @@ class FusedAdamStep:
             return None
         norms: list[torch.Tensor] = []
         for c in chunks:  # norms of half tensors are slow: take them in fp32, in cache
+            if all(g.dtype == torch.float32 for g in c.grads):
+                norms.extend(torch._foreach_norm(c.grads))
+                continue
             torch._foreach_copy_(c.scratch, c.grads)
             norms.extend(torch._foreach_norm(c.scratch))
         if not norms:
@@ -360,6 +364,18 @@ class FusedAdamStep:
             "maximize": bool(pg["maximize"]),
         }
 
+    def _span(self, c: _Chunk) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rebuilt masters' bits, an int32 work span): the chunk's whole stretch of the two
+        scratches, for bit passes over all its split masters at once; None if it has none or
+        one is laid out oddly. Stretches of the chunk's fp32 parameters ride along unused."""
+        if not c.split_masters or not c.split_span:
+            return None
+        device = c.split_masters[0].device
+        return (
+            self._scratch_for(device, 1)[: c.numel].view(torch.int32),
+            self._scratch_for(device, 0)[: c.numel].view(torch.int32),
+        )
+
     def invalidate(self) -> None:
         """Forget the cached chunk plan (after a load or a failed step)."""
         self._cache = None
@@ -378,8 +394,9 @@ class FusedAdamStep:
             torch._foreach_add_(steps, 1)
         per_group: dict[int, tuple[Any, dict[str, Any]]] = {}  # read once per step, not chunk
         for c in chunks:
+            span = self._span(c)
             if c.split_masters:  # rebuild the fp32 masters from the bf16 weights and low bits
-                _join_all_(c.split_masters, c.split_highs, c.split_lows)
+                _join_all_(c, span)
             if c.group not in per_group:
                 per_group[c.group] = self._kernel_args(c.group, c.params[0].device)
             kernel, args = per_group[c.group]
@@ -411,7 +428,7 @@ class FusedAdamStep:
                     if device not in self.ties:
                         self.ties[device] = torch.zeros((), dtype=torch.int64, device=device)
                     ties = self.ties[device]
-                _split_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work, ties)
+                _split_chunk_(c, span, ties)
 
     def step(
         self,
@@ -476,28 +493,42 @@ def _repoint_grads(chunks: Sequence[_Chunk], grads: Sequence[torch.Tensor]) -> b
     return True
 
 
-def _join_all_(masters: list, highs: list, lows: list) -> None:
-    """`mixprec.core.split.join_` over lists, a few foreach kernels for the whole chunk."""
-    bits = [m.view(torch.int32) for m in masters]
-    torch._foreach_copy_(bits, [h.view(torch.int16) for h in highs])
-    torch._foreach_mul_(bits, 1 << 16)
-    torch._foreach_add_(bits, lows)
+def _join_all_(c: _Chunk, span: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """`mixprec.core.split.join_` of every split master of chunk `c`, a few kernels for the
+    whole chunk: the arithmetic in one pass over the chunk's scratch `span` when it has one
+    (its fp32 parameters' stretches ride along unused)."""
+    bits = [m.view(torch.int32) for m in c.split_masters]
+    work = c.split_work
+    torch._foreach_copy_(bits, [h.view(torch.int16) for h in c.split_highs])
+    torch._foreach_copy_(work, c.split_lows)  # int32 + int32 is much faster than + int16
+    if span is None:
+        torch._foreach_mul_(bits, 1 << 16)
+        torch._foreach_add_(bits, work)
+    else:
+        span[0].mul_(1 << 16).add_(span[1])
 
 
-def _split_all_(
-    masters: list, highs: list, lows: list, work: list, ties: torch.Tensor | None
+def _split_chunk_(
+    c: _Chunk, span: tuple[torch.Tensor, torch.Tensor] | None, ties: torch.Tensor | None
 ) -> None:
-    """`mixprec.core.split.split_` over lists, counting into `ties`."""
-    torch._foreach_copy_(highs, masters)  # round to nearest even: the model's weights
-    torch._foreach_copy_(work, [h.view(torch.int16) for h in highs])
-    torch._foreach_mul_(work, -(1 << 16))
-    torch._foreach_add_(work, [m.view(torch.int32) for m in masters])
+    """`mixprec.core.split.split_` of every rebuilt master of chunk `c`, counting into `ties`;
+    the arithmetic over the chunk's `span` at once as in `_join_all_`."""
+    work = c.split_work
+    torch._foreach_copy_(c.split_highs, c.split_masters)  # round to nearest even
+    torch._foreach_copy_(work, [h.view(torch.int16) for h in c.split_highs])
+    if span is None:
+        torch._foreach_mul_(work, -(1 << 16))
+        torch._foreach_add_(work, [m.view(torch.int32) for m in c.split_masters])
+    else:
+        span[1].mul_(-(1 << 16)).add_(span[0])
     if ties is not None:  # about one in 2**17 element-steps: see mixprec.core.split
         for w in work:
-            ties.add_((w > SPLIT_MAX).sum())
-    torch._foreach_clamp_max_(work, SPLIT_MAX)
-    torch._foreach_clamp_min_(work, -SPLIT_MAX - 1)
-    torch._foreach_copy_(lows, work)
+            ties.add_((w > MAX_REMAINDER).sum())
+    if span is None:
+        torch._foreach_clamp_max_(work, MAX_REMAINDER)
+    else:
+        span[1].clamp_max_(MAX_REMAINDER)
+    torch._foreach_copy_(c.split_lows, work)
 
 
 def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedItem]]) -> None:

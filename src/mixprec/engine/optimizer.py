@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.optim.optimizer as optim_module
 from torch import nn
 
 from mixprec.core.checks import (
@@ -47,7 +46,6 @@ from mixprec.core.policy import PrecisionPolicy, Rule
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
 from mixprec.engine.conversion import conversion
-from mixprec.engine.flat_step import FlatViewStep
 from mixprec.engine.fused_adam import (
     FusedAdamStep,
     fused_device_supported,
@@ -58,7 +56,8 @@ from mixprec.engine.fused_adam import (
 from mixprec.engine.holders import check_not_held, hold, let_go
 from mixprec.engine.split_master import SplitMasters, check_split_options
 from mixprec.engine.telemetry import NO_TELEMETRY
-from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.engine.view_step import ViewStep
+from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks, step_hooks_registered
 from mixprec.parallel.distributed import all_reduce_overflow_, is_data_parallel
 
 if TYPE_CHECKING:
@@ -93,9 +92,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     torch's fused kernel and keeps no fp32 gradient (16 bytes of state per parameter, not
     20); same numbers within fp32 rounding. `fused=False` opts out (the wrapped optimizer's
     own `step()` runs on fp32 master gradients); `fused=True` insists and refuses an
-    optimizer it cannot fuse. See `mixprec.engine.fused_adam`. With `flat_master=True` and
-    `fused=False`, element-wise optimizers (SGD, Adam, RMSprop, ...) step the flat master
-    through cache-sized views of it (`mixprec.engine.flat_step`): same numbers, faster.
+    optimizer it cannot fuse. See `mixprec.engine.fused_adam`. Unfused, element-wise
+    optimizers (SGD, Adam, RMSprop, ...) step large masters, flat or per tensor, through
+    cache-sized views of them (`mixprec.engine.view_step`): same numbers, faster.
 
     `master="split"` (bf16 models, Adam/AdamW) keeps each fp32 master as the bf16 weight
     plus 16 low bits, rebuilt chunk by chunk inside the fused step: 14 bytes of training
@@ -227,8 +226,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             group["params"] = masters
         if self._fused is not None:
             self._release_master_grads()  # made again only when a step needs them
-        self._view_step: FlatViewStep | None = None
-        self._make_view_step()
+        # element-wise optimizers step large masters through cache-sized views: same numbers
+        self._view_step = ViewStep(optimizer) if ViewStep.supported(optimizer) else None
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
         self.last_grad_norm: torch.Tensor | None = None
@@ -275,7 +274,6 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.model_params.append(params)
         self.master_params.append(masters)
         self._buffers = None  # the masters may now span another device
-        self._make_view_step()
         if self._fused is not None:
             self._release_master_grads()  # as at construction: made when a step needs them
 
@@ -423,15 +421,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         """Whether an automatic fused step (fused=None) gives way to the wrapped optimizer's
         own step this time: step hooks are registered on it (or globally), and only its own
         step runs them."""
-        if not self._auto_fused or self.split is not None:
-            return False
-        opt = self.optimizer
-        return bool(
-            getattr(opt, "_optimizer_step_pre_hooks", None)
-            or getattr(opt, "_optimizer_step_post_hooks", None)
-            or optim_module._global_optimizer_pre_hooks
-            or optim_module._global_optimizer_post_hooks
-        )
+        return self._auto_fused and self.split is None and step_hooks_registered(self.optimizer)
 
     def _stepped_fused(self) -> None:
         # An lr scheduler built on the wrapped optimizer watches for its step() to warn about
@@ -493,12 +483,6 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self._fused.invalidate()
         self._copy_masters_to_model()
         self.zero_grad()
-
-    def _make_view_step(self) -> None:
-        """Flat masters of an element-wise optimizer step through cache-sized views."""
-        if self.flat_master and FlatViewStep.supported(self.optimizer):
-            numels = [sum(p.numel() for p in ps) for ps in self.model_params if ps]
-            self._view_step = FlatViewStep(self.optimizer, numels)
 
     def _is_data_parallel(self) -> bool:
         return self.data_parallel and is_data_parallel(self.process_group)

@@ -57,6 +57,8 @@ class SplitMasters:
         for g in params:
             self.add_group(g)
         self.acc: dict[torch.Tensor, torch.Tensor] = {}  # fp32 grads of this step, if any
+        # one detached view per parameter, kept: the fused step keeps its plan while they stay
+        self._detached: dict[torch.Tensor, torch.Tensor] = {}
 
     def add_group(self, params: Sequence[torch.Tensor]) -> None:
         """Low bits (zero: the master is the bf16 value) for a new group's parameters."""
@@ -144,7 +146,14 @@ class SplitMasters:
             for p in g:
                 grad = self.acc.get(p) if from_acc else p.grad
                 if grad is not None:
-                    v = p.detach()  # fp32: stepped in place; bf16: rebuilt, then stored back
+                    v = self._detached_view(p)  # fp32: stepped in place; bf16: rebuilt, stored
                     items.append(FusedItem(p, v, None, grad, v, self.low.get(p)))
             out.append(items)
         return out
+
+    def _detached_view(self, p: torch.Tensor) -> torch.Tensor:
+        """`p.detach()`, the same object from step to step while `p`'s data stays put."""
+        v = self._detached.get(p)
+        if v is None or v.data_ptr() != p.data_ptr() or v.shape != p.shape or v.dtype != p.dtype:
+            v = self._detached[p] = p.detach()
+        return v

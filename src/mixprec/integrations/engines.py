@@ -62,7 +62,9 @@ def wrap_optimizer(
     model, `MixedPrecisionOptimizer(opt, model=..., dtype=...)`, this is where to switch.)
     """
     if mode == "autocast":
-        return AutocastOptimizer(optimizer, loss_scale, dtype=dtype, clip=clip, **scaler_options)
+        return AutocastOptimizer(
+            optimizer, loss_scale, dtype=dtype, clip=clip, fused=fused, **scaler_options
+        )
     engine = MixedPrecisionOptimizer(
         optimizer,
         loss_scale,

@@ -62,8 +62,8 @@ class MixedPrecision(Callback):
 
     `mode="master"` (the default) is the documented recipe: a half model stepping fp32
     masters. `mode="autocast"` keeps the model fp32 and runs the forward and the loss under
-    `torch.autocast(device_type, dtype)` (no masters, so no `flat_master` or `fused`), with
-    the same loss scaling. `telemetry=N` (or a `Telemetry`) records the loss scale, overflow,
+    `torch.autocast(device_type, dtype)` (no masters, so no `flat_master`; `fused` runs
+    torch's fused Adam(W) kernel on the fp32 parameters), with the same loss scaling. `telemetry=N` (or a `Telemetry`) records the loss scale, overflow,
     gradient norm and non-finite count of every step on the device, read back every N steps
     (the Recorder keeps and plots them; `CSVLogger` writes them).
 
@@ -176,6 +176,7 @@ class MixedPrecision(Callback):
                 self.loss_scale,
                 dtype=self.dtype,
                 clip=self.clip,
+                fused=self.fused,
                 model=self.learn.model,  # names the parameters in overflow reports
                 **self.scaler_options,
             )
