@@ -48,7 +48,7 @@ def test_autocast_mode_keeps_the_model_fp32_and_autocasts_forward_and_loss(tmp_p
     n = len(learn.data.train_dl)
     assert len(forwards) > n and all(forwards)  # training and validation under autocast
     assert not torch.is_autocast_enabled("cpu")
-    assert repr(learn.mixed_precision).endswith("mode='autocast')")
+    assert "mode='autocast', master='fp32')" in repr(learn.mixed_precision)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -271,10 +271,12 @@ def test_fused_steps_from_the_half_grads_with_the_same_numbers(tmp_path, flat):
 def test_an_unknown_option_is_refused_by_name_and_leaves_the_model_fp32(tmp_path):
     learn = make_learner(tmp_path)
     before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
-    with pytest.raises(
-        TypeError, match=r'the Learner keeps fp32 masters; split masters \(master="split"\)'
-    ):
-        learn.to_fp16(dtype=torch.bfloat16, master="split")
+    with pytest.raises(ValueError, match=r"master='split', dtype=torch.float16\): split masters"):
+        learn.to_fp16(master="split")
+    with pytest.raises(ValueError, match=r'must be "fp32" or "split"; got \'bf16\''):
+        learn.to_fp16(dtype=torch.bfloat16, master="bf16")
+    with pytest.raises(ValueError, match=r"mode='autocast', master='split'\): split masters"):
+        learn.to_fp16(dtype=torch.bfloat16, mode="autocast", master="split")
     with pytest.raises(TypeError, match=r"unknown option\(s\) init_sacle; .* init_scale"):
         learn.to_fp16("dynamic", init_sacle=2.0**10)
     for n, p in learn.model.named_parameters():

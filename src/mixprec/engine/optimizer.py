@@ -30,8 +30,10 @@ from mixprec.core.master import (
     FlatGroup,
     check_master_params,
     check_saved_masters,
+    load_masters_,
     make_masters,
     master2model,
+    master_views,
     masters_by_param,
     model_g2master_g,
     move_state_to_masters,
@@ -239,6 +241,36 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self._released = False
         hold(self)
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
+
+    # -- the fp32 masters, by model parameter ----------------------------------------------
+    def master_values(self) -> dict[int, torch.Tensor]:
+        """Per model parameter (by id), its fp32 master: a view of the master shaped like the
+        parameter, or for split masters a rebuilt copy."""
+        if self.split is not None:
+            return {id(p): self.split.master(p) for group in self.model_params for p in group}
+        return {
+            id(p): v
+            for params, masters in zip(self.model_params, self.master_params)
+            for p, v in zip(params, master_views(params, masters, self.flat_master))
+        }
+
+    def load_master_values_(self, values: Mapping[int, torch.Tensor]) -> None:
+        """Set the master of each parameter in `values` (by id) to that fp32 value: the model
+        keeps its weights (their rounding when it was converted from them), but for split
+        masters, whose bf16 weight is the master's high half and is set with it."""
+        if self.split is None:
+            load_masters_(self.model_params, self.master_params, self.flat_master, values)
+            return
+        self.split.load_(
+            [[values.get(id(p), self.split.master(p)) for p in g] for g in self.model_params]
+        )
+
+    def master_tensors(self) -> list[torch.Tensor]:
+        """The tensors the masters live in (to broadcast them, say): the fp32 masters, or for
+        split masters the model's parameters and the bf16 ones' low bits."""
+        if self.split is None:
+            return [m for group in self.master_params for m in group]
+        return [*(p for g in self.model_params for p in g), *self.split.low.values()]
 
     def release(self) -> None:
         """Stop holding the model's parameters, so another wrapper may take them; this one

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,10 +27,8 @@ from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     get_master,
-    load_masters_,
     master2model,
     master_views,
-    masters_by_param,
     model_g2master_g,
 )
 from mixprec.core.modes import Mode, check_mode, check_mode_options, check_saved_mode
@@ -56,16 +54,19 @@ class MixedPrecision(Callback):
     options: `dtype` (torch.float16 or torch.bfloat16), `clip` (max global norm of the
     unscaled fp32 master gradients), `fused` (step the masters straight from the half
     gradients; default None: whenever the optimizer is Adam/AdamW, `fused=False` opts out;
-    see `MixedPrecisionOptimizer`) and the `LossScaler` keywords (`init_scale`,
-    `growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, `min_scale`,
-    `max_scale`, `floor_patience`). `Learner.to_fp16(**options)` builds and adds one.
+    see `MixedPrecisionOptimizer`), `master` ("fp32", or "split": bf16 models with Adam/AdamW
+    keep each master as the bf16 weight plus 16 low bits; with `fused=True` AdamW's state is
+    then 14 bytes a parameter) and the `LossScaler` keywords (`init_scale`, `growth_factor`,
+    `backoff_factor`, `growth_interval`, `hysteresis`, `min_scale`, `max_scale`,
+    `floor_patience`). `Learner.to_fp16(**options)` builds and adds one.
 
     `mode="master"` (the default) is the documented recipe: a half model stepping fp32
     masters. `mode="autocast"` keeps the model fp32 and runs the forward and the loss under
     `torch.autocast(device_type, dtype)` (no masters, so no `flat_master`; `fused` runs
-    torch's fused Adam(W) kernel on the fp32 parameters), with the same loss scaling. `telemetry=N` (or a `Telemetry`) records the loss scale, overflow,
-    gradient norm and non-finite count of every step on the device, read back every N steps
-    (the Recorder keeps and plots them; `CSVLogger` writes them).
+    torch's fused Adam(W) kernel on the fp32 parameters), with the same loss scaling.
+    `telemetry=N` (or a `Telemetry`) records the loss scale, overflow, gradient norm and
+    non-finite count of every step on the device, read back every N steps (the Recorder
+    keeps and plots them; `CSVLogger` writes them).
 
     The work is done by one `MixedPrecisionOptimizer` or `AutocastOptimizer` (`self.opt`),
     built once and kept across `fit()` calls, so masters, optimizer moments and the scaler
@@ -84,6 +85,7 @@ class MixedPrecision(Callback):
         clip: float | None = None,
         fused: bool | None = None,
         mode: Mode = "master",
+        master: Literal["fp32", "split"] = "fp32",
         telemetry: int | Telemetry | None = None,
         **scaler_options: Any,
     ) -> None:
@@ -91,6 +93,7 @@ class MixedPrecision(Callback):
         check_flag("flat_master", flat_master)
         check_flag("fused", fused, none_ok=True)
         check_mode_options(self.mode, flat_master=flat_master, fused=fused)
+        _check_split(master, self.mode, dtype)
         _check_option_names(scaler_options)
         LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
         if telemetry is not None and not isinstance(telemetry, Telemetry):
@@ -102,6 +105,7 @@ class MixedPrecision(Callback):
         self.dtype = check_half_dtype(dtype)
         self.clip = check_engine_options(clip, True)  # refuse a bad clip now too
         self.fused = None if fused is None else bool(fused)
+        self.master = master
         self.scaler_options = scaler_options
         self.opt: MixedPrecisionOptimizer | AutocastOptimizer | None = None
         self._tfm = partial(batch_to_half, dtype=self.dtype)
@@ -165,7 +169,7 @@ class MixedPrecision(Callback):
             self.telemetry.attach(self.opt)
         learn.add_new_params()
         if isinstance(self.opt, MixedPrecisionOptimizer) and exact:
-            _load_masters_(self.opt, exact)
+            self.opt.load_master_values_(exact)
         return self.opt
 
     def _engine(self, inner: torch.optim.Optimizer) -> MixedPrecisionOptimizer | AutocastOptimizer:
@@ -186,6 +190,7 @@ class MixedPrecision(Callback):
             flat_master=self.flat_master,
             clip=self.clip,
             fused=self.fused,
+            master=self.master,
             model=self.learn.model,  # names the parameters in overflow reports
             **self.scaler_options,
         )
@@ -264,25 +269,38 @@ class MixedPrecision(Callback):
     def __repr__(self) -> str:
         return (
             f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
-            f"dtype={self.dtype}, clip={self.clip}, fused={self.fused}, mode={self.mode!r})"
+            f"dtype={self.dtype}, clip={self.clip}, fused={self.fused}, mode={self.mode!r}, "
+            f"master={self.master!r})"
+        )
+
+
+def _check_split(master: Any, mode: Mode, dtype: Any) -> None:
+    """Refuse a `master` layout other than "fp32" and "split", and split masters outside
+    mode "master" in bf16 (they are the bf16 weights plus their 16 low bits)."""
+    if master not in ("fp32", "split"):
+        raise ValueError(f'MixedPrecision(master=...) must be "fp32" or "split"; got {master!r}.')
+    if master == "split" and mode != "master":
+        raise ValueError(
+            f"MixedPrecision(mode={mode!r}, master='split'): split masters are the bf16 "
+            "weights of a half model plus 16 low bits; mode='autocast' keeps no masters. Drop "
+            "master= or use mode='master'."
+        )
+    if master == "split" and dtype != torch.bfloat16:
+        raise ValueError(
+            f"MixedPrecision(master='split', dtype={dtype}): split masters are bf16 weights "
+            "plus 16 low bits. Pass dtype=torch.bfloat16, or master='fp32'."
         )
 
 
 def _check_option_names(options: Mapping[str, Any]) -> None:
     """Raise a TypeError naming the options that neither MixedPrecision nor LossScaler takes."""
-    if "master" in options:
-        raise TypeError(
-            f"MixedPrecision(master={options['master']!r}): the Learner keeps fp32 masters; "
-            'split masters (master="split") are for the plain loop, '
-            'MixedPrecisionOptimizer(opt, model=model, dtype=torch.bfloat16, master="split"). '
-            "Drop master=."
-        )
     known = [n for n in inspect.signature(LossScaler).parameters if n != "loss_scale"]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(
             f"MixedPrecision got unknown option(s) {', '.join(unknown)}; it takes dtype, clip, "
-            f"fused, mode, telemetry, flat_master and the LossScaler options {', '.join(known)}."
+            f"fused, mode, master, telemetry, flat_master and the LossScaler options "
+            f"{', '.join(known)}."
         )
 
 
@@ -310,14 +328,9 @@ class _ModelTensors:
             module._buffers[name] = b
 
 
-def _load_masters_(opt: MixedPrecisionOptimizer, exact: dict[int, torch.Tensor]) -> None:
-    """Copy the fp32 values in `exact` (by parameter id) into their masters."""
-    load_masters_(opt.model_params, opt.master_params, opt.flat_master, exact)
-
-
 def _masters_by_param(opt: MixedPrecisionOptimizer) -> dict[int, torch.Tensor]:
     """A copy of each model parameter's master value, by parameter id."""
-    return masters_by_param(opt.model_params, opt.master_params, opt.flat_master)
+    return {k: v.clone() for k, v in opt.master_values().items()}
 
 
 def _frozen_flat_masters(opt: MixedPrecisionOptimizer) -> list[torch.Tensor]:
@@ -342,6 +355,14 @@ def _frozen_flat_masters(opt: MixedPrecisionOptimizer) -> list[torch.Tensor]:
 def _unwrap(opt: MixedPrecisionOptimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Convert `model` to fp32 holding the master values, and re-point the wrapped optimizer
     (and its per-parameter state) from the masters to the model's parameters."""
+    if opt.split is not None:  # the optimizer steps the model's parameters already
+        values = opt.master_values()
+        model_to_float(model)
+        with torch.no_grad():
+            for p in (p for group in opt.model_params for p in group):
+                p.copy_(values[id(p)])
+                p.grad = None
+        return opt.optimizer
     model_to_float(model)
     master2model(opt.model_params, opt.master_params, opt.flat_master)
     inner = opt.optimizer

@@ -132,7 +132,7 @@ class Ranks:
             return
         self.meet("learn.fit()")
         if isinstance(opt, MixedPrecisionOptimizer):
-            self.broadcast_(m for group in opt.master_params for m in group)
+            self.broadcast_(opt.master_tensors())
         self.ddp = wrap_ddp(model, **self.ddp_kwargs)
         try:
             yield

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.core.master import master_views as core_master_views
 from mixprec.core.master import masters_from_values
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 
@@ -23,12 +22,9 @@ __all__ = ["master_views", "masters_from_entry", "model_entry"]
 
 
 def master_views(opt: MixedPrecisionOptimizer) -> dict[int, torch.Tensor]:
-    """Per model parameter (by id), its master: the tensor, or its view of the flat master."""
-    return {
-        id(p): v
-        for params, masters in zip(opt.model_params, opt.master_params)
-        for p, v in zip(params, core_master_views(params, masters, opt.flat_master))
-    }
+    """Per model parameter (by id), its master: the tensor, its view of the flat master, or a
+    rebuilt copy of a split one."""
+    return opt.master_values()
 
 
 def model_entry(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
