@@ -38,8 +38,11 @@ def test_autocast_mode_keeps_the_model_fp32_and_autocasts_forward_and_loss(tmp_p
     forwards: list[bool] = []
     learn.model.register_forward_hook(lambda *_: forwards.append(torch.is_autocast_enabled("cpu")))
     assert isinstance(learn.opt, AutocastOptimizer) and learn.opt.dtype == dtype
+    assert learn.opt.fused  # AdamW: torch's fused kernel, by default
     assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
+    before = [p.detach().clone() for p in learn.model.parameters()]
     learn.fit(1)
+    assert not all(torch.equal(a, p) for a, p in zip(before, learn.model.parameters()))
     assert learn.data.tfms == []  # inputs stay fp32: autocast casts them op by op
     assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
     assert set(spy.seen) == {("on_loss_begin", True), ("on_backward_begin", False),
