@@ -244,10 +244,11 @@ def test_split_masters_from_an_fp32_model_start_at_its_exact_weights():
         MixedPrecisionOptimizer(torch.optim.AdamW(fp32.parameters()), model=fp32, master="split")
 
 
-@pytest.mark.parametrize("count_ties", [False, True], ids=["whole_chunk", "piece_by_piece"])
+@pytest.mark.parametrize("count_ties", [False, True], ids=["uncounted", "ties_counted"])
 def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_ties):
-    """The fused step's own split of its rebuilt masters (a whole chunk of bits at once, or
-    piece by piece when counting ties) against `split_`, on every high part's edges."""
+    """The fused step's own split of its rebuilt masters (its arithmetic over the chunk's
+    whole scratch stretch, an fp32 parameter's stretch in between) against `split_`, on
+    every high part's edges; ties counted over the split masters only."""
     high = torch.arange(-(2**15), 2**15, dtype=torch.int64)
     d = torch.tensor([-32768, -32767, -1, 0, 1, 32767, 32768])
     bits = (high[:, None] * 65536 + d[None, :]).reshape(-1)

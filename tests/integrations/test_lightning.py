@@ -225,12 +225,14 @@ def test_a_checkpoint_of_another_mode_is_refused(tmp_path):
 
 
 # -- autocast mode, fp16 ------------------------------------------------------------------
-def test_autocast_mode_keeps_the_model_fp32_and_skips_too():
+@pytest.mark.parametrize("fused", [False, True])
+def test_autocast_mode_keeps_the_model_fp32_and_skips_too(fused):
     snaps = Snapshots()
-    plugin = MixedPrecisionPlugin(torch.bfloat16, mode="autocast")
+    plugin = MixedPrecisionPlugin(torch.bfloat16, mode="autocast", fused=fused)
     module = Tiny(inf_at=(1,))
     trainer(plugin, max_steps=3, callbacks=[snaps]).fit(module, tiny_loader())
     assert isinstance(plugin.optimizer, AutocastOptimizer)
+    assert plugin.optimizer.fused is fused  # torch's fused Adam(W) kernel, when asked
     assert {p.dtype for p in module.parameters()} == {torch.float32}
     assert snaps.skipped == [False, True, False]
     assert same(snaps.before[1], snaps.after[1])
