@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mixprec import get_master, master2model, model_g2master_g
-from mixprec.core.master import FlatGroup
+from mixprec.core.flat_group import FlatGroup
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 

@@ -203,7 +203,7 @@ def test_a_master_past_the_fp16_range_is_named_as_the_weight_not_the_gradients(f
     with torch.no_grad():  # as if the update had carried it there: the half copy is inf
         master = opt.master_params[0][0]
         master.view(-1)[0] = 7e4
-        opt._copy_masters_to_model()
+        opt._masters.copy_to_model()
     assert model.encoder[0].weight.isinf().any()
     _backward(model, opt)
     with pytest.warns(
@@ -219,7 +219,7 @@ def test_a_nan_weight_is_reported_as_a_nan_weight():
     model, opt = _setup()
     with torch.no_grad():
         opt.master_params[0][4].view(-1)[1] = math.nan  # head.weight: its master and half copy
-        opt._copy_masters_to_model()
+        opt._masters.copy_to_model()
     _backward(model, opt)
     with pytest.warns(RuntimeWarning, match=r"head.weight \(the weight itself holds 1 nan\)"):
         assert not opt.step()

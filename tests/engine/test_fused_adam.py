@@ -177,7 +177,7 @@ def test_accumulation_and_explicit_unscale_fall_back_and_free_the_fp32_grads(how
     for a, b in zip(*results):
         assert torch.equal(a, b)  # the same generic path ran in both
     assert opt.master_params[0][0].grad is None
-    assert opt._grad_chunks_cache is None
+    assert opt._masters._chunks is None
 
 
 def test_fused_requires_adam_or_adamw():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mixprec import MixedPrecisionOptimizer, model_to_half
-from mixprec.core.split import join, join_, split, split_
+from mixprec.core.split import join, join_, join_all_, split, split_, split_all_
 from mixprec.engine import fused_adam
 
 
@@ -246,9 +246,9 @@ def test_split_masters_from_an_fp32_model_start_at_its_exact_weights():
 
 @pytest.mark.parametrize("count_ties", [False, True], ids=["uncounted", "ties_counted"])
 def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_ties):
-    """The fused step's own split of its rebuilt masters (its arithmetic over the chunk's
-    whole scratch stretch, an fp32 parameter's stretch in between) against `split_`, on
-    every high part's edges; ties counted over the split masters only."""
+    """The fused step's split and join of its rebuilt masters (the arithmetic over the
+    chunk's whole scratch stretch, an fp32 parameter's stretch in between) against `split_`
+    and `join`, on every high part's edges; ties counted over the split masters only."""
     high = torch.arange(-(2**15), 2**15, dtype=torch.int64)
     d = torch.tensor([-32768, -32767, -1, 0, 1, 32767, 32768])
     bits = (high[:, None] * 65536 + d[None, :]).reshape(-1)
@@ -268,7 +268,10 @@ def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_tie
     for m, part in zip(chunk.split_masters, bits.split([n, bits.numel() - n])):
         m.view(torch.int32).copy_(part)
     ties = torch.zeros((), dtype=torch.int64) if count_ties else None
-    fused_adam._split_chunk_(chunk, step._span(chunk), ties)
+    span = step._span(chunk)
+    assert span is not None
+    parts = (chunk.split_masters, chunk.split_highs, chunk.split_lows, chunk.split_work)
+    split_all_(*parts, ties, span)
     expected_ties = torch.zeros((), dtype=torch.int64)
     want_high = torch.empty(bits.numel(), dtype=torch.bfloat16)
     want_low = torch.empty(bits.numel(), dtype=torch.int16)
@@ -279,3 +282,8 @@ def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_tie
     assert torch.equal(got_low, want_low)
     if count_ties:
         assert int(ties) == int(expected_ties) > 0
+    for m in chunk.split_masters:
+        m.zero_()
+    join_all_(*parts, span)
+    rebuilt = torch.cat([m.view(torch.int32) for m in chunk.split_masters])
+    assert torch.equal(rebuilt, join(want_high, want_low).view(torch.int32))

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mixprec.core.master import FlatGroup, ParamGroups
+from mixprec.core.flat_group import FlatGroup
+from mixprec.core.master import ParamGroups
 
 __all__ = [
     "CHUNK_NUMEL",

@@ -1,8 +1,9 @@
 """fp32 master copies of a half model's parameters, and the copies between the two.
 
 These are the documented fastai v1 primitives (`get_master`, `model_g2master_g`,
-`master2model`) plus `FlatGroup`, which lays a group's model parameters and gradients out
-as views into contiguous buffers so each copy is one kernel per buffer.
+`master2model`) and the layouts around them (`mixprec.core.flat_group` lays a group's
+model parameters out in contiguous buffers; `mixprec.core.master_state` moves optimizer
+state onto masters and checks saved ones).
 
 In a flat buffer (a flat master, its gradient, a FlatGroup's half buffers) each parameter
 takes `numel()` consecutive elements laid out in the parameter's own memory format: a
@@ -19,13 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.core.modes import check_saved_mode
-
 __all__ = [
-    "FlatGroup",
     "check_master_params",
-    "check_saved_masters",
     "flat_views",
+    "flatten_like",
     "get_master",
     "load_masters_",
     "make_masters",
@@ -34,7 +32,6 @@ __all__ = [
     "masters_by_param",
     "masters_from_values",
     "model_g2master_g",
-    "move_state_to_masters",
     "new_group_params",
     "shapes_summary",
     "trainable_params",
@@ -107,7 +104,9 @@ def flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch
     return views
 
 
-def _flatten(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], device) -> torch.Tensor:
+def flatten_like(
+    tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], device
+) -> torch.Tensor:
     """One 1-D fp32 tensor holding `tensors` laid out as `flat_views` lays out `like`."""
     flat = torch.empty(sum(t.numel() for t in like), dtype=torch.float32, device=device)
     with torch.no_grad():
@@ -157,7 +156,7 @@ def check_master_params(model_params: ParamGroups, flat_master: bool) -> None:
 
 
 def _flat_master(params: Sequence[torch.Tensor]) -> nn.Parameter:
-    master = nn.Parameter(_flatten(params, params, params[0].device))
+    master = nn.Parameter(flatten_like(params, params, params[0].device))
     master.grad = torch.zeros_like(master)
     return master
 
@@ -222,7 +221,7 @@ def masters_from_values(
     if not flat_master:
         return [[v.detach().to(torch.float32) for v in group] for group in values]
     return [
-        [_flatten(group, params, params[0].device)] if params else []
+        [flatten_like(group, params, params[0].device)] if params else []
         for params, group in zip(model_params, values)
     ]
 
@@ -317,101 +316,6 @@ def master2model(
             torch._foreach_copy_(dst, src)
 
 
-class FlatGroup:
-    """A layer group whose model parameters and gradients are views into contiguous buffers.
-
-    Consecutive parameters of one dtype share a buffer (a half model with fp32 norm layers
-    has a few; an all-half group has one), so gradients to master and master to model are
-    one copy kernel per buffer, with nothing allocated per step. `master` is the group's
-    flat fp32 master, in the order of `params`.
-    """
-
-    def __init__(self, params: Sequence[nn.Parameter], master: nn.Parameter) -> None:
-        self.params = list(params)
-        self.master = master
-        self.data: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
-        self._slices: list[tuple[int, int]] = []
-        self._grad_views: list[torch.Tensor] = []
-        self._data_ptrs: list[int] = []  # where each parameter's view starts: to notice a move
-        start = 0
-        while start < len(self.params):
-            end = start
-            while end < len(self.params) and self.params[end].dtype == self.params[start].dtype:
-                end += 1
-            self._add_buffer(self.params[start:end])
-            start = end
-        self._master_grad: torch.Tensor | None = None
-        self._master_grad_slices: list[torch.Tensor] = []
-
-    def _add_buffer(self, run: Sequence[nn.Parameter]) -> None:
-        offset = sum(d.numel() for d in self.data)
-        n = sum(p.numel() for p in run)
-        data = torch.empty(n, dtype=run[0].dtype, device=run[0].device)
-        grad = torch.zeros_like(data)
-        with torch.no_grad():
-            for p, view, grad_view in zip(run, flat_views(data, run), flat_views(grad, run)):
-                view.copy_(p)
-                if p.grad is not None:
-                    grad_view.copy_(p.grad)
-                p.data = view
-                p.grad = grad_view
-                self._grad_views.append(grad_view)
-                self._data_ptrs.append(view.data_ptr())
-        self.data.append(data)
-        self.grads.append(grad)
-        self._slices.append((offset, offset + n))
-
-    def repair_grads(self) -> None:
-        """Re-point any gradient that was replaced or removed (`set_to_none`) at its view.
-
-        Raises a RuntimeError if a parameter was moved out of the flat buffers (e.g. by
-        `model.to(...)` after the optimizer was built): the copies here and into the model
-        would no longer reach it, and it would silently stop training."""
-        with torch.no_grad():
-            for p, view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
-                if p.data_ptr() != data_ptr:
-                    raise RuntimeError(
-                        f"a parameter of shape {tuple(p.shape)} ({p.dtype}) no longer lives in "
-                        "its flat_master buffer: the model was converted or moved (.to(), "
-                        ".half(), .float(), memory_format) after the optimizer was built. Do "
-                        "that before building MixedPrecisionOptimizer, or use flat_master=False."
-                    )
-                g = p.grad
-                if g is view:
-                    continue
-                if g is None:
-                    view.zero_()
-                else:
-                    view.copy_(g)
-                p.grad = view
-
-    def master_grad_slices(self) -> list[torch.Tensor]:
-        """Views of the master's gradient matching `grads`, made once per gradient tensor."""
-        if self.master.grad is None:
-            self.master.grad = torch.zeros_like(self.master)
-        if self._master_grad is not self.master.grad:
-            self._master_grad = self.master.grad
-            self._master_grad_slices = [self.master.grad[a:b] for a, b in self._slices]
-        return self._master_grad_slices
-
-    @property
-    def slices(self) -> list[tuple[int, int]]:
-        """`(start, end)` in the master of each buffer of `data` and `grads`."""
-        return list(self._slices)
-
-    def release_master_grad(self) -> None:
-        """Drop the master's gradient (and the views of it kept here) to free its memory."""
-        self.master.grad = None
-        self._master_grad = None
-        self._master_grad_slices = []
-
-    def master_slices(self) -> list[torch.Tensor]:
-        """Views of the master's values matching `data`."""
-        master = self.master.detach()
-        return [master[a:b] for a, b in self._slices]
-
-
 def shapes_summary(groups: list[list[tuple[int, ...]]], limit: int = 4) -> str:
     """Shapes per group, a few per group, for error messages."""
     parts = []
@@ -435,102 +339,3 @@ def new_group_params(params: torch.Tensor | Iterable[torch.Tensor], held: ParamG
             "optimizer does not hold yet."
         )
     return params
-
-
-def _merged_state(state: dict, params: Sequence[torch.Tensor], master: torch.Tensor) -> dict:
-    """One flat master's optimizer state from its parameters' states: per-element entries
-    concatenated in fp32, per-tensor ones (e.g. Adam's step) kept if every parameter agrees."""
-    states = [state.get(p, {}) for p in params]
-    if not any(states):
-        return {}
-    keys = set(states[0])
-    merged: dict[str, Any] = {}
-    for key in sorted(keys) if all(set(st) == keys for st in states) else []:
-        values = [st[key] for st in states]
-        if all(
-            torch.is_tensor(v) and v.dim() and v.shape == p.shape for v, p in zip(values, params)
-        ):
-            merged[key] = _flatten(values, params, master.device)
-        elif all(_same_value(v, values[0]) for v in values):
-            merged[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
-    if len(merged) != len(keys) or not all(states):
-        raise ValueError(
-            "the optimizer holds per-parameter state that cannot be merged into one flat "
-            "master per group (some parameters have no state, or per-tensor entries such as "
-            "step counts differ); wrap the optimizer before its first step or use "
-            "flat_master=False."
-        )
-    return merged
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if torch.is_tensor(a) and torch.is_tensor(b):
-        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
-    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
-
-
-def move_state_to_masters(
-    state: dict, model_params: ParamGroups, master_params: ParamGroups, flat_master: bool
-) -> None:
-    """Re-key optimizer `state` from steps taken on the half model to the fp32 masters."""
-    if not any(p in state for group in model_params for p in group):
-        return
-    if flat_master:
-        pairs = [(ps, ms[0]) for ps, ms in zip(model_params, master_params) if ps]
-        merged = [
-            _merged_state(state, ps, m) for ps, m in pairs
-        ]  # all first: a refusal changes nothing
-        for (ps, m), st in zip(pairs, merged):
-            for p in ps:
-                state.pop(p, None)
-            if st:
-                state[m] = st
-        return
-    for model_group, master_group in zip(model_params, master_params):
-        for p, m in zip(model_group, master_group):
-            if p in state:
-                state[m] = {
-                    k: v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dim() else v
-                    for k, v in state.pop(p).items()
-                }
-
-
-def check_saved_masters(
-    state_dict: Mapping[str, Any], master_params: ParamGroups, flat_master: bool
-) -> ParamGroups:
-    """Return the masters of a MixedPrecisionOptimizer `state_dict` if they fit `master_params`;
-    raise ValueError naming the mismatch otherwise."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            "expected a MixedPrecisionOptimizer state_dict (from opt.state_dict()); got "
-            f"{type(state_dict).__name__}."
-        )
-    check_saved_mode(state_dict, "master")
-    missing = {"masters", "optimizer", "scaler"} - set(state_dict)
-    if missing:
-        raise ValueError(
-            f"not a MixedPrecisionOptimizer state_dict: missing {sorted(missing)}; got keys "
-            f"{sorted(state_dict)}."
-        )
-    flat = bool(state_dict.get("flat_master", flat_master))
-    if flat != flat_master:
-        raise ValueError(
-            f"state_dict was saved with flat_master={flat} but this optimizer has "
-            f"flat_master={flat_master}; build it with the same flat_master."
-        )
-    saved = state_dict["masters"]
-    if not isinstance(saved, Sequence) or not all(
-        isinstance(group, Sequence) and all(torch.is_tensor(m) for m in group) for group in saved
-    ):
-        raise ValueError("state_dict['masters'] must be lists of tensors, one list per group.")
-    wrong = sorted({str(m.dtype) for group in saved for m in group if m.dtype != torch.float32})
-    if wrong:
-        raise ValueError(f"state_dict holds masters of dtype {', '.join(wrong)}; expected fp32.")
-    expected = [[tuple(m.shape) for m in group] for group in master_params]
-    got = [[tuple(m.shape) for m in group] for group in saved]
-    if expected != got:
-        raise ValueError(
-            "state_dict holds masters of another model: expected shapes per group "
-            f"{shapes_summary(expected)}, got {shapes_summary(got)}."
-        )
-    return saved

@@ -24,9 +24,11 @@ a quiet bf16 nan, whose top mantissa bit no int16 remainder can borrow away.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["MAX_REMAINDER", "join", "join_", "split", "split_"]
+__all__ = ["MAX_REMAINDER", "Span", "join", "join_", "join_all_", "split", "split_", "split_all_"]
 
 MAX_REMAINDER = (1 << 15) - 1
 """The largest remainder int16 holds (the upper tie of an even high part is one more)."""
@@ -45,13 +47,65 @@ def _check(high: torch.Tensor, low: torch.Tensor, master: torch.Tensor) -> None:
         )
 
 
+Span = tuple[torch.Tensor, torch.Tensor]
+"""(int32 bits, int32 work): contiguous stretches holding every master's bits and every work
+tensor of a list, in one order, so that the arithmetic runs as one pass over each (elements
+between the listed tensors ride along unused)."""
+
+
+def join_all_(
+    out: Sequence[torch.Tensor],
+    highs: Sequence[torch.Tensor],
+    lows: Sequence[torch.Tensor],
+    works: Sequence[torch.Tensor],
+    span: Span | None = None,
+) -> None:
+    """`join_` over lists, a few kernels for all of them; `works` are int32 scratches of
+    the tensors' shapes (the low bits are widened there: an int32 + int16 add is several
+    times slower than int32 + int32)."""
+    bits = [m.view(torch.int32) for m in out]
+    torch._foreach_copy_(bits, [h.view(torch.int16) for h in highs])  # sign-extended
+    torch._foreach_copy_(works, lows)
+    if span is None:
+        torch._foreach_mul_(bits, 1 << 16)  # modulo 2**32, as the encoding is
+        torch._foreach_add_(bits, works)
+    else:
+        span[0].mul_(1 << 16).add_(span[1])
+
+
+def split_all_(
+    masters: Sequence[torch.Tensor],
+    highs: Sequence[torch.Tensor],
+    lows: Sequence[torch.Tensor],
+    works: Sequence[torch.Tensor],
+    ties: torch.Tensor | None = None,
+    span: Span | None = None,
+) -> None:
+    """`split_` over lists, a few kernels for all of them; `works` are int32 scratches of
+    the tensors' shapes."""
+    torch._foreach_copy_(highs, masters)  # round to nearest, ties to even
+    torch._foreach_copy_(works, [h.view(torch.int16) for h in highs])  # sign-extended
+    if span is None:  # -bits(high) * 2**16 + bits(master), modulo 2**32
+        torch._foreach_mul_(works, -(1 << 16))
+        torch._foreach_add_(works, [m.view(torch.int32) for m in masters])
+    else:
+        span[1].mul_(-(1 << 16)).add_(span[0])
+    if ties is not None:
+        for w in works:
+            ties.add_((w > MAX_REMAINDER).sum())
+    # the upper tie of an even high (and nan) leave the range; a nan's remainder may also
+    # lie below it, and any int16 keeps a nan a nan
+    if span is None:
+        torch._foreach_clamp_max_(works, MAX_REMAINDER)
+    else:
+        span[1].clamp_max_(MAX_REMAINDER)
+    torch._foreach_copy_(lows, works)
+
+
 def join_(out: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """Write the fp32 masters that `high` (bf16) and `low` (int16) encode into `out`."""
     _check(high, low, out)
-    bits = out.view(torch.int32)
-    bits.copy_(high.view(torch.int16))  # sign-extended
-    bits.mul_(1 << 16)  # modulo 2**32, as the encoding is
-    bits.add_(low)
+    join_all_([out], [high], [low], [torch.empty_like(low, dtype=torch.int32)])
     return out
 
 
@@ -69,15 +123,8 @@ def split_(
     (see the module docstring). No host sync.
     """
     _check(high, low, master)
-    high.copy_(master)  # round to nearest, ties to even
     d = torch.empty_like(master, dtype=torch.int32) if work is None else work.view(torch.int32)
-    d.copy_(high.view(torch.int16))  # sign-extended
-    d.mul_(-(1 << 16))  # -bits(high) * 2**16, modulo 2**32
-    d.add_(master.view(torch.int32))
-    if ties is not None:
-        ties.add_((d > MAX_REMAINDER).sum())
-    d.clamp_max_(MAX_REMAINDER)  # the upper tie of an even high (and nan) leave the range
-    low.copy_(d)  # a nan's remainder may also lie below it: any int16 keeps a nan a nan
+    split_all_([master], [high], [low], [d], ties)
 
 
 def split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,6 @@ from mixprec.core.checks import (
     check_optimizer_supported,
     check_param_group,
 )
-from mixprec.core.chunked import step_buffers
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.modes import check_mode_options, check_saved_mode
@@ -36,14 +35,12 @@ from mixprec.engine import forensics
 from mixprec.engine.fused_adam import (
     FusedAdamStep,
     FusedItem,
-    fused_device_supported,
     fused_unsupported_reason,
     step_from_master_grads_,
 )
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.view_step import ViewStep
-from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks, step_hooks_registered
-from mixprec.parallel.distributed import all_reduce_overflow_
+from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -158,11 +155,6 @@ class AutocastOptimizer(OptimizerWrapper):
         self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
-    @property
-    def fused(self) -> bool:
-        """Whether Adam(W) steps run through torch's fused kernel (see the class docstring)."""
-        return self._fused is not None
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the fp32 model's parameters."""
         check_param_group(param_group)
@@ -213,8 +205,7 @@ class AutocastOptimizer(OptimizerWrapper):
         found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
         if found_inf is None:
             found_inf = torch.zeros(1, device=params[0].device if params else "cpu")
-        if self.data_parallel:
-            all_reduce_overflow_(found_inf, self.process_group)
+        self._all_reduce_overflow(found_inf)
         self.telemetry.record_(found_inf, self.scaler.scale, lambda: grads)
         if self.clip is not None:
             # leaves an overflowing step's grads as they were, for last_overflow
@@ -255,40 +246,16 @@ class AutocastOptimizer(OptimizerWrapper):
                 except BaseException:  # raised inside the inner step: no half-made state
                     self._after_failed_step()
                     raise
-            with forensics.naming_overflow(self.last_overflow if overflow else None):
-                self.scaler.update(overflow)  # may raise FloatingPointError; state consistent
-            return not overflow
+            return self._update_scale(overflow)
 
     def _fused_step(self) -> bool:
         """Check, clip and Adam(W)-step the parameters, the kernel unscaling the gradients."""
-        assert self._fused is not None and self._buffers is not None
-        items = self._items()
-        scale = self.scaler.scale
-
-        def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
-            if self.data_parallel:
-                all_reduce_overflow_(found_inf, self.process_group)
-            grads = lambda: [it.grad for group in items for it in group]  # noqa: E731
-            self.telemetry.record_(found_inf, scale, grads, grad_scale=scale)
-
         with torch.no_grad():
-            try:
-                overflow, norm = self._fused.step(
-                    items, self._buffers, scale, self.clip, False, checked
-                )
-            except BaseException:
-                self._after_failed_step()
-                raise
+            overflow = self._run_fused(self._items(), flat=False)
         self._has_grads = False
         if overflow:
             self._record_overflow()
-        else:
-            self._stepped_fused()
-        if norm is not None:
-            self.last_grad_norm = norm
-        with forensics.naming_overflow(self.last_overflow if overflow else None):
-            self.scaler.update(overflow)
-        return not overflow
+        return self._update_scale(overflow)
 
     def _items(self) -> list[list[FusedItem]]:
         """Per group, every parameter with a gradient: its own master, stepped in place."""
@@ -301,34 +268,6 @@ class AutocastOptimizer(OptimizerWrapper):
             ]
             for group in self.optimizer.param_groups
         ]
-
-    def _can_fuse(self) -> bool:
-        """Whether this step runs through torch's fused Adam(W) kernel: asked for, or
-        automatic and no step hook waits for the optimizer's own step."""
-        return (
-            self._fused is not None
-            and not (self._auto_fused and step_hooks_registered(self.optimizer))
-            and fused_device_supported(self._device())
-        )
-
-    def _device(self) -> torch.device:
-        """The device of the first parameter (cpu if there is none)."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
-
-    def _step_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(found_inf, unused, scale), reused every step; None if parameters span devices."""
-        if self._buffers is None:
-            self._buffers = step_buffers(
-                [p for group in self.optimizer.param_groups for p in group["params"]]
-            )
-        return self._buffers
-
-    def _stepped_fused(self) -> None:
-        # an lr scheduler watches for the wrapped optimizer's step() to warn about order
-        self.optimizer._opt_called = True  # type: ignore[attr-defined]
 
     def _record_overflow(self) -> None:
         """`last_overflow` of this skipped step: the faulty gradients and weights."""

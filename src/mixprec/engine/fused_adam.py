@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import torch
 
 from mixprec.core.chunked import CHUNK_NUMEL
-from mixprec.core.master import FlatGroup, ParamGroups
-from mixprec.core.split import MAX_REMAINDER
+from mixprec.core.flat_group import FlatGroup
+from mixprec.core.master import ParamGroups
+from mixprec.core.split import Span, join_all_, split_all_
 
 __all__ = [
     "FUSED_TYPES",
@@ -120,53 +121,33 @@ def fused_items(
     group's master (`flat_groups` given, one per non-empty group), or every master whose
     parameter has a gradient. `from_master_grads`: the gradients are the (already unscaled)
     fp32 master gradients, not the model's half ones; a master without one is left out."""
-    if from_master_grads:
-        if not flat_groups:
-            return [
-                [
-                    FusedItem(m, m.detach(), None, m.grad, p)
-                    for p, m in zip(ps, ms)
-                    if m.grad is not None
-                ]
-                for ps, ms in zip(model_params, master_params)
-            ]
-        flat = iter(flat_groups)
-        items_m: list[list[FusedItem]] = []
-        for params, masters in zip(model_params, master_params):
-            fg = next(flat) if params else None
-            if fg is None or masters[0].grad is None:
-                items_m.append([])
-                continue
-            md = masters[0].detach()
-            items_m.append(
-                [
-                    FusedItem(masters[0], md[a:b], a, g, d)
-                    for (a, b), g, d in zip(fg.slices, fg.master_grad_slices(), fg.data)
-                ]
-            )
-        return items_m
     if not flat_groups:
         return [
             [
-                FusedItem(m, m.detach(), None, p.grad, p)
+                FusedItem(m, m.detach(), None, g, p)
                 for p, m in zip(ps, ms)
-                if p.grad is not None
+                for g in ((m.grad if from_master_grads else p.grad),)
+                if g is not None
             ]
             for ps, ms in zip(model_params, master_params)
         ]
     flat = iter(flat_groups)
     items: list[list[FusedItem]] = []
     for params, masters in zip(model_params, master_params):
-        if not params:
+        fg = next(flat) if params else None
+        if fg is None or (from_master_grads and masters[0].grad is None):
             items.append([])
             continue
-        fg = next(flat)
-        fg.repair_grads()
+        if from_master_grads:
+            grads = fg.master_grad_slices()
+        else:
+            fg.repair_grads()
+            grads = fg.grads
         md = masters[0].detach()
         items.append(
             [
                 FusedItem(masters[0], md[a:b], a, g, d)
-                for (a, b), g, d in zip(fg.slices, fg.grads, fg.data)
+                for (a, b), g, d in zip(fg.slices, grads, fg.data)
             ]
         )
     return items
@@ -364,7 +345,7 @@ class FusedAdamStep:
             "maximize": bool(pg["maximize"]),
         }
 
-    def _span(self, c: _Chunk) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _span(self, c: _Chunk) -> Span | None:
         """(rebuilt masters' bits, an int32 work span): the chunk's whole stretch of the two
         scratches, for bit passes over all its split masters at once; None if it has none or
         one is laid out oddly. Stretches of the chunk's fp32 parameters ride along unused."""
@@ -396,7 +377,7 @@ class FusedAdamStep:
         for c in chunks:
             span = self._span(c)
             if c.split_masters:  # rebuild the fp32 masters from the bf16 weights and low bits
-                _join_all_(c, span)
+                join_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work, span)
             if c.group not in per_group:
                 per_group[c.group] = self._kernel_args(c.group, c.params[0].device)
             kernel, args = per_group[c.group]
@@ -428,7 +409,7 @@ class FusedAdamStep:
                     if device not in self.ties:
                         self.ties[device] = torch.zeros((), dtype=torch.int64, device=device)
                     ties = self.ties[device]
-                _split_chunk_(c, span, ties)
+                split_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work, ties, span)
 
     def step(
         self,
@@ -491,44 +472,6 @@ def _repoint_grads(chunks: Sequence[_Chunk], grads: Sequence[torch.Tensor]) -> b
             new.append(g.view(-1)[start : start + c.params[len(new)].numel()])
         c.grads = new
     return True
-
-
-def _join_all_(c: _Chunk, span: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """`mixprec.core.split.join_` of every split master of chunk `c`, a few kernels for the
-    whole chunk: the arithmetic in one pass over the chunk's scratch `span` when it has one
-    (its fp32 parameters' stretches ride along unused)."""
-    bits = [m.view(torch.int32) for m in c.split_masters]
-    work = c.split_work
-    torch._foreach_copy_(bits, [h.view(torch.int16) for h in c.split_highs])
-    torch._foreach_copy_(work, c.split_lows)  # int32 + int32 is much faster than + int16
-    if span is None:
-        torch._foreach_mul_(bits, 1 << 16)
-        torch._foreach_add_(bits, work)
-    else:
-        span[0].mul_(1 << 16).add_(span[1])
-
-
-def _split_chunk_(
-    c: _Chunk, span: tuple[torch.Tensor, torch.Tensor] | None, ties: torch.Tensor | None
-) -> None:
-    """`mixprec.core.split.split_` of every rebuilt master of chunk `c`, counting into `ties`;
-    the arithmetic over the chunk's `span` at once as in `_join_all_`."""
-    work = c.split_work
-    torch._foreach_copy_(c.split_highs, c.split_masters)  # round to nearest even
-    torch._foreach_copy_(work, [h.view(torch.int16) for h in c.split_highs])
-    if span is None:
-        torch._foreach_mul_(work, -(1 << 16))
-        torch._foreach_add_(work, [m.view(torch.int32) for m in c.split_masters])
-    else:
-        span[1].mul_(-(1 << 16)).add_(span[0])
-    if ties is not None:  # about one in 2**17 element-steps: see mixprec.core.split
-        for w in work:
-            ties.add_((w > MAX_REMAINDER).sum())
-    if span is None:
-        torch._foreach_clamp_max_(work, MAX_REMAINDER)
-    else:
-        span[1].clamp_max_(MAX_REMAINDER)
-    torch._foreach_copy_(c.split_lows, work)
 
 
 def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedItem]]) -> None:

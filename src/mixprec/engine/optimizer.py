@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -17,28 +17,18 @@ from mixprec.core.checks import (
     check_param_group,
 )
 from mixprec.core.chunked import (
-    Chunk,
     copy_unscale_check_,
-    master_grad_pairs,
-    pair_chunks,
-    step_buffers,
 )
 from mixprec.core.convert import model_to_half, restore_fp32_
-from mixprec.core.dtypes import HALF_DTYPES
+from mixprec.core.flat_group import FlatGroup
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
-    FlatGroup,
     check_master_params,
-    check_saved_masters,
-    load_masters_,
     make_masters,
-    master2model,
-    master_views,
     masters_by_param,
-    model_g2master_g,
-    move_state_to_masters,
     new_group_params,
 )
+from mixprec.core.master_state import check_saved_masters, move_state_to_masters
 from mixprec.core.optim_state import (
     check_optimizer_state_dict,
     drop_incomplete_state_,
@@ -50,17 +40,16 @@ from mixprec.engine import forensics
 from mixprec.engine.conversion import conversion
 from mixprec.engine.fused_adam import (
     FusedAdamStep,
-    fused_device_supported,
-    fused_items,
     fused_unsupported_reason,
     step_from_master_grads_,
 )
 from mixprec.engine.holders import check_not_held, hold, let_go
+from mixprec.engine.master_set import MasterSet
 from mixprec.engine.split_master import SplitMasters, check_split_options
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.view_step import ViewStep
-from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks, step_hooks_registered
-from mixprec.parallel.distributed import all_reduce_overflow_, is_data_parallel
+from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.parallel.distributed import is_data_parallel
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -178,7 +167,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         # fused=None: the fastest correct path for this optimizer. Asked for explicitly, the
         # fused path also frees the fp32 master grads it had to make (16 B/param).
         self._lean = fused is True
-        self._auto_fused = fused is None
+        self._auto_fused = fused is None and master != "split"  # split needs the fused step
         if fused is None:
             fused = fused_unsupported_reason(optimizer) is None
         self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
@@ -226,12 +215,19 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         )
         for group, masters in zip(optimizer.param_groups, self.master_params):
             group["params"] = masters
+        self._masters = MasterSet(
+            model_params,
+            self.master_params,
+            self.flat_master,
+            self._flat_groups,
+            self.split,
+            self.param_names,
+        )
         if self._fused is not None:
-            self._release_master_grads()  # made again only when a step needs them
+            self._masters.release_master_grads()  # made again only when a step needs them
         # element-wise optimizers step large masters through cache-sized views: same numbers
         self._view_step = ViewStep(optimizer) if ViewStep.supported(optimizer) else None
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._grad_chunks_cache: tuple[tuple[int, ...], list[Chunk]] | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self.telemetry = NO_TELEMETRY  # or a mixprec.Telemetry: per-step records, no host sync
         self._pending = False  # model grads hold gradients not yet moved to the masters
@@ -246,31 +242,18 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def master_values(self) -> dict[int, torch.Tensor]:
         """Per model parameter (by id), its fp32 master: a view of the master shaped like the
         parameter, or for split masters a rebuilt copy."""
-        if self.split is not None:
-            return {id(p): self.split.master(p) for group in self.model_params for p in group}
-        return {
-            id(p): v
-            for params, masters in zip(self.model_params, self.master_params)
-            for p, v in zip(params, master_views(params, masters, self.flat_master))
-        }
+        return self._masters.values()
 
     def load_master_values_(self, values: Mapping[int, torch.Tensor]) -> None:
         """Set the master of each parameter in `values` (by id) to that fp32 value: the model
         keeps its weights (their rounding when it was converted from them), but for split
         masters, whose bf16 weight is the master's high half and is set with it."""
-        if self.split is None:
-            load_masters_(self.model_params, self.master_params, self.flat_master, values)
-            return
-        self.split.load_(
-            [[values.get(id(p), self.split.master(p)) for p in g] for g in self.model_params]
-        )
+        self._masters.load_values_(values)
 
     def master_tensors(self) -> list[torch.Tensor]:
         """The tensors the masters live in (to broadcast them, say): the fp32 masters, or for
         split masters the model's parameters and the bf16 ones' low bits."""
-        if self.split is None:
-            return [m for group in self.master_params for m in group]
-        return [*(p for g in self.model_params for p in g), *self.split.low.values()]
+        return self._masters.tensors()
 
     def release(self) -> None:
         """Stop holding the model's parameters, so another wrapper may take them; this one
@@ -283,11 +266,6 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         check_not_held(self.model_params)
         self._released = False
         hold(self)
-
-    @property
-    def fused(self) -> bool:
-        """Whether Adam(W) steps run fused from the half gradients (see the class docstring)."""
-        return self._fused is not None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
@@ -307,7 +285,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.master_params.append(masters)
         self._buffers = None  # the masters may now span another device
         if self._fused is not None:
-            self._release_master_grads()  # as at construction: made when a step needs them
+            self._masters.release_master_grads()  # as at construction: made when a step needs them
 
     # -- the mixed-precision loop -----------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -356,10 +334,10 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             inv_scale.fill_(1.0 / self.scaler.scale)
             with torch.no_grad():
                 copy_unscale_check_(
-                    self._grad_chunks(), found_inf, inv_scale, zero_src=self.flat_master
+                    self._masters.grad_chunks(), found_inf, inv_scale, zero_src=self.flat_master
                 )
             if not self.flat_master:
-                self._zero_model_grads()
+                self._masters.zero_model_grads()
             self._pending, self._accumulated = False, True
         else:
             if self._pending:
@@ -369,7 +347,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             if found_inf is None:
                 found_inf = torch.zeros(1, device=self._device())
         self._all_reduce_overflow(found_inf)
-        self.telemetry.record_(found_inf, self.scaler.scale, self._master_grads)  # before clip
+        self.telemetry.record_(
+            found_inf, self.scaler.scale, self._masters.master_grads
+        )  # before clip
         if self.clip is not None:
             masters = (
                 self.split.clip_proxies()
@@ -413,21 +393,15 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self.last_overflow = self._overflow_report(from_model_grads=False)
         if not overflow:
             try:
-                if self.split is not None:
+                if self.split is not None or self._can_fuse():
+                    items = self._masters.fused_items(from_master_grads=True)
                     assert self._fused is not None
-                    with torch.no_grad():
-                        step_from_master_grads_(self._fused, self.split.items(from_acc=True))
-                    self._stepped_fused()
-                elif self._can_fuse():
-                    items = fused_items(
-                        self.model_params, self.master_params, self._flat_groups, True
-                    )
                     with torch.no_grad():  # the wrapped step and the copy to the model, in cache
                         step_from_master_grads_(self._fused, items)
                     self._stepped_fused()
                 else:
                     (self.optimizer if self._view_step is None else self._view_step).step()
-                    self._copy_masters_to_model()
+                    self._masters.copy_to_model()
             except BaseException:  # raised inside the inner step (a hook, out of memory)
                 self._after_failed_step()
                 raise
@@ -435,73 +409,29 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         if self.split is not None:
             self.split.drop_acc()
         if self._lean:
-            self._release_master_grads()
+            self._masters.release_master_grads()
         self._pending = self._accumulated = False
-        with forensics.naming_overflow(self.last_overflow if overflow else None):
-            self.scaler.update(overflow)  # may raise FloatingPointError; the state is consistent
-        return not overflow
-
-    def _can_fuse(self) -> bool:
-        """Whether this step runs through torch's fused Adam(W) kernel."""
-        return (
-            self._fused is not None
-            and not self._gives_way()
-            and fused_device_supported(self._device())
-        )
-
-    def _gives_way(self) -> bool:
-        """Whether an automatic fused step (fused=None) gives way to the wrapped optimizer's
-        own step this time: step hooks are registered on it (or globally), and only its own
-        step runs them."""
-        return self._auto_fused and self.split is None and step_hooks_registered(self.optimizer)
-
-    def _stepped_fused(self) -> None:
-        # An lr scheduler built on the wrapped optimizer watches for its step() to warn about
-        # a scheduler stepped first; the fused kernel updated its params without calling it.
-        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        return self._update_scale(overflow)
 
     def _fused_step(self) -> bool:
         """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
-        assert self._fused is not None and self._buffers is not None
-        items = (
-            self.split.items(from_acc=False)
-            if self.split is not None
-            else fused_items(self.model_params, self.master_params, self._flat_groups)
-        )
-        scale = self.scaler.scale
-
-        def checked(found_inf: torch.Tensor) -> None:  # after the check, before the one sync
-            self._all_reduce_overflow(found_inf)
-            half_grads = lambda: [it.grad for group in items for it in group]  # noqa: E731
-            self.telemetry.record_(found_inf, scale, half_grads, grad_scale=scale)
-
-        how = (self._buffers, scale, self.clip, self.flat_master, checked)
+        items = self._masters.fused_items(from_master_grads=False)
         with torch.no_grad():
-            try:
-                overflow, norm = self._fused.step(items, *how)
-            except BaseException:
-                self._after_failed_step()
-                raise
+            overflow = self._run_fused(items, self.flat_master)
             if overflow:  # read the half grads before they are zeroed
                 self.last_overflow = self._overflow_report(from_model_grads=True)
-            else:
-                self._stepped_fused()
-            if norm is not None:
-                self.last_grad_norm = norm
             if overflow or not self.flat_master:
-                self._zero_model_grads()
+                self._masters.zero_model_grads()
         self._pending = self._accumulated = False
-        with forensics.naming_overflow(self.last_overflow if overflow else None):
-            self.scaler.update(overflow)
-        return not overflow
+        return self._update_scale(overflow)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of the current step, in the model and the masters."""
-        self._zero_model_grads(set_to_none)
+        self._masters.zero_model_grads(set_to_none)
         if self.split is not None:
             self.split.drop_acc()
         if self._lean and self._accumulated:
-            self._release_master_grads()  # fused=True keeps no fp32 grads between steps
+            self._masters.release_master_grads()  # fused=True keeps no fp32 grads between steps
         self._pending = self._accumulated = False
         self._found_inf = None
 
@@ -513,134 +443,27 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         drop_incomplete_state_(self.optimizer)
         if self._fused is not None:
             self._fused.invalidate()
-        self._copy_masters_to_model()
+        self._masters.copy_to_model()
         self.zero_grad()
+
+    def _move_grads_to_masters(self) -> None:
+        """Model grads -> master grads (copy on the first micro-batch, add after), then zero
+        the model grads."""
+        self._masters.move_grads_(accumulate=self._accumulated)
+        self._pending = False
+        self._accumulated = True
 
     def _is_data_parallel(self) -> bool:
         return self.data_parallel and is_data_parallel(self.process_group)
-
-    def _all_reduce_overflow(self, found_inf: torch.Tensor) -> None:
-        if self.data_parallel:
-            all_reduce_overflow_(found_inf, self.process_group)
-
-    def _device(self) -> torch.device:
-        for group in self.master_params:
-            for m in group:
-                return m.device
-        return torch.device("cpu")
-
-    def _step_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(found_inf, inv_scale, scale), reused every step; None if masters span devices."""
-        if self._buffers is None:
-            self._buffers = step_buffers([m for group in self.master_params for m in group])
-        return self._buffers
-
-    def _grad_chunks(self) -> list[Chunk]:
-        """(master grad, model grad) pairs in cache-sized chunks; cached for flat buffers."""
-        dst, src = master_grad_pairs(self.model_params, self.master_params, self._flat_groups)
-        if not self.flat_master:
-            return pair_chunks(dst, src)
-        key = tuple(map(id, dst + src))
-        if self._grad_chunks_cache is None or self._grad_chunks_cache[0] != key:
-            self._grad_chunks_cache = (key, pair_chunks(dst, src))
-        return self._grad_chunks_cache[1]
 
     def _overflow_report(self, from_model_grads: bool) -> forensics.OverflowReport:
         """The report of the step being skipped, from the master gradients (or, with
         `from_model_grads`, the model's half gradients)."""
         report = forensics.overflow_report(
-            self._named_grads(from_model_grads), self.scaler.steps, self.scaler.scale
+            self._masters.named_grads(from_model_grads), self.scaler.steps, self.scaler.scale
         )
-        weights = forensics.weight_faults(self._named_weights())
+        weights = forensics.weight_faults(self._masters.named_weights())
         return dataclasses.replace(report, weights=weights) if weights else report
-
-    def _named_weights(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-        """(name, fp32 master, half copy or None) of every parameter, in the optimizer's order."""
-        names = self.param_names
-        for i, (params, masters) in enumerate(zip(self.model_params, self.master_params)):
-            if self.flat_master:
-                flat = masters[0].detach() if masters else None
-                views = [] if flat is None else flat.split([p.numel() for p in params])
-            else:
-                views = [m.detach() for m in masters]
-            for j, (p, m) in enumerate(zip(params, views)):
-                half = p.detach() if p.dtype in HALF_DTYPES else None
-                yield names.get(p, f"param_groups[{i}][{j}]"), m, half
-
-    def _named_grads(
-        self, from_model_grads: bool
-    ) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
-        """(name, shape, gradient) of every parameter with one, in the optimizer's order."""
-        names = self.param_names
-        for i, (params, masters) in enumerate(zip(self.model_params, self.master_params)):
-            if from_model_grads:
-                grads = [p.grad for p in params]
-            elif self.flat_master:
-                flat = masters[0].grad if masters else None
-                sizes = [p.numel() for p in params]
-                grads = [None] * len(params) if flat is None else list(flat.detach().split(sizes))
-            else:
-                grads = [m.grad for m in masters]
-            if self.split is not None and not from_model_grads:
-                grads = [self.split.acc.get(p) for p in params]
-            for j, (p, g) in enumerate(zip(params, grads)):
-                if g is not None:
-                    yield names.get(p, f"param_groups[{i}][{j}]"), tuple(p.shape), g
-
-    def _master_grads(self) -> list[torch.Tensor]:
-        if self.split is not None:
-            return self.split.acc_grads()
-        return [m.grad for group in self.master_params for m in group if m.grad is not None]
-
-    def _release_master_grads(self) -> None:
-        """Free the fp32 master gradients: the fused path keeps none between steps."""
-        if self.split is not None:  # the masters are the model's parameters: keep their grads
-            self.split.drop_acc()
-            return
-        self._grad_chunks_cache = None
-        for fg in self._flat_groups:
-            fg.release_master_grad()
-        for group in self.master_params:
-            for m in group:
-                m.grad = None
-
-    def _move_grads_to_masters(self) -> None:
-        """Model grads -> master grads (copy on the first micro-batch, add after), then zero
-        the model grads."""
-        if self.split is not None:
-            self.split.accumulate_()
-        elif self.flat_master:
-            dst, src = master_grad_pairs(self.model_params, self.master_params, self._flat_groups)
-            with torch.no_grad():
-                if dst:
-                    (torch._foreach_add_ if self._accumulated else torch._foreach_copy_)(dst, src)
-        else:
-            model_g2master_g(self.model_params, self.master_params, accumulate=self._accumulated)
-        self._zero_model_grads()
-        self._pending = False
-        self._accumulated = True
-
-    def _copy_masters_to_model(self) -> None:
-        if self.flat_master:
-            dst = [d for fg in self._flat_groups for d in fg.data]
-            src = [s for fg in self._flat_groups for s in fg.master_slices()]
-            with torch.no_grad():
-                torch._foreach_copy_(dst, src)
-        else:
-            master2model(self.model_params, self.master_params)
-
-    def _zero_model_grads(self, set_to_none: bool = True) -> None:
-        if self.flat_master:  # the grads are views into the flat buffers: keep them
-            for fg in self._flat_groups:
-                fg.repair_grads()
-            torch._foreach_zero_([g for fg in self._flat_groups for g in fg.grads])
-            return
-        params = [p for group in self.model_params for p in group if p.grad is not None]
-        if set_to_none:
-            for p in params:
-                p.grad = None
-        elif params:
-            torch._foreach_zero_([p.grad for p in params])
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -696,7 +519,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                         [m for group in self.master_params for m in group],
                         [m for group in saved for m in group],
                     )
-                self._copy_masters_to_model()
+                self._masters.copy_to_model()
             self.zero_grad()
             if self._fused is not None:
                 self._fused.invalidate()
