@@ -1,13 +1,24 @@
-"""Checks of what the Learner is given: batches and metrics, refused before training starts."""
+"""Checks of what the Learner is given (arguments, batches, metrics), refused before training."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["check_batch", "check_loss", "check_metrics", "check_metrics_on", "holds_tensor"]
+from mixprec.core.checks import real_number
+
+__all__ = [
+    "check_batch",
+    "check_learner_options",
+    "check_loss",
+    "check_metrics",
+    "check_metrics_on",
+    "holds_tensor",
+]
 
 
 def holds_tensor(obj: Any) -> bool:
@@ -105,3 +116,30 @@ def check_metrics_on(metrics: list[Any], output: Any, target: Any) -> None:
                 f"metric {_name(m)} must return one number per batch; got shape "
                 f"{tuple(torch.as_tensor(value).shape)} on the first training batch."
             )
+
+
+def check_learner_options(
+    opt_func: Any, loss_func: Any, wd: Any, path: Any, model_dir: Any
+) -> None:
+    """Refuse the Learner's arguments that would fail only later, inside fit or save."""
+    if not callable(opt_func):
+        raise TypeError(
+            "opt_func must be a callable opt_func(param_groups, lr=lr) returning a "
+            f"torch.optim.Optimizer, e.g. torch.optim.AdamW; got {opt_func!r}."
+        )
+    if not callable(loss_func):
+        raise TypeError(
+            "loss_func must be a callable loss_func(output, target) returning a scalar "
+            f"tensor, e.g. torch.nn.functional.cross_entropy; got {loss_func!r}."
+        )
+    if wd is not None:
+        number = real_number(wd)
+        if number is None or not math.isfinite(number) or number < 0:
+            raise ValueError(f"wd must be None or a finite number >= 0; got {wd!r}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a directory); got {path!r}.")
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(
+            "model_dir must be a str or os.PathLike (the folder under path for checkpoints, "
+            f"default 'models'); got {model_dir!r}."
+        )

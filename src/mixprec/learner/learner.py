@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from mixprec.core.checkpoint import load_checkpoint, loader_generators, rng_state, set_rng_state
 from mixprec.core.checks import (
     check_not_half_without_masters,
     check_optimizer_holds,
@@ -26,13 +25,18 @@ from mixprec.core.checks import (
 from mixprec.core.convert import cast_floats, input_dtype, model_to_float
 from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.interrupts import deferred_interrupt
-from mixprec.core.optim_state import drop_incomplete_state_, optimizer_type_name
+from mixprec.core.optim_state import drop_incomplete_state_
 from mixprec.core.scaler import LossScale
-from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.accumulation import check_accumulate, micro_batches, steps_per_epoch
 from mixprec.learner.callback import Callback, CallbackHandler
-from mixprec.learner.checks import check_loss, check_metrics, check_metrics_on
-from mixprec.learner.compat import check_checkpoint_fits, checkpoint_file_name
+from mixprec.learner.checkpoints import load_learner_, save_learner
+from mixprec.learner.checks import (
+    check_learner_options,
+    check_loss,
+    check_metrics,
+    check_metrics_on,
+)
+from mixprec.learner.compat import checkpoint_file_name
 from mixprec.learner.data import (
     DataBunch,
     DeviceDataLoader,
@@ -46,15 +50,12 @@ from mixprec.learner.mixed_precision import MixedPrecision
 from mixprec.learner.model_output import call_model
 from mixprec.learner.ranks import Ranks, set_epoch
 from mixprec.learner.recorder import Recorder
-from mixprec.learner.saved_weights import model_entry
 from mixprec.learner.schedule import OneCycleScheduler, set_lr
 from mixprec.parallel.distributed import no_sync
 
 __all__ = ["DEFAULT_LR", "Learner"]
 
 DEFAULT_LR = 3e-3
-CHECKPOINT_FORMAT = "mixprec.learner"
-CHECKPOINT_VERSION = 2  # 2: the fp32 masters in "model", not a second copy in "opt"
 
 OptFunc = Callable[..., torch.optim.Optimizer]
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -103,7 +104,7 @@ class Learner:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
-        _check_learner_options(opt_func, loss_func, wd, path, model_dir)
+        check_learner_options(opt_func, loss_func, wd, path, model_dir)
         self.ranks = Ranks(distributed)  # first: under NCCL it picks this rank's GPU
         self.data = data
         self.model = model.to(data.device)
@@ -509,62 +510,14 @@ class Learner:
         parameters' names), the optimizer (state, loss scaler), the epoch and step counts,
         the history and the random state to `path/model_dir/{name}.pth`, atomically; return
         that path. Under torchrun every rank calls it and rank 0 writes."""
-        path = self._checkpoint_path(name)
-        mp = self.mixed_precision
-        if mp is not None:
-            mp.prepare()
-        opt_state = None if self.opt is None else self.opt.state_dict()
-        if isinstance(self.opt, MixedPrecisionOptimizer):
-            opt_state = {k: v for k, v in opt_state.items() if k != "masters"}  # in "model"
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "mixed_precision": mp is not None,
-            "dtype": None if mp is None else str(mp.dtype),
-            "model": model_entry(self.model, self.opt),
-            "opt": opt_state,
-            "opt_type": None
-            if self.opt is None
-            else optimizer_type_name(getattr(self.opt, "optimizer", self.opt)),
-            "epoch": self.epoch,
-            "iteration": self.iteration,
-            "recorder": self.recorder.state_dict(),
-            "rng": rng_state(loader_generators(self.data.train_dl.dl)),
-        }
-        return self.ranks.save(checkpoint, path)  # rank 0 writes
+        return save_learner(self, self._checkpoint_path(name))
 
     def load(self, name: str) -> Learner:
         """Restore what `save(name)` wrote, random state included, so training resumes as if
         it had never stopped (on every rank, under torchrun); returns self. Everything is
         checked first: a checkpoint that does not fit is refused, naming what differs, and
         changes nothing."""
-        path = self._checkpoint_path(name)
-        checkpoint = load_checkpoint(path, map_location=self.data.device)
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a Learner checkpoint (written by learn.save).")
-        mp = self.mixed_precision
-        if bool(checkpoint.get("mixed_precision")) != (mp is not None):
-            fix = "learn.to_fp16(...)" if mp is None else "learn.to_fp32()"
-            saved = "in mixed precision" if mp is None else "in fp32"
-            raise ValueError(f"{path} was saved {saved}; call {fix} before learn.load().")
-        if mp is not None:
-            mp.check_state_dict(checkpoint.get("opt"))  # another mode's: refuse, load nothing
-            mp.prepare()
-        opt = self.opt
-        if opt is None and checkpoint.get("opt") is not None:
-            opt = self._build_opt()  # kept only if the checkpoint loads
-        # All of it, before anything changes: model, optimizer, scaler, counters, history.
-        opt_state = check_checkpoint_fits(self, checkpoint, path, opt)
-        with deferred_interrupt():  # loaded whole: a Ctrl-C waits until the end
-            self.model.load_state_dict(checkpoint["model"])
-            if opt_state is not None:
-                self.opt = opt
-                opt.load_state_dict(opt_state)  # masters -> model, under mixed precision
-            self.epoch = int(checkpoint.get("epoch", 0))
-            self.iteration = int(checkpoint.get("iteration", 0))
-            self.recorder.load_state_dict(checkpoint.get("recorder", {}))
-            if (rng := self.ranks.own_rng(checkpoint)) is not None:  # under torchrun, this rank's
-                set_rng_state(rng, loader_generators(self.data.train_dl.dl))
+        load_learner_(self, self._checkpoint_path(name))
         return self
 
     def _checkpoint_path(self, name: str) -> Path:
@@ -574,31 +527,4 @@ class Learner:
         return (
             f"Learner(model={type(self.model).__name__}, opt={type(self.opt).__name__}, "
             f"epoch={self.epoch}, callbacks={self.callbacks})"
-        )
-
-
-def _check_learner_options(
-    opt_func: Any, loss_func: Any, wd: Any, path: Any, model_dir: Any
-) -> None:
-    """Refuse the Learner's arguments that would fail only later, inside fit or save."""
-    if not callable(opt_func):
-        raise TypeError(
-            "opt_func must be a callable opt_func(param_groups, lr=lr) returning a "
-            f"torch.optim.Optimizer, e.g. torch.optim.AdamW; got {opt_func!r}."
-        )
-    if not callable(loss_func):
-        raise TypeError(
-            "loss_func must be a callable loss_func(output, target) returning a scalar "
-            f"tensor, e.g. torch.nn.functional.cross_entropy; got {loss_func!r}."
-        )
-    if wd is not None:
-        number = real_number(wd)
-        if number is None or not math.isfinite(number) or number < 0:
-            raise ValueError(f"wd must be None or a finite number >= 0; got {wd!r}.")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike (a directory); got {path!r}.")
-    if not isinstance(model_dir, (str, os.PathLike)):
-        raise TypeError(
-            "model_dir must be a str or os.PathLike (the folder under path for checkpoints, "
-            f"default 'models'); got {model_dir!r}."
         )
