@@ -119,11 +119,28 @@ def scaled_step(
     if found_inf is None:  # this rank holds no gradient; it still joins the all-reduce
         device = params[0].device if params else torch.device("cpu")
         found_inf = torch.zeros(1, device=device)
+    norm = None
+    if clip is not None and hasattr(nn.utils, "get_total_norm"):
+        # the global norm over every rank's shards; one that overflows fp32 (finite
+        # gradients of ~1e19 and more) cannot be clipped: the step is skipped, as the
+        # engine's is
+        norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = _full(norm).to(found_inf.device)
+        found_inf.copy_(torch.maximum(found_inf, (~torch.isfinite(norm)).reshape(1)))
     all_reduce_overflow_(found_inf, process_group)
     overflow = bool(found_inf.item())  # the one host sync of the step
     if not overflow:
-        if clip is not None:
-            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+        with_grads = [p for p in params if p.grad is not None]
+        if norm is not None:
+            nn.utils.clip_grads_with_norm_(with_grads, clip, norm)
+        elif clip is not None:  # torch < 2.6
+            nn.utils.clip_grad_norm_(with_grads, clip)
         optimizer.step()
     scaler.update(overflow)
     return not overflow
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a norm reduced over the shards); a tensor as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
