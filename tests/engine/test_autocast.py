@@ -241,7 +241,7 @@ def test_the_fused_step_clips_and_skips_as_the_unfused_one(clip_first):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     # the same optimizer state, so either path resumes the other's checkpoint
     unfused.load_state_dict(fused.state_dict())
-    _fit(models[0], unfused, range(5, 6))
+    _fit(models[1], unfused, range(5, 6))
 
 
 def test_an_automatic_fused_step_gives_way_to_step_hooks():

@@ -116,3 +116,13 @@ def test_clip_grad_norm_returns_the_unscaled_norm_and_clips_the_fp32_grads(layou
     clipped = torch.nn.utils.get_total_norm(grads)
     torch.testing.assert_close(clipped, expected / 4, rtol=2e-2, atol=0)
     assert opt.step()
+
+
+@pytest.mark.parametrize("layout", ["tensors", "flat"])
+def test_scale_loss_without_backward_steps_nothing(layout):
+    model, opt = _wrapped(layout)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.scale_loss(torch.ones((), requires_grad=True))  # no backward reaches the model
+    with pytest.raises(RuntimeError, match=r"no gradients to step on"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -167,6 +167,9 @@ class AutocastOptimizer(OptimizerWrapper):
     def _has_new_grads(self) -> bool:
         return any(p.grad is not None for p in self._params())
 
+    def _params_with_grads(self) -> list[torch.Tensor]:
+        return [p for p in self._params() if p.grad is not None]
+
     def _unscale_into_fp32(self, scale: float) -> torch.Tensor | None:
         return unscale_and_check_(self._fp32_grads(), 1.0 / scale)
 
@@ -271,6 +274,15 @@ class AutocastOptimizer(OptimizerWrapper):
 
 
 def _check_fp32(params: Iterable[torch.Tensor]) -> None:
+    params = list(params)
+    complex_ = [tuple(p.shape) for p in params if p.is_complex()]
+    if complex_:
+        raise TypeError(
+            f"the optimizer holds {len(complex_)} complex parameter(s) (shapes {complex_[:4]}); "
+            "the overflow check and unscaling are real. Store each as a real tensor, "
+            "nn.Parameter(torch.view_as_real(w)), and use torch.view_as_complex(self.w) in "
+            "forward."
+        )
     half = sorted({str(p.dtype) for p in params if p.dtype in HALF_DTYPES})
     if half:
         raise ValueError(

@@ -378,6 +378,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _has_new_grads(self) -> bool:
         return self._masters.has_model_grads()
 
+    def _params_with_grads(self) -> list[torch.Tensor]:
+        return [p for group in self.model_params for p in group if p.grad is not None]
+
     def _unscale_into_fp32(self, scale: float) -> torch.Tensor | None:
         inv = 1.0 / scale
         buffers = self._step_buffers()

@@ -212,12 +212,13 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def _notice_gradients(self) -> None:
         """A step with no backward(loss) since the last one steps on what a plain
         `loss.backward()` left in the grads (HF Trainer, Accelerate): unscaled gradients."""
+        if self._state in (StepState.READY, StepState.BACKWARD) and not self._has_new_grads():
+            # no gradient, no step (weight decay on zeros would still move the weights)
+            raise RuntimeError(
+                "no gradients to step on: call backward(loss) (or .backward() on "
+                f"scale_loss(loss), or loss.backward()) before unscale_() or step(). {ORDER}"
+            )
         if self._state is StepState.READY:
-            if not self._has_new_grads():
-                raise RuntimeError(
-                    "no gradients to step on: call backward(loss) (or .backward() on "
-                    f"scale_loss(loss), or loss.backward()) before unscale_() or step(). {ORDER}"
-                )
             self._state = StepState.BACKWARD
             self._grad_scale = 1.0
 
@@ -226,7 +227,11 @@ class OptimizerWrapper(torch.optim.Optimizer):
         across ranks, recorded), then clipped to `clip`. A global norm that overflows fp32
         (finite gradients of ~1e19 and more) counts as an overflow: clipping cannot scale
         them, and every path (fused or not, FSDP2's `scaled_step`) skips that step."""
-        found_inf = self._unscale_into_fp32(self._grad_scale)
+        try:
+            found_inf = self._unscale_into_fp32(self._grad_scale)
+        except (RuntimeError, NotImplementedError) as error:
+            self._refuse_sparse_grads(error)
+            raise
         if found_inf is None:
             found_inf = torch.zeros(1, device=self._device())
         norm = None
@@ -259,8 +264,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 overflow, norm = self.update.fused_step(
                     items, self._buffers, scale, self.clip, flat, checked
                 )
-            except BaseException:  # raised inside the update: no half-made state
+            except BaseException as error:  # raised inside the update: no half-made state
                 self._after_failed_step()
+                if isinstance(error, (RuntimeError, NotImplementedError)):
+                    self._refuse_sparse_grads(error)
                 raise
             if norm is not None:
                 self.last_grad_norm = norm
@@ -278,6 +285,17 @@ class OptimizerWrapper(torch.optim.Optimizer):
         if not report.faults and norm is not None and not bool(torch.isfinite(norm)):
             report = dataclasses.replace(report, norm_overflow=True)
         return report
+
+    def _refuse_sparse_grads(self, error: BaseException) -> None:
+        """After `error` in the unscale or the fused step: a TypeError naming the parameters
+        with sparse gradients, if that was the cause (nothing was stepped)."""
+        shapes = [tuple(p.shape) for p in self._params_with_grads() if p.grad.is_sparse]
+        if shapes:
+            raise TypeError(
+                f"{len(shapes)} parameter(s) have sparse gradients (shapes {shapes[:4]}), which "
+                "mixed precision cannot unscale, check or copy: an nn.Embedding(sparse=True) or "
+                "EmbeddingBag(sparse=True). Build them with sparse=False."
+            ) from error
 
     def _end_step(self, overflow: bool) -> bool:
         """The step's end: the next backward starts a new step; the scaler's update; return
@@ -321,6 +339,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
         """A second backward of the same step is about to run."""
 
     def _has_new_grads(self) -> bool:
+        raise NotImplementedError
+
+    def _params_with_grads(self) -> list[torch.Tensor]:
+        """The model's parameters that hold a gradient."""
         raise NotImplementedError
 
     def _unscale_into_fp32(self, scale: float) -> torch.Tensor | None:
