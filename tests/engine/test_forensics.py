@@ -13,7 +13,7 @@ from torch.nn import functional as F
 import mixprec.engine.optimizer as mpo
 from helpers.dispatch import OpRecorder
 from helpers.learner import make_learner
-from mixprec import Callback, MixedPrecisionOptimizer, model_to_half
+from mixprec import Callback, MixedPrecisionOptimizer, master2model, model_to_half
 from mixprec.engine.forensics import (
     GradFault,
     OverflowReport,
@@ -203,7 +203,7 @@ def test_a_master_past_the_fp16_range_is_named_as_the_weight_not_the_gradients(f
     with torch.no_grad():  # as if the update had carried it there: the half copy is inf
         master = opt.master_params[0][0]
         master.view(-1)[0] = 7e4
-        opt._masters.copy_to_model()
+        master2model(opt.model_params, opt.master_params, flat)
     assert model.encoder[0].weight.isinf().any()
     _backward(model, opt)
     with pytest.warns(
@@ -219,7 +219,7 @@ def test_a_nan_weight_is_reported_as_a_nan_weight():
     model, opt = _setup()
     with torch.no_grad():
         opt.master_params[0][4].view(-1)[1] = math.nan  # head.weight: its master and half copy
-        opt._masters.copy_to_model()
+        master2model(opt.model_params, opt.master_params)
     _backward(model, opt)
     with pytest.warns(RuntimeWarning, match=r"head.weight \(the weight itself holds 1 nan\)"):
         assert not opt.step()

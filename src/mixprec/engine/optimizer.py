@@ -170,9 +170,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.param_names = {} if model is None else forensics.param_names(model, groups)
         self.scaler = self.config.new_scaler()
         self.update = choose_update(optimizer, fused, split=master == "split")
-        # Asked for explicitly, the fused path also frees the fp32 master grads it had to
-        # make (16 B/param).
-        self._lean = fused is True
+        # The fused update keeps no fp32 master grads between steps (16 B/param, not 20):
+        # those a step had to make (unscale_() first, accumulation) are freed after it.
+        self._lean = self.update.fused
         self.optimizer = optimizer
         self.flat_master = bool(flat_master)
         self.clip = clip
