@@ -86,12 +86,14 @@ def check_optimizer_holds(
 
 
 def held_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The model parameters `optimizer` steps: a MixedPrecisionOptimizer's model parameters
-    (not its masters), any other optimizer's parameters."""
+    """The model parameters `optimizer` holds: a MixedPrecisionOptimizer's model parameters
+    (not its masters) and its frozen ones (which have none), any other optimizer's
+    parameters."""
     groups = getattr(optimizer, "model_params", None)
     if groups is None:
         groups = [g["params"] for g in optimizer.param_groups]
-    return [p for group in groups for p in group]
+    frozen = getattr(optimizer, "frozen_params", [])
+    return [p for group in [*groups, *frozen] for p in group]
 
 
 def check_not_half_without_masters(model: nn.Module) -> None:

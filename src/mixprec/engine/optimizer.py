@@ -179,7 +179,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.model_params = model_params
-        self._frozen = frozen
+        self.frozen_params = frozen
         # split: the optimizer steps the model's own parameters, their masters rebuilt from
         # the bf16 weights and 16 low bits inside the fused step (mixprec.engine.split_master).
         # Given an fp32 model, the masters are taken before converting it: exact copies.
@@ -286,7 +286,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         """Add a group of model parameters; the wrapped optimizer gets fp32 masters of the
         trainable ones."""
         check_param_group(param_group)
-        params = new_group_params(param_group["params"], [*self.model_params, *self._frozen])
+        params = new_group_params(param_group["params"], [*self.model_params, *self.frozen_params])
         check_master_params([params], self.flat_master)
         if self.model is not None:
             check_optimizer_holds(self.model, params, every_trainable=False)
@@ -306,7 +306,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         group["params"] = masters
         self.model_params.append(trainable)
         self.master_params.append(masters)
-        self._frozen.append([p for p in params if not p.requires_grad])
+        self.frozen_params.append([p for p in params if not p.requires_grad])
         self._changed_params()
 
     def _changed_params(self) -> None:
@@ -320,21 +320,21 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def _adopt_unfrozen(self) -> None:
         """Masters for parameters unfrozen since the optimizer was built, from their current
         values, in their own param group (flat: a group that had none gets its flat master)."""
-        if not any(p.requires_grad for g in self._frozen for p in g):
+        if not any(p.requires_grad for g in self.frozen_params for p in g):
             return
-        for i, (frozen, params) in enumerate(zip(self._frozen, self.model_params)):
+        for i, (frozen, params) in enumerate(zip(self.frozen_params, self.model_params)):
             if self.flat_master and params and any(p.requires_grad for p in frozen):
                 raise ValueError(
                     f"flat_master=True lays out param group {i} once; {sum(p.requires_grad for p in frozen)} "
                     "of its frozen parameters were unfrozen after the optimizer was built. "
                     "Unfreeze whole groups before building the wrapper, or use flat_master=False."
                 )
-        check_not_held([[p for g in self._frozen for p in g if p.requires_grad]])
-        for i, frozen in enumerate(self._frozen):
+        check_not_held([[p for g in self.frozen_params for p in g if p.requires_grad]])
+        for i, frozen in enumerate(self.frozen_params):
             unfrozen = [p for p in frozen if p.requires_grad]
             if not unfrozen:
                 continue
-            self._frozen[i] = [p for p in frozen if not p.requires_grad]
+            self.frozen_params[i] = [p for p in frozen if not p.requires_grad]
             if self.split is not None:
                 self.split.add_group(unfrozen)
                 masters = list(unfrozen)
