@@ -1,5 +1,6 @@
 """Every ```python block of README.md and docs/*.md runs as pasted, so the docs cannot drift
-from the code; a block preceded by a line `<!-- not-run ... -->` is left out."""
+from the code; a block preceded by a line `<!-- not-run ... -->` is left out. Every test file
+the pages name exists, and every `--help` shown in docs/command-line.md is the real one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import mixprec
+from mixprec.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -64,3 +66,32 @@ def test_api_table_names_every_public_name():
     table = (ROOT / "docs" / "api.md").read_text()
     missing = [name for name in mixprec.__all__ if not re.search(rf"`{name}\b", table)]
     assert missing == []
+
+
+def test_every_test_file_the_pages_name_exists():
+    named = {
+        (page.name, path)
+        for page in PAGES
+        for path in re.findall(r"tests/[\w/.-]*?\.py\b", page.read_text())
+    }
+    assert named, "the pattern finds the test files the pages name"
+    assert sorted((page, path) for page, path in named if not (ROOT / path).is_file()) == []
+
+
+def help_blocks(text: str) -> list[tuple[list[str], str]]:
+    """(arguments, shown output) of each fenced `$ mixprec ... --help` block of `text`."""
+    found = re.findall(r"```\n\$ mixprec ((?:\S+ )*--help)\n(.*?)```", text, re.S)
+    return [(command.split(), shown.strip()) for command, shown in found]
+
+
+def test_every_help_shown_in_command_line_md_is_the_real_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")  # as the page says its help was captured
+    blocks = help_blocks((ROOT / "docs" / "command-line.md").read_text())
+    assert (["bench", "step", "--help"]) in [args for args, _ in blocks]
+    stale = []
+    for args, shown in blocks:
+        with pytest.raises(SystemExit):
+            main(args)
+        if capsys.readouterr().out.strip() != shown:
+            stale.append(" ".join(args))
+    assert stale == [], "regenerate these blocks with COLUMNS=100 mixprec ... --help"

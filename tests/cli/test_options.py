@@ -72,7 +72,7 @@ def test_a_plot_without_matplotlib_is_refused_before_training(monkeypatch, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--plot", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2
-    assert "pip install 'mixprec[plot]'" in capsys.readouterr().err
+    assert "pip install -e '.[plot]' in the checkout" in capsys.readouterr().err
 
 
 def test_help_shows_defaults_and_every_benchmark(capsys):

@@ -71,7 +71,8 @@ def test_a_factory_from_the_current_directory(capsys, tmp_path, monkeypatch):
         (["digits-cnn", "--dtype", "fp32"], "unsupported dtype 'fp32'; choose from fp16, float16"),
         (
             ["digits-cnn", "--keep-fp32", "head"],
-            "'head' match no module or parameter of Sequential",
+            "'head' match no module or parameter of Sequential .*Fix the --keep-fp32 pattern: "
+            "`mixprec plan digits-cnn` without it lists every module's name.$",
         ),
         (["digits-cnn", "--keep-fp32", "a b"], "bad module name pattern 'a b'"),
         (["digits-cnn", "--keep-fp32-type", "Lineer"], "unknown module type 'Lineer'"),

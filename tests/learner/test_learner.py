@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.learner import assert_identical, make_learner, snapshot
 from mixprec import Callback, DataBunch, Learner
+from mixprec.learner.model_output import model_loss
 
 
 def test_fit_trains_and_counts(tmp_path):
@@ -330,3 +332,46 @@ def test_lr_0_runs_every_step_and_moves_no_weight(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
     with pytest.raises(ValueError, match=r"lr must be a finite number >= 0; got -0.1"):
         learn.fit(1, -0.1)
+
+
+def sequence_data(n: int = 32, steps: int = 6, vocab: int = 10) -> DataBunch:
+    """Token sequences (n, steps) whose targets are the next token: (n, steps) class indices."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (n, steps), generator=g)
+    dl = DataLoader(TensorDataset(x, (x + 1) % vocab), batch_size=8)
+    return DataBunch(dl, dl, device="cpu")
+
+
+@pytest.mark.parametrize("loss_func", [F.cross_entropy, nn.CrossEntropyLoss()])
+def test_a_sequence_output_under_cross_entropy_is_refused_naming_model_loss(loss_func):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))  # (batch, time, vocab)
+    learn = Learner(sequence_data(), model, loss_func=loss_func, progress=False)
+    learn.to_fp16(dtype=torch.bfloat16)
+    before = snapshot(learn)
+    refused = r"output \(8, 6, 10\) and target \(8, 6\).*loss_func=model_loss"
+    for call in (lambda: learn.fit(1), learn.validate):
+        with pytest.raises(ValueError, match=refused):
+            call()
+    assert learn.iteration == 0
+    assert_identical(snapshot(learn), before)
+    learn.loss_func = model_loss  # what the error says: trains and validates
+    learn.fit(1, lr=1e-2)
+    assert learn.iteration == 4 and len(learn.validate()) == 1
+
+
+def test_cross_entropy_keeps_the_classes_in_dim_1_of_a_per_position_output():
+    """A (batch, classes, time) output, as a Conv1d gives, is what cross_entropy expects."""
+    torch.manual_seed(0)
+
+    class PerPosition(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.conv = nn.Embedding(10, 8), nn.Conv1d(8, 10, 1)
+
+        def forward(self, x):
+            return self.conv(self.embed(x).transpose(1, 2))  # (batch, 10 classes, time)
+
+    learn = Learner(sequence_data(), PerPosition(), progress=False)
+    learn.fit(1, lr=1e-2)
+    assert learn.iteration == 4 and len(learn.validate()) == 1

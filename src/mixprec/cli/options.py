@@ -198,7 +198,8 @@ def plot_path(text: str) -> Path | None:
         raise _refuse(f"a path we can write ({target} is not writable)", text)
     if importlib.util.find_spec("matplotlib") is None:
         raise argparse.ArgumentTypeError(
-            "a plot needs matplotlib, which is not installed: pip install 'mixprec[plot]'"
+            "a plot needs matplotlib, which is not installed: pip install -e '.[plot]' in the "
+            "checkout (or pip install matplotlib)"
         )
     return path
 

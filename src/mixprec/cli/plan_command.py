@@ -127,7 +127,15 @@ def run(args: argparse.Namespace) -> int:
         types = [_module_type(t) for t in args.keep_fp32_type]
         base = () if args.no_norms else DEFAULT_FP32
         policy = PrecisionPolicy((*base, *types, *args.keep_fp32))
-        result = plan(load_model(args.model), policy, dtype)
+        model = load_model(args.model)
+        unmatched = policy.unmatched_patterns(model)
+        if unmatched:
+            raise ValueError(
+                policy.unmatched_message(model, unmatched)
+                + f" Fix the --keep-fp32 pattern: `mixprec plan {args.model}` without it "
+                "lists every module's name."
+            )
+        result = plan(model, policy, dtype)
     except (ValueError, TypeError) as e:  # a bad MODEL_SPEC or option: one line, status 2
         print(f"mixprec plan: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

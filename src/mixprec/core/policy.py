@@ -300,7 +300,10 @@ class PrecisionPolicy:
         if self.strict:
             unmatched = self.unmatched_patterns(model)
             if unmatched:
-                raise ValueError(self._unmatched_message(model, unmatched))
+                raise ValueError(
+                    self.unmatched_message(model, unmatched)
+                    + " Fix the pattern, or build the policy with strict=False to allow it."
+                )
         hf = {}
         for rule in self.rules:
             if isinstance(rule, HFKeepInFP32):
@@ -372,7 +375,9 @@ class PrecisionPolicy:
         names += [n for n, _ in model.named_parameters(remove_duplicate=False)]
         return [p for p in self.patterns if not any(fnmatchcase(n, p) for n in names)]
 
-    def _unmatched_message(self, model: nn.Module, unmatched: list[str]) -> str:
+    def unmatched_message(self, model: nn.Module, unmatched: list[str]) -> str:
+        """Which patterns of `unmatched` match nothing in `model`, its module names and the
+        closest names to each (the fix is the caller's to say)."""
         names = [n for n, _ in model.named_modules() if n]
         params = [n for n, _ in model.named_parameters()]
         hints = []
@@ -384,9 +389,8 @@ class PrecisionPolicy:
         return (
             f"fp32 name pattern(s) {', '.join(map(repr, unmatched))} match no module or "
             f"parameter of {type(model).__name__} (module names: {shown}). "
-            + (" ".join(hints) + " " if hints else "")
-            + "Fix the pattern, or build the policy with strict=False to allow it."
-        )
+            + " ".join(hints)
+        ).rstrip()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PrecisionPolicy):

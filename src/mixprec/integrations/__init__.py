@@ -2,6 +2,6 @@
 
 Each framework module imports its framework, so none is imported by `import mixprec`; import
 the one you use: `from mixprec.integrations.lightning import MixedPrecisionPlugin`
-(`pip install mixprec[lightning]`). `mixprec.integrations.engines` holds the framework-free
-glue they share. Imports only from the layers below (core, parallel, engine).
+(`pip install -e '.[lightning]'` in the checkout). `mixprec.integrations.engines` holds the
+framework-free glue they share. Imports only from the layers below (core, parallel, engine).
 """

@@ -29,7 +29,7 @@ parameter names in `"state_dict"` (so an fp32 copy of the module loads it as it 
 optimizer moments and the loss scaler in `"optimizer_states"`, and the plugin's mode and dtype
 under `"MixedPrecisionPlugin"`; the masters are not stored twice. Lightning 2.x needs
 `lightning.pytorch` and `lightning.fabric`; import this module only where Lightning is
-installed (`pip install mixprec[lightning]`).
+installed (`pip install -e '.[lightning]'` in the checkout).
 """
 
 from __future__ import annotations

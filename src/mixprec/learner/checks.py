@@ -8,11 +8,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from mixprec.core.checks import real_number
 
 __all__ = [
     "check_batch",
+    "check_class_dim",
     "check_learner_options",
     "check_loss",
     "check_metrics",
@@ -72,9 +75,33 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def check_class_dim(loss_func: Any, output: Any, target: Any) -> None:
+    """Refuse a (batch, time, classes) output under cross entropy, which takes the classes in
+    dim 1 ((N, C, ...)): torch's own error only says "Expected target size"."""
+    if not (loss_func is F.cross_entropy or isinstance(loss_func, nn.CrossEntropyLoss)):
+        return
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return
+    shape = tuple(output.shape)
+    if output.dim() < 3 or tuple(target.shape) != shape[:-1]:
+        return
+    if tuple(target.shape) == shape[:1] + shape[2:]:  # (N, C, C): either reading fits
+        return
+    raise ValueError(
+        f"loss_func {_name(loss_func)} expects the classes in dim 1, output (N, C, ...) "
+        f"against target (N, ...); got output {shape} and target {tuple(target.shape)}, the "
+        "classes last, as a sequence model's (batch, time, vocab) logits. Pass "
+        "loss_func=model_loss (from mixprec.learner.model_output), which takes (..., classes) "
+        "against (...) over every position, or move the classes to dim 1 in a callback's "
+        "on_loss_begin (last_output.transpose(1, -1))."
+    )
+
+
 def check_loss(loss_func: Any, output: Any, target: Any) -> torch.Tensor:
     """`loss_func(output, target)`, checked on the first batch: a loss that fails on a model
-    output that is not a tensor says what to use, and a loss that is not one number is refused."""
+    output that is not a tensor says what to use, a (batch, time, classes) output under cross
+    entropy is refused naming `model_loss`, and a loss that is not one number is refused."""
+    check_class_dim(loss_func, output, target)
     try:
         loss = loss_func(output, target)
     except (TypeError, AttributeError) as e:

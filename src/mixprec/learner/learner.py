@@ -31,6 +31,7 @@ from mixprec.learner.accumulation import check_accumulate, micro_batches, steps_
 from mixprec.learner.callback import Callback, CallbackHandler
 from mixprec.learner.checkpoints import load_learner_, save_learner
 from mixprec.learner.checks import (
+    check_class_dim,
     check_learner_options,
     check_loss,
     check_metrics,
@@ -411,6 +412,8 @@ class Learner:
             )
             output = handler("on_loss_begin", last_output=call_model(self.model, x))
             output = cast_floats(output, torch.float32)
+            if i == 0:
+                check_class_dim(self.loss_func, output, y)
             n = batch_size(y)
             values = [self.loss_func(output, y), *(m(output, y) for m in self.metrics)]
             batch = torch.stack([torch.as_tensor(v).float().reshape(()) for v in values]) * n

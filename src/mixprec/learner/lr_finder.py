@@ -174,12 +174,13 @@ class LRFinderResult:
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Write a PNG of the smoothed loss against the lr (log scale), the suggestion marked.
-        Needs matplotlib (`pip install 'mixprec[plot]'`)."""
+        Needs matplotlib (`pip install -e '.[plot]'` in the checkout)."""
         try:
             from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend
         except ImportError as e:
             raise ImportError(
-                "plotting needs matplotlib: pip install 'mixprec[plot]' (or matplotlib)."
+                "plotting needs matplotlib: pip install -e '.[plot]' in the checkout "
+                "(or pip install matplotlib)."
             ) from e
         fig = Figure(figsize=(6, 4), layout="constrained")
         ax = fig.subplots()

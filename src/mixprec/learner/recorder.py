@@ -161,7 +161,8 @@ class Recorder(Callback):
             from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend
         except ImportError as e:
             raise ImportError(
-                "plotting needs matplotlib: pip install 'mixprec[plot]' (or matplotlib)."
+                "plotting needs matplotlib: pip install -e '.[plot]' in the checkout "
+                "(or pip install matplotlib)."
             ) from e
         moms = [(s, m) for s, m in enumerate(self.moms, start=1) if m is not None]
         fig = Figure(figsize=(8, 5 if moms else 3), layout="constrained")
@@ -188,12 +189,13 @@ def plot_runs(
 ) -> Path:
     """Write one PNG comparing runs: loss per step (top), loss scale per step (log scale,
     skipped steps marked) and, for runs with telemetry, the unscaled gradient norm per step
-    (steps with inf/nan gradients marked). Needs matplotlib (`pip install 'mixprec[plot]'`)."""
+    (steps with inf/nan gradients marked). Needs matplotlib (`pip install -e '.[plot]'`)."""
     try:
         from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend
     except ImportError as e:
         raise ImportError(
-            "plotting needs matplotlib: pip install 'mixprec[plot]' (or matplotlib)."
+            "plotting needs matplotlib: pip install -e '.[plot]' in the checkout "
+            "(or pip install matplotlib)."
         ) from e
     telemetry = any(rec.grad_norms for rec in runs.values())
     fig = Figure(figsize=(8, 8 if telemetry else 6), layout="constrained")

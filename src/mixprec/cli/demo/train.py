@@ -111,20 +111,25 @@ def train_digits(
     return result, learn.recorder
 
 
-def format_table(results: list[RunResult]) -> str:
-    """The runs as a fixed-width table."""
+def _header() -> list[str]:
     header = (
         f"{'precision':<10}{'accuracy':>10}{'seconds':>10}{'skipped':>9}{'loss scale':>12}"
         f"{'mode':>10}"
     )
-    rows = [header, "-" * len(header)]
-    for r in results:
-        scale = "-" if r.loss_scale is None else f"{r.loss_scale:g}"
-        rows.append(
-            f"{r.precision:<10}{r.accuracy:>10.4f}{r.seconds:>10.2f}{r.skipped_steps:>9}{scale:>12}"
-            f"{r.mode:>10}"
-        )
-    return "\n".join(rows)
+    return [header, "-" * len(header)]
+
+
+def _row(r: RunResult) -> str:
+    scale = "-" if r.loss_scale is None else f"{r.loss_scale:g}"
+    return (
+        f"{r.precision:<10}{r.accuracy:>10.4f}{r.seconds:>10.2f}{r.skipped_steps:>9}{scale:>12}"
+        f"{r.mode:>10}"
+    )
+
+
+def format_table(results: list[RunResult]) -> str:
+    """The runs as a fixed-width table."""
+    return "\n".join([*_header(), *map(_row, results)])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,14 +188,32 @@ def run(args: argparse.Namespace) -> int:
     owns_group = not (dist.is_available() and dist.is_initialized())
     init_distributed()  # under torchrun: join its process group (gloo on CPU, NCCL on GPU)
     try:
-        runs = {p: train_digits(p, config, progress=not args.json) for p in args.precisions}
         processes = dist.get_world_size() if is_data_parallel() else 1
-        if processes == 1 or dist.get_rank() == 0:
+        main_rank = processes == 1 or dist.get_rank() == 0
+        table = main_rank and not args.json
+        if table:
+            if processes > 1:
+                print(
+                    f"data-parallel: {processes} processes ({dist.get_backend()}), batch "
+                    f"{config.batch_size} per process, {config.batch_size * processes} per step"
+                )
+            _print_lines(_header())
+        runs = {}
+        for p in args.precisions:  # each row as its run ends: a pipe or a log sees it then
+            runs[p] = train_digits(p, config, progress=not args.json)
+            if table:
+                _print_lines([_row(runs[p][0])])
+        if main_rank:
             _report(args, config, runs, processes)
     finally:
         if owns_group:
             cleanup_distributed()
     return 0
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Print and flush: stdout to a pipe or a file is block-buffered."""
+    print("\n".join(lines), flush=True)
 
 
 def _report(
@@ -199,17 +222,11 @@ def _report(
     runs: dict[str, tuple[RunResult, Recorder]],
     processes: int,
 ) -> None:
-    """Print the table (or JSON), then write the plot: on rank 0 only, under torchrun."""
-    results = [result for result, _ in runs.values()]
+    """Print the JSON (the table was printed run by run), then write the plot: on rank 0
+    only, under torchrun."""
     if args.json:
-        print(json.dumps({"processes": processes, "runs": [asdict(r) for r in results]}))
-    else:
-        if processes > 1:
-            print(
-                f"data-parallel: {processes} processes ({dist.get_backend()}), batch "
-                f"{config.batch_size} per process, {config.batch_size * processes} per step"
-            )
-        print(format_table(results))
+        results = [asdict(result) for result, _ in runs.values()]
+        print(json.dumps({"processes": processes, "runs": results}))
     if args.plot:
         title = f"digits CNN, {config.epochs} epochs, loss scale {config.loss_scale}"
         if config.loss_scale == "dynamic":
