@@ -65,3 +65,11 @@ def moments(opt) -> list[torch.Tensor]:
         for v in state.values()
         if torch.is_tensor(v)
     ]
+
+
+def drift(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], init: dict) -> float:
+    """How far the weights `got` lie from `ref`, relative to how far training moved `ref`
+    from `init` (all by parameter name)."""
+    apart = sum(float((got[n] - ref[n]).square().sum()) for n in init) ** 0.5
+    moved = sum(float((ref[n] - init[n]).square().sum()) for n in init) ** 0.5
+    return apart / moved
