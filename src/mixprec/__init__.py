@@ -16,6 +16,7 @@ from mixprec.engine.forensics import OverflowReport
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.engine.stepper import Stepper
 from mixprec.engine.telemetry import Telemetry
+from mixprec.engine.wrapper import StepState
 from mixprec.inspect.diagnose import diagnose
 from mixprec.inspect.planning import plan
 from mixprec.learner.callback import Callback
@@ -48,6 +49,7 @@ __all__ = [
     "LossScaler",
     "MixedPrecisionOptimizer",
     "OverflowReport",
+    "StepState",
     "Stepper",
     "Telemetry",
     "model_to_float",

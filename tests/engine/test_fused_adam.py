@@ -40,7 +40,7 @@ def _setup(opt_cls, opt_kwargs, *, fused, flat, clip=None, chunk=None, seed=0):
         opt_cls(groups, **opt_kwargs), 512.0, flat_master=flat, clip=clip, fused=fused
     )
     if chunk is not None and fused:  # small chunks: split tensors, batch several per kernel
-        opt._fused.chunk = chunk
+        opt.update.kernel.chunk = chunk
     return model, opt
 
 
@@ -175,9 +175,9 @@ def test_accumulation_and_explicit_unscale_fall_back_and_free_the_fp32_grads(how
         _train(model, opt, 3, inf_steps={1}, **kwargs)
         results.append(_masters(opt))
     for a, b in zip(*results):
-        assert torch.equal(a, b)  # the same generic path ran in both
-    assert opt.master_params[0][0].grad is None
-    assert opt._masters._chunks is None
+        # the fused kernel on the fp32 grads against AdamW's own step: fp32 rounding apart
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(m.grad is None for group in opt.master_params for m in group)
 
 
 def test_fused_requires_adam_or_adamw():
@@ -219,7 +219,7 @@ def test_the_plan_is_kept_across_steps_and_keeps_no_old_gradient_alive():
         grads.append(weakref.ref(model.weight.grad))
         assert opt.step()
         opt.zero_grad()  # set_to_none: the next backward makes new gradients
-        plans.append(opt._fused._cache[1])
+        plans.append(opt.update.kernel._cache[1])
     assert plans[0] is plans[1] is plans[2]  # re-pointed, not planned again
     assert all(c.grads == [] for c in plans[0])
     gc.collect()

@@ -111,8 +111,8 @@ def _setup(master, clip=None, seed=0, channels_last=False):
     opt = MixedPrecisionOptimizer(
         torch.optim.AdamW(groups), "dynamic", master=master, clip=clip, growth_interval=3,
     )  # fmt: skip
-    opt._fused.chunk = 40  # small chunks: tensors split over chunks, several per chunk
-    opt._fused.count_ties = True
+    opt.update.kernel.chunk = 40  # small chunks: tensors split over chunks, several per chunk
+    opt.update.kernel.count_ties = True
     return model, opt
 
 
@@ -165,7 +165,7 @@ def test_split_is_the_fp32_master_path_bit_for_bit(case):
         runs.append((model, opt))
     (ma, oa), (mb, ob) = runs
     assert ob.skipped_steps == oa.skipped_steps > 0 and ob.scaler.scale == oa.scaler.scale
-    ties = int(sum(ob._fused.ties.values()))
+    ties = int(sum(ob.update.kernel.ties.values()))
     if ties == 0:  # no master landed on the one unrepresentable tie
         _assert_same(_everything(ma, oa), _everything(mb, ob))
     else:  # pragma: no cover - depends on the seeds; then agree to a few ulps

@@ -32,9 +32,9 @@ def _groups(model: nn.Module) -> list[dict]:
 def _run(cls, kw, views: bool, flat: bool, steps: int = 5):
     model = model_to_half(_model())
     opt = MixedPrecisionOptimizer(cls(_groups(model), **kw), 64.0, flat_master=flat, fused=False)
-    assert isinstance(opt._view_step, ViewStep)
+    assert isinstance(opt.update.views, ViewStep)
     # views of 7 elements: many per tensor, not aligned to the parameters; or none at all
-    opt._view_step = ViewStep(opt.optimizer, chunk=7) if views else None
+    opt.update.views = ViewStep(opt.optimizer, chunk=7) if views else None
     for i in range(steps):
         g = torch.Generator().manual_seed(i)
         x = torch.randn(4, 8, generator=g).half()
@@ -71,8 +71,8 @@ def test_an_autocast_optimizer_steps_its_fp32_parameters_through_views_bit_for_b
     for views in (False, True):
         model = _model()
         opt = AutocastOptimizer(torch.optim.AdamW(_groups(model), lr=1e-2), 64.0, fused=False)
-        assert isinstance(opt._view_step, ViewStep)
-        opt._view_step = ViewStep(opt.optimizer, chunk=7) if views else None
+        assert isinstance(opt.update.views, ViewStep)
+        opt.update.views = ViewStep(opt.optimizer, chunk=7) if views else None
         for i in range(4):
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i))
             opt.backward(model(x).square().mean())
@@ -88,7 +88,7 @@ def test_step_hooks_and_odd_layouts_see_the_parameters_themselves():
     lin = model_to_half(nn.Linear(6, 5))
     inner = torch.optim.Adam([*conv.parameters(), *lin.parameters()], lr=1e-2)
     opt = MixedPrecisionOptimizer(inner, 8.0, fused=False)
-    opt._view_step = ViewStep(opt.optimizer, chunk=4)
+    opt.update.views = ViewStep(opt.optimizer, chunk=4)
     seen: list[list[tuple[int, ...]]] = []
     for hooked in (False, True, True):
         out = conv(torch.randn(1, 3, 5, 5).half().to(memory_format=torch.channels_last))
@@ -111,4 +111,4 @@ def test_an_optimizer_that_is_not_elementwise_steps_whole():
     torch.manual_seed(0)
     model = model_to_half(nn.Linear(4, 4))
     opt = MixedPrecisionOptimizer(Custom(model.parameters(), lr=0.1), flat_master=True)
-    assert opt._view_step is None
+    assert opt.update.views is None

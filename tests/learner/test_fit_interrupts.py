@@ -189,7 +189,8 @@ def _interrupt_inside_step(learn: Learner, at: int) -> None:
         if calls[0] == at + 1:
             _thread.interrupt_main()
 
-    fused = getattr(opt, "_fused", None)
+    update = getattr(opt, "update", None)
+    fused = update.kernel if update is not None and update.fused else None
     if fused is not None:
         update = fused.update_
 

@@ -40,6 +40,7 @@ class FlatGroup:
             start = end
         self._master_grad: torch.Tensor | None = None
         self._master_grad_slices: list[torch.Tensor] = []
+        self._clean: list[int] = []  # the gradient buffers' versions when last cleaned
 
     def _add_buffer(self, run: Sequence[nn.Parameter]) -> None:
         offset = sum(d.numel() for d in self.data)
@@ -82,6 +83,19 @@ class FlatGroup:
                 else:
                     view.copy_(g)
                 p.grad = view
+
+    def mark_clean(self) -> None:
+        """Remember the gradient buffers as they are now (zeroed between steps)."""
+        self._clean = [g._version for g in self.grads]
+
+    def touched(self) -> bool:
+        """Whether a backward wrote a gradient since `mark_clean()`: into the buffers (their
+        version counters moved) or in place of them (`set_to_none` between)."""
+        if [g._version for g in self.grads] != self._clean:
+            return True
+        return any(
+            p.grad is not None and p.grad is not v for p, v in zip(self.params, self._grad_views)
+        )
 
     def master_grad_slices(self) -> list[torch.Tensor]:
         """Views of the master's gradient matching `grads`, made once per gradient tensor."""

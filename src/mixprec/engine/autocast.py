@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +32,11 @@ from mixprec.core.optim_state import (
 )
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
-from mixprec.engine.fused_adam import (
-    FusedAdamStep,
-    FusedItem,
-    fused_unsupported_reason,
-    step_from_master_grads_,
-)
+from mixprec.engine.fused_adam import FusedItem
+from mixprec.engine.step_hooks import enable_step_hooks
 from mixprec.engine.telemetry import NO_TELEMETRY
-from mixprec.engine.view_step import ViewStep
-from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.engine.updates import choose_update
+from mixprec.engine.wrapper import OptimizerWrapper
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -138,21 +134,13 @@ class AutocastOptimizer(OptimizerWrapper):
             else forensics.param_names(model, [g["params"] for g in optimizer.param_groups])
         )
         self.scaler = LossScaler(loss_scale, **scaler_options)
-        self._auto_fused = fused is None
-        if fused is None:
-            fused = fused_unsupported_reason(optimizer) is None
-        self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
-        self._view_step = ViewStep(optimizer) if ViewStep.supported(optimizer) else None
-        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.update = choose_update(optimizer, fused)
         self.optimizer = optimizer
         self.clip = clip
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.telemetry = NO_TELEMETRY
-        self.last_grad_norm: torch.Tensor | None = None
-        self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
-        self._has_grads = False  # backward ran since the last step
-        self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
+        self._init_step()
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -162,102 +150,30 @@ class AutocastOptimizer(OptimizerWrapper):
         _check_fp32([params] if isinstance(params, torch.Tensor) else list(params))
         self.optimizer.add_param_group(param_group)
         self._buffers = None  # the parameters may now span another device
-        if self._fused is not None:
-            self._fused.invalidate()
+        self.update.invalidate()
 
     # -- the loop -----------------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager:
         """The region for the forward pass and the loss: `torch.autocast` in `dtype`."""
         return autocast_region(self.device_type, self.dtype)
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Return the fp32 loss times the loss scale, ready for `.backward()`."""
-        if self._found_inf is not None:
-            raise RuntimeError(
-                "unscale_() was already called for this step; call step() before the next "
-                "backward. Expected order: backward(loss) [x N], unscale_() (optional), step()."
-            )
-        self._has_grads = True
-        return self.scaler.scale_loss(loss)
+    # -- the layout: an fp32 model, gradients in place (see OptimizerWrapper.step) ---------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def backward(self, loss: torch.Tensor, **backward_kwargs: Any) -> None:
-        """Backward of the scaled loss; several calls before `step()` accumulate in fp32."""
-        self.scale_loss(loss).backward(**backward_kwargs)
+    def _has_new_grads(self) -> bool:
+        return any(p.grad is not None for p in self._params())
 
-    def unscale_(self) -> None:
-        """Unscale the gradients in place, check them for inf/nan and clip them; `step()`
-        does this itself when it was not called. No host sync."""
-        with deferred_interrupt():
-            self._unscale()
+    def _unscale_into_fp32(self, scale: float) -> torch.Tensor | None:
+        return unscale_and_check_(self._fp32_grads(), 1.0 / scale)
 
-    def _unscale(self) -> None:
-        if self._found_inf is not None:
-            raise RuntimeError(
-                "unscale_() has already been called since the last step(); call step() next."
-            )
-        if not self._has_grads:
-            raise RuntimeError(
-                "no gradients to step on: call backward(loss) (or .backward() on "
-                "scale_loss(loss)) before unscale_() or step()."
-            )
-        params = [p for group in self.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
-        if found_inf is None:
-            found_inf = torch.zeros(1, device=params[0].device if params else "cpu")
-        self._all_reduce_overflow(found_inf)
-        self.telemetry.record_(found_inf, self.scaler.scale, lambda: grads)
-        if self.clip is not None:
-            # leaves an overflowing step's grads as they were, for last_overflow
-            self.last_grad_norm = forensics.clip_grad_norm_if_finite_(params, self.clip)
-        self._found_inf = found_inf
+    def _fp32_grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._params() if p.grad is not None]
 
-    def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
-        """Apply the step unless the gradients overflowed; return whether it was applied."""
-        if closure is not None:
-            raise TypeError(
-                "AutocastOptimizer.step() takes no closure: compute the loss, call "
-                "backward(loss), then step()."
-            )
-        with deferred_interrupt():  # stepped and counted together (mixprec.core.interrupts)
-            if (
-                self._found_inf is None
-                and self._has_grads
-                and self._can_fuse()
-                and self._step_buffers() is not None
-            ):
-                return self._fused_step()
-            if self._found_inf is None:
-                self.unscale_()
-            assert self._found_inf is not None
-            overflow = bool(self._found_inf.item())  # the one host sync of the step
-            self._found_inf = None
-            self._has_grads = False
-            if overflow:  # only now: forensics cost nothing on clean steps
-                self._record_overflow()
-            else:
-                try:
-                    if self._can_fuse():  # unscaled by unscale_() already
-                        with torch.no_grad():
-                            step_from_master_grads_(self._fused, self._items())
-                        self._stepped_fused()
-                    else:
-                        (self.optimizer if self._view_step is None else self._view_step).step()
-                except BaseException:  # raised inside the inner step: no half-made state
-                    self._after_failed_step()
-                    raise
-            return self._update_scale(overflow)
+    def _clip_holders(self) -> list[torch.Tensor]:
+        return self._params()  # clipping leaves an overflowing step's grads for last_overflow
 
-    def _fused_step(self) -> bool:
-        """Check, clip and Adam(W)-step the parameters, the kernel unscaling the gradients."""
-        with torch.no_grad():
-            overflow = self._run_fused(self._items(), flat=False)
-        self._has_grads = False
-        if overflow:
-            self._record_overflow()
-        return self._update_scale(overflow)
-
-    def _items(self) -> list[list[FusedItem]]:
+    def _half_items(self) -> Sequence[Sequence[FusedItem]]:
         """Per group, every parameter with a gradient: its own master, stepped in place."""
         return [
             [
@@ -269,20 +185,21 @@ class AutocastOptimizer(OptimizerWrapper):
             for group in self.optimizer.param_groups
         ]
 
-    def _record_overflow(self) -> None:
+    _fp32_items = _half_items  # the gradients are fp32 already, unscaled by unscale_()
+
+    def _overflow_report(self, from_model_grads: bool) -> forensics.OverflowReport:
         """`last_overflow` of this skipped step: the faulty gradients and weights."""
         report = forensics.overflow_report(
             self._named_grads(), self.scaler.steps, self.scaler.scale
         )
         weights = forensics.weight_faults((name, p, None) for name, p in self._named_params())
-        self.last_overflow = dataclasses.replace(report, weights=weights)
+        return dataclasses.replace(report, weights=weights)
 
     def _after_failed_step(self) -> None:
         """After an exception inside the inner step: no half-made lazy state survives and
         the next backward starts a new step."""
         drop_incomplete_state_(self.optimizer)
-        if self._fused is not None:
-            self._fused.invalidate()
+        self.update.invalidate()
         self.zero_grad()
 
     def _named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -297,11 +214,8 @@ class AutocastOptimizer(OptimizerWrapper):
             if p.grad is not None:
                 yield name, tuple(p.shape), p.grad
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients of the current step."""
+    def _zero_grads(self, set_to_none: bool) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._has_grads = False
-        self._found_inf = None
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -321,8 +235,7 @@ class AutocastOptimizer(OptimizerWrapper):
         with deferred_interrupt():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             self.scaler.load_state_dict(state_dict["scaler"])
-            if self._fused is not None:
-                self._fused.invalidate()
+            self.update.invalidate()
             self.zero_grad()
 
     def check_state_dict(self, state_dict: Any) -> None:

@@ -152,6 +152,17 @@ class MasterSet:
             self.model_params, self.master_params, self.flat_groups, from_master_grads
         )
 
+    def has_model_grads(self) -> bool:
+        """Whether a backward wrote into the model's gradients since `mark_clean()`."""
+        if self.flat:
+            return any(fg.touched() for fg in self.flat_groups)
+        return any(p.grad is not None for group in self.model_params for p in group)
+
+    def mark_clean(self) -> None:
+        """The model's gradients hold nothing of a new step (flat buffers: remember them)."""
+        for fg in self.flat_groups:
+            fg.mark_clean()
+
     # -- for reports --------------------------------------------------------------------------
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
         """(name, fp32 master, half copy or None) of every parameter, in the optimizer's order."""

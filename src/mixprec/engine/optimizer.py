@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -13,12 +13,11 @@ from torch import nn
 from mixprec.core.checks import (
     check_engine_options,
     check_flag,
+    check_optimizer_holds,
     check_optimizer_supported,
     check_param_group,
 )
-from mixprec.core.chunked import (
-    copy_unscale_check_,
-)
+from mixprec.core.chunked import copy_unscale_check_
 from mixprec.core.convert import model_to_half, restore_fp32_
 from mixprec.core.flat_group import FlatGroup
 from mixprec.core.interrupts import deferred_interrupt
@@ -38,17 +37,14 @@ from mixprec.core.policy import PrecisionPolicy, Rule
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
 from mixprec.engine.conversion import conversion
-from mixprec.engine.fused_adam import (
-    FusedAdamStep,
-    fused_unsupported_reason,
-    step_from_master_grads_,
-)
+from mixprec.engine.fused_adam import FusedItem
 from mixprec.engine.holders import check_not_held, hold, let_go
 from mixprec.engine.master_set import MasterSet
 from mixprec.engine.split_master import SplitMasters, check_split_options
+from mixprec.engine.step_hooks import enable_step_hooks
 from mixprec.engine.telemetry import NO_TELEMETRY
-from mixprec.engine.view_step import ViewStep
-from mixprec.engine.wrapper import OptimizerWrapper, enable_step_hooks
+from mixprec.engine.updates import choose_update
+from mixprec.engine.wrapper import OptimizerWrapper, StepState
 from mixprec.parallel.distributed import is_data_parallel
 
 if TYPE_CHECKING:
@@ -112,6 +108,15 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     `model` also names the parameters in a skipped step's `last_overflow` report and in the
     persistent-overflow error (see `mixprec.engine.forensics`).
 
+    Parameters with `requires_grad=False` get no master: the wrapped optimizer never steps
+    them (a frozen base under LoRA costs no fp32 copy). One unfrozen later gets its master
+    from its current value at the next step. `fp32_state_dict()` gives the model's state dict
+    with every parameter's exact fp32 master, for an fp32 copy of the model or
+    `save_pretrained(dir, state_dict=...)`.
+
+    A plain `loss.backward()` (HF Trainer, Accelerate) instead of `backward(loss)` leaves
+    unscaled gradients: `step()` takes them as they are (scale 1), checks and skips as usual.
+
     A parameter is held by one wrapper at a time (two would overwrite each other's update):
     `release()` hands them back.
     """
@@ -150,10 +155,13 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         if master not in ("fp32", "split"):
             raise ValueError(f'master must be "fp32" or "split"; got {master!r}.')
         check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
-        model_params = [list(group["params"]) for group in optimizer.param_groups]
-        check_master_params(model_params, bool(flat_master))
+        groups = [list(group["params"]) for group in optimizer.param_groups]
+        check_master_params(groups, bool(flat_master))
+        # frozen parameters get no master: the optimizer would never step them
+        model_params = [[p for p in g if p.requires_grad] for g in groups]
+        frozen = [[p for p in g if not p.requires_grad] for g in groups]
         check_not_held(model_params)
-        self.dtype, policy = conversion(model_params, model, dtype, keep_fp32)
+        self.dtype, policy = conversion(groups, model, dtype, keep_fp32)
         if master == "split":
             if policy is not None and self.dtype != torch.bfloat16:
                 raise ValueError(
@@ -162,21 +170,20 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                     'dtype=torch.bfloat16, or use master="fp32".'
                 )
             check_split_options(optimizer, model_params, bool(flat_master), fused)
-        self.param_names = {} if model is None else forensics.param_names(model, model_params)
+        self.model = model
+        self.param_names = {} if model is None else forensics.param_names(model, groups)
         self.scaler = LossScaler(loss_scale, **scaler_options)
-        # fused=None: the fastest correct path for this optimizer. Asked for explicitly, the
-        # fused path also frees the fp32 master grads it had to make (16 B/param).
+        self.update = choose_update(optimizer, fused, split=master == "split")
+        # Asked for explicitly, the fused path also frees the fp32 master grads it had to
+        # make (16 B/param).
         self._lean = fused is True
-        self._auto_fused = fused is None and master != "split"  # split needs the fused step
-        if fused is None:
-            fused = fused_unsupported_reason(optimizer) is None
-        self._fused = FusedAdamStep(optimizer) if fused else None  # validates the optimizer
         self.optimizer = optimizer
         self.flat_master = bool(flat_master)
         self.clip = clip
         self.process_group = process_group
         self.data_parallel = data_parallel
         self.model_params = model_params
+        self._frozen = frozen
         # split: the optimizer steps the model's own parameters, their masters rebuilt from
         # the bf16 weights and 16 low bits inside the fused step (mixprec.engine.split_master).
         # Given an fp32 model, the masters are taken before converting it: exact copies.
@@ -223,18 +230,11 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self.split,
             self.param_names,
         )
-        if self._fused is not None:
+        if self.update.fused:
             self._masters.release_master_grads()  # made again only when a step needs them
-        # element-wise optimizers step large masters through cache-sized views: same numbers
-        self._view_step = ViewStep(optimizer) if ViewStep.supported(optimizer) else None
-        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.last_grad_norm: torch.Tensor | None = None
         self.telemetry = NO_TELEMETRY  # or a mixprec.Telemetry: per-step records, no host sync
-        self._pending = False  # model grads hold gradients not yet moved to the masters
-        self._accumulated = False  # master grads hold gradients of this step
-        self._found_inf: torch.Tensor | None = None  # set by unscale_(), consumed by step()
-        self.last_overflow: forensics.OverflowReport | None = None  # of the last skipped step
-        self._released = False
+        self._init_step()
+        self._masters.mark_clean()
         hold(self)
         enable_step_hooks(self)  # register_step_pre/post_hook work as on torch optimizers
 
@@ -255,6 +255,25 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         split masters the model's parameters and the bf16 ones' low bits."""
         return self._masters.tensors()
 
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict (the keys of `model.state_dict()`) with every parameter
+        holding its exact fp32 master (a frozen one, which has none, its value in fp32);
+        buffers as the model holds them. Loadable by an fp32 copy of the model, and by
+        `model.save_pretrained(dir, state_dict=opt.fp32_state_dict())`. New tensors."""
+        if self.model is None:
+            raise ValueError(
+                "fp32_state_dict() names the masters by the model's parameter names; build the "
+                "wrapper with model=: MixedPrecisionOptimizer(opt, model=model, ...)."
+            )
+        values = self.master_values()
+        state = self.model.state_dict()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if name in state:
+                value = values.get(id(p))
+                source = p.detach() if value is None else value
+                state[name] = source.to(torch.float32, copy=True)
+        return state
+
     def release(self) -> None:
         """Stop holding the model's parameters, so another wrapper may take them; this one
         refuses to step from now on."""
@@ -268,193 +287,167 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         hold(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group of model parameters; the wrapped optimizer gets their fp32 masters."""
+        """Add a group of model parameters; the wrapped optimizer gets fp32 masters of the
+        trainable ones."""
         check_param_group(param_group)
-        params = new_group_params(param_group["params"], self.model_params)
-        check_not_held([params])
+        params = new_group_params(param_group["params"], [*self.model_params, *self._frozen])
+        check_master_params([params], self.flat_master)
+        if self.model is not None:
+            check_optimizer_holds(self.model, params, every_trainable=False)
+        trainable = [p for p in params if p.requires_grad]
+        check_not_held([trainable])
         if self.split is not None:
-            check_split_options(self.optimizer, [params], False, True)
-            self.split.add_group(params)
-            masters = list(params)
+            check_split_options(self.optimizer, [trainable], False, True)
+        self.optimizer.add_param_group({**param_group, "params": []})  # checks the options
+        group = self.optimizer.param_groups[-1]
+        if self.split is not None:
+            self.split.add_group(trainable)
+            masters = list(trainable)
         else:
-            (masters,) = make_masters([params], self.flat_master)
-        if self.flat_master and params:
-            self._flat_groups.append(FlatGroup(params, masters[0]))
-        self.optimizer.add_param_group({**param_group, "params": masters})
-        self.model_params.append(params)
+            (masters,) = make_masters([trainable], self.flat_master)
+        if self.flat_master and trainable:
+            self._flat_groups.append(FlatGroup(trainable, masters[0]))
+        group["params"] = masters
+        self.model_params.append(trainable)
         self.master_params.append(masters)
+        self._frozen.append([p for p in params if not p.requires_grad])
+        self._changed_params()
+
+    def _changed_params(self) -> None:
+        """After masters were added: caches made again, fp32 grads only when a step needs them."""
         self._buffers = None  # the masters may now span another device
-        if self._fused is not None:
-            self._masters.release_master_grads()  # as at construction: made when a step needs them
+        self.update.invalidate()
+        if self.update.fused:
+            self._masters.release_master_grads()
+        self._masters.mark_clean()
 
-    # -- the mixed-precision loop -----------------------------------------------------------
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Return the fp32 loss times the loss scale, ready for `.backward()`."""
-        if self._found_inf is not None:
-            raise RuntimeError(
-                "unscale_() was already called for this step; call step() before the next "
-                "backward. Expected order: backward(loss) [x N], unscale_() (optional), step()."
-            )
-        if self._pending and not self._is_data_parallel():
-            self._move_grads_to_masters()  # accumulating: keep earlier micro-batches' sum in fp32
-        self._pending = True
-        return self.scaler.scale_loss(loss)
+    def _adopt_unfrozen(self) -> None:
+        """Masters for parameters unfrozen since the optimizer was built, from their current
+        values, in their own param group (flat: a group that had none gets its flat master)."""
+        if not any(p.requires_grad for g in self._frozen for p in g):
+            return
+        for i, (frozen, params) in enumerate(zip(self._frozen, self.model_params)):
+            if self.flat_master and params and any(p.requires_grad for p in frozen):
+                raise ValueError(
+                    f"flat_master=True lays out param group {i} once; {sum(p.requires_grad for p in frozen)} "
+                    "of its frozen parameters were unfrozen after the optimizer was built. "
+                    "Unfreeze whole groups before building the wrapper, or use flat_master=False."
+                )
+        check_not_held([[p for g in self._frozen for p in g if p.requires_grad]])
+        for i, frozen in enumerate(self._frozen):
+            unfrozen = [p for p in frozen if p.requires_grad]
+            if not unfrozen:
+                continue
+            self._frozen[i] = [p for p in frozen if not p.requires_grad]
+            if self.split is not None:
+                self.split.add_group(unfrozen)
+                masters = list(unfrozen)
+            else:
+                (masters,) = make_masters([unfrozen], self.flat_master)
+                move_state_to_masters(self.optimizer.state, [unfrozen], [masters], self.flat_master)
+            self.model_params[i].extend(unfrozen)
+            self.master_params[i].extend(masters)
+            if self.flat_master:
+                self._flat_groups.clear()
+                self._flat_groups.extend(
+                    FlatGroup(ps, ms[0]) if fg is None else fg
+                    for ps, ms, fg in self._flat_by_group()
+                )
+        let_go(self)
+        hold(self)
+        self._changed_params()
 
-    def backward(self, loss: torch.Tensor, **backward_kwargs: Any) -> None:
-        """Backward of the scaled loss; several calls before `step()` accumulate in fp32."""
-        self.scale_loss(loss).backward(**backward_kwargs)
+    def _flat_by_group(self):
+        """(params, masters, its FlatGroup or None) of every non-empty group, in order."""
+        by_master = {id(fg.master): fg for fg in self._flat_groups}
+        for ps, ms in zip(self.model_params, self.master_params):
+            if ps:
+                yield ps, ms, by_master.get(id(ms[0]))
 
-    def unscale_(self) -> None:
-        """Move the gradients into the fp32 masters, unscale them, check them for inf/nan and
-        clip them; `step()` does this itself when it was not called. No host sync."""
-        with deferred_interrupt():  # the grads moved and the flags set together, or neither
-            self._unscale()
+    # -- the layout: a half model, its fp32 masters (see OptimizerWrapper.step) -------------
+    def _is_data_parallel(self) -> bool:
+        return self.data_parallel and is_data_parallel(self.process_group)
 
-    def _unscale(self) -> None:
-        if self._found_inf is not None:
-            raise RuntimeError(
-                "unscale_() has already been called since the last step(); call step() next."
-            )
-        if not (self._pending or self._accumulated):
-            raise RuntimeError(
-                "no gradients to step on: call backward(loss) (or .backward() on "
-                "scale_loss(loss)) before unscale_() or step()."
-            )
+    def _between_backwards(self) -> None:
+        # Accumulating: keep the earlier micro-batches' sum in fp32. Under data parallelism
+        # the grads stay in the model for the backward that reduces them (DDP's no_sync()).
+        if not self._is_data_parallel():
+            self._masters.move_grads_(accumulate=self._state is StepState.ACCUMULATING)
+            self._state = StepState.ACCUMULATING
+
+    def _notice_gradients(self) -> None:
+        self._adopt_unfrozen()
+        super()._notice_gradients()
+
+    def _has_new_grads(self) -> bool:
+        return self._masters.has_model_grads()
+
+    def _unscale_into_fp32(self, scale: float) -> torch.Tensor | None:
+        inv = 1.0 / scale
         buffers = self._step_buffers()
-        if self.split is not None:
-            self.split.accumulate_()  # the fp32 grads of this step
-            self._pending, self._accumulated = False, True
-            found_inf = unscale_and_check_(self.split.acc_grads(), 1.0 / self.scaler.scale)
-            if found_inf is None:
-                found_inf = torch.zeros(1, device=self._device())
-        elif self._pending and not self._accumulated and buffers is not None:
+        if self.split is None and self._state is StepState.BACKWARD and buffers is not None:
             # The common case, one backward per step: cast, unscale and check in one sweep.
             found_inf, inv_scale, _ = buffers
             found_inf.zero_()
-            inv_scale.fill_(1.0 / self.scaler.scale)
+            inv_scale.fill_(inv)
             with torch.no_grad():
                 copy_unscale_check_(
                     self._masters.grad_chunks(), found_inf, inv_scale, zero_src=self.flat_master
                 )
             if not self.flat_master:
                 self._masters.zero_model_grads()
-            self._pending, self._accumulated = False, True
-        else:
-            if self._pending:
-                self._move_grads_to_masters()
-            grads = [m.grad for group in self.master_params for m in group if m.grad is not None]
-            found_inf = unscale_and_check_(grads, 1.0 / self.scaler.scale)
-            if found_inf is None:
-                found_inf = torch.zeros(1, device=self._device())
-        self._all_reduce_overflow(found_inf)
-        self.telemetry.record_(
-            found_inf, self.scaler.scale, self._masters.master_grads
-        )  # before clip
-        if self.clip is not None:
-            masters = (
-                self.split.clip_proxies()
-                if self.split is not None
-                else [m for group in self.master_params for m in group]
-            )
-            self.last_grad_norm = forensics.clip_grad_norm_if_finite_(masters, self.clip)
-        self._found_inf = found_inf
+            return found_inf
+        self._masters.move_grads_(accumulate=self._state is StepState.ACCUMULATING)
+        return unscale_and_check_(self._masters.master_grads(), inv)
 
-    def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
-        """Apply the step unless the gradients overflowed; return whether it was applied."""
-        if closure is not None:
-            raise TypeError(
-                "MixedPrecisionOptimizer.step() takes no closure: compute the loss, call "
-                "backward(loss), then step()."
-            )
-        if self._released:
-            raise RuntimeError(
-                "this MixedPrecisionOptimizer was released (release()): its parameters may be "
-                "held by another wrapper now; step that one."
-            )
-        # A critical section: a Ctrl-C in here is raised once the masters, the model and the
-        # scaler agree again (see mixprec.core.interrupts).
-        with deferred_interrupt():
-            return self._step()
+    def _fp32_grads(self) -> list[torch.Tensor]:
+        return self._masters.master_grads()
 
-    def _step(self) -> bool:
-        if self._found_inf is None:
-            if (
-                self._pending
-                and not self._accumulated
-                and self._can_fuse()
-                and self._step_buffers() is not None
-            ):
-                return self._fused_step()
-            self._unscale()
-        assert self._found_inf is not None
-        overflow = bool(self._found_inf.item())  # the one host sync of the step
-        self._found_inf = None
-        if overflow:  # only now: forensics cost nothing on clean steps
-            self.last_overflow = self._overflow_report(from_model_grads=False)
-        if not overflow:
-            try:
-                if self.split is not None or self._can_fuse():
-                    items = self._masters.fused_items(from_master_grads=True)
-                    assert self._fused is not None
-                    with torch.no_grad():  # the wrapped step and the copy to the model, in cache
-                        step_from_master_grads_(self._fused, items)
-                    self._stepped_fused()
-                else:
-                    (self.optimizer if self._view_step is None else self._view_step).step()
-                    self._masters.copy_to_model()
-            except BaseException:  # raised inside the inner step (a hook, out of memory)
-                self._after_failed_step()
-                raise
-        # unscale_() left the model grads zeroed (flat) or None, ready for the next backward.
+    def _clip_holders(self) -> list[torch.Tensor]:
+        if self.split is not None:
+            return self.split.clip_proxies()
+        return [m for group in self.master_params for m in group]
+
+    def _half_items(self) -> Sequence[Sequence[FusedItem]]:
+        return self._masters.fused_items(from_master_grads=False)
+
+    def _fp32_items(self) -> Sequence[Sequence[FusedItem]]:
+        return self._masters.fused_items(from_master_grads=True)
+
+    def _copy_to_model(self) -> None:
+        self._masters.copy_to_model()
+
+    def _zeroes_read_grads(self) -> bool:
+        return self.flat_master
+
+    def _after_fused_step(self, overflow: bool) -> None:
+        if overflow or not self.flat_master:
+            self._masters.zero_model_grads()
+
+    def _after_step(self) -> None:
+        # the model grads are zeroed (flat) or None, ready for the next backward
         if self.split is not None:
             self.split.drop_acc()
         if self._lean:
             self._masters.release_master_grads()
-        self._pending = self._accumulated = False
-        return self._update_scale(overflow)
+        self._masters.mark_clean()
 
-    def _fused_step(self) -> bool:
-        """Check, unscale, clip and Adam(W)-step the masters from the half gradients."""
-        items = self._masters.fused_items(from_master_grads=False)
-        with torch.no_grad():
-            overflow = self._run_fused(items, self.flat_master)
-            if overflow:  # read the half grads before they are zeroed
-                self.last_overflow = self._overflow_report(from_model_grads=True)
-            if overflow or not self.flat_master:
-                self._masters.zero_model_grads()
-        self._pending = self._accumulated = False
-        return self._update_scale(overflow)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients of the current step, in the model and the masters."""
+    def _zero_grads(self, set_to_none: bool) -> None:
         self._masters.zero_model_grads(set_to_none)
         if self.split is not None:
             self.split.drop_acc()
-        if self._lean and self._accumulated:
+        if self._lean and self._state in (StepState.ACCUMULATING, StepState.UNSCALED):
             self._masters.release_master_grads()  # fused=True keeps no fp32 grads between steps
-        self._pending = self._accumulated = False
-        self._found_inf = None
+        self._masters.mark_clean()
 
-    # -- internals ----------------------------------------------------------------------------
     def _after_failed_step(self) -> None:
-        """After an exception inside the inner step: no half-made optimizer state survives
-        (a first step's lazily created moments), the model holds its masters again, and the
-        next backward starts a new step. The step is not counted."""
+        """After an exception inside the update: no half-made optimizer state survives (a
+        first step's lazily created moments), the model holds its masters again, and the next
+        backward starts a new step. The step is not counted."""
         drop_incomplete_state_(self.optimizer)
-        if self._fused is not None:
-            self._fused.invalidate()
+        self.update.invalidate()
         self._masters.copy_to_model()
         self.zero_grad()
-
-    def _move_grads_to_masters(self) -> None:
-        """Model grads -> master grads (copy on the first micro-batch, add after), then zero
-        the model grads."""
-        self._masters.move_grads_(accumulate=self._accumulated)
-        self._pending = False
-        self._accumulated = True
-
-    def _is_data_parallel(self) -> bool:
-        return self.data_parallel and is_data_parallel(self.process_group)
 
     def _overflow_report(self, from_model_grads: bool) -> forensics.OverflowReport:
         """The report of the step being skipped, from the master gradients (or, with
@@ -521,8 +514,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                     )
                 self._masters.copy_to_model()
             self.zero_grad()
-            if self._fused is not None:
-                self._fused.invalidate()
+            self.update.invalidate()
 
     def _keep_state_fp32(self, saved: Mapping[str, Any]) -> None:
         """torch's load_state_dict casts state to each parameter's dtype (bf16 here): put the

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mixprec.engine.wrapper import step_hooks_registered
+from mixprec.engine.step_hooks import step_hooks_registered
 
 __all__ = ["ELEMENTWISE_TYPES", "VIEW_NUMEL", "ViewStep"]
 

@@ -292,7 +292,7 @@ def _interrupt_inside_step(learn: Learner, at: int) -> None:
         if calls[0] == at + 1:
             _thread.interrupt_main()
 
-    fused = learn.opt._fused
+    fused = learn.opt.update.kernel if learn.opt.update.fused else None
     if fused is None:
         learn.opt.optimizer.register_step_post_hook(interrupt)
         return
