@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import transformers
 from accelerate.state import AcceleratorState, GradientState
+from test_docs import ROOT, python_blocks
 
 VOCAB, SEQ = 64, 16
 
@@ -73,3 +74,22 @@ def drift(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], init: dict
     apart = sum(float((got[n] - ref[n]).square().sum()) for n in init) ** 0.5
     moved = sum(float((ref[n] - init[n]).square().sum()) for n in init) ** 0.5
     return apart / moved
+
+
+def run_doc_blocks(page: str, runner: str, tmp_path, monkeypatch) -> int:
+    """Run, as tests/test_docs.py runs a block, each ```python block of docs/`page` marked
+    `<!-- not-run: ... run by <runner> -->`; return how many ran."""
+    text = (ROOT / "docs" / page).read_text()
+    lines = text.splitlines()
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for line, code, runnable in python_blocks(text):
+        marker = next(s for s in reversed(lines[: line - 1]) if s.strip())
+        if runnable or f"run by {runner}" not in marker:
+            continue
+        reset_accelerate()
+        torch.manual_seed(0)
+        exec(compile(code, f"docs/{page}:{line}", "exec"), {"__name__": "__main__"})
+        ran += 1
+    reset_accelerate()
+    return ran

@@ -11,7 +11,15 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from helpers.hf import drift, masters_by_name, moments, reset_accelerate, tiny_gpt2, token_data
+from helpers.hf import (
+    drift,
+    masters_by_name,
+    moments,
+    reset_accelerate,
+    run_doc_blocks,
+    tiny_gpt2,
+    token_data,
+)
 from mixprec import MixedPrecisionOptimizer
 from mixprec.integrations.accelerate import MixedPrecisionAccelerator
 
@@ -172,3 +180,9 @@ def test_mixed_precision_accelerator_refuses_two_engines():
         torch.ones(1, 4, dtype=torch.bfloat16)).sum()).float()  # fmt: skip
     with pytest.raises(ValueError, match="scales each loss for one MixedPrecisionOptimizer"):
         accelerator.backward(loss)
+
+
+def test_the_docs_page_runs_as_written(tmp_path, monkeypatch):
+    page, runner = "accelerate.md", "tests/integrations/test_accelerate.py"
+    assert run_doc_blocks(page, runner, tmp_path, monkeypatch) == 2
+    assert (tmp_path / "state" / "optimizer.bin").exists()

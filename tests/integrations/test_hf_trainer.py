@@ -17,7 +17,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mixprec import MixedPrecisionOptimizer
 from mixprec.integrations.hf import MixedPrecisionCallback, MixedPrecisionTrainer
-from helpers.hf import drift, masters_by_name, moments, reset_accelerate, tiny_gpt2, token_data
+from helpers.hf import (
+    drift,
+    masters_by_name,
+    moments,
+    reset_accelerate,
+    run_doc_blocks,
+    tiny_gpt2,
+    token_data,
+)
 
 STEPS = 4
 TRAINERS = {"Trainer": Trainer, "MixedPrecisionTrainer": MixedPrecisionTrainer}
@@ -213,3 +221,8 @@ def test_the_callback_refuses_the_trainers_own_bf16(tmp_path):
 def test_the_callback_refuses_a_plain_optimizer(tmp_path):
     with pytest.raises(ValueError, match="MixedPrecisionCallback needs a MixedPrecisionOptimizer"):
         run(tmp_path, Trainer, None, callbacks=[MixedPrecisionCallback()], max_steps=1)
+
+
+def test_the_docs_page_runs_as_written(tmp_path, monkeypatch):
+    assert run_doc_blocks("hf-trainer.md", "tests/integrations/test_hf_trainer.py",
+                          tmp_path, monkeypatch) == 2  # fmt: skip

@@ -10,7 +10,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import Trainer, TrainingArguments
 
-from helpers.hf import drift, masters_by_name, reset_accelerate, tiny_llama, token_data
+from helpers.hf import (
+    drift,
+    masters_by_name,
+    reset_accelerate,
+    run_doc_blocks,
+    tiny_llama,
+    token_data,
+)
 from mixprec import MixedPrecisionOptimizer
 from mixprec.integrations.hf import MixedPrecisionCallback
 
@@ -116,3 +123,10 @@ def test_lora_under_the_hf_trainer(tmp_path):
     after = masters_by_name(model, opt)
     assert all(not torch.equal(after[n], adapters_before[n]) for n in after)
     assert opt.skipped_steps == 0
+
+
+def test_the_docs_page_runs_as_written(tmp_path, monkeypatch):
+    page, runner = "peft.md", "tests/integrations/test_peft.py"
+    assert run_doc_blocks(page, runner, tmp_path, monkeypatch) == 1
+    saved = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 8 and {t.dtype for t in saved.values()} == {torch.float32}
