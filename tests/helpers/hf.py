@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import transformers
 from accelerate.state import AcceleratorState, GradientState
+
 from test_docs import ROOT, python_blocks
 
 VOCAB, SEQ = 64, 16

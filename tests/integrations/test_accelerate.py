@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -46,7 +47,9 @@ class Run:
         self.engine = opt if dtype is not None else None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 10)
         loader = DataLoader(token_data(), batch_size=batch)
-        self.accelerator = cls(mixed_precision="no", cpu=True, gradient_accumulation_steps=accumulate)
+        self.accelerator = cls(
+            mixed_precision="no", cpu=True, gradient_accumulation_steps=accumulate
+        )
         self.model, self.opt, self.loader, self.sched = self.accelerator.prepare(
             self.model, opt, loader, sched
         )
@@ -83,7 +86,11 @@ class Run:
         return self
 
     def snapshot(self) -> tuple:
-        return masters_by_name(self.model, self.engine), moments(self.engine), self.sched.get_last_lr()
+        return (
+            masters_by_name(self.model, self.engine),
+            moments(self.engine),
+            self.sched.get_last_lr(),
+        )
 
     def weights(self) -> dict[str, torch.Tensor]:
         if self.engine is None:
@@ -103,7 +110,9 @@ def test_backward_clip_and_accumulate_behave_as_in_fp32(name):
     assert run.norms == pytest.approx(ref.norms, rel=0.1)
     pairs = [sum(run.losses[i : i + 2]) / 2 for i in range(0, 8, 2)]
     assert pairs == pytest.approx(ref.losses, abs=0.02)
-    assert drift(run.weights(), ref.weights(), run.init) < 0.15  # bf16 rounding alone: ~8 % over these 4 Adam steps
+    assert (
+        drift(run.weights(), ref.weights(), run.init) < 0.15
+    )  # bf16 rounding alone: ~8 % over these 4 Adam steps
     assert run.engine.skipped_steps == 0
 
 
@@ -186,3 +195,5 @@ def test_the_docs_page_runs_as_written(tmp_path, monkeypatch):
     page, runner = "accelerate.md", "tests/integrations/test_accelerate.py"
     assert run_doc_blocks(page, runner, tmp_path, monkeypatch) == 2
     assert (tmp_path / "state" / "optimizer.bin").exists()
+    saved = safetensors.torch.load_file(tmp_path / "fp32" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}

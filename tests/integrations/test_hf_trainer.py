@@ -15,8 +15,6 @@ import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from mixprec import MixedPrecisionOptimizer
-from mixprec.integrations.hf import MixedPrecisionCallback, MixedPrecisionTrainer
 from helpers.hf import (
     drift,
     masters_by_name,
@@ -26,6 +24,8 @@ from helpers.hf import (
     tiny_gpt2,
     token_data,
 )
+from mixprec import MixedPrecisionOptimizer
+from mixprec.integrations.hf import MixedPrecisionCallback, MixedPrecisionTrainer
 
 STEPS = 4
 TRAINERS = {"Trainer": Trainer, "MixedPrecisionTrainer": MixedPrecisionTrainer}
@@ -128,7 +128,11 @@ class InjectInf(TrainerCallback):
     def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         self.active = state.global_step == self.at
         if self.active:
-            self.before = (masters_by_name_all(self.opt), moments(self.opt), lr_scheduler.last_epoch)
+            self.before = (
+                masters_by_name_all(self.opt),
+                moments(self.opt),
+                lr_scheduler.last_epoch,
+            )
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.active:
@@ -196,7 +200,9 @@ def test_mixed_precision_trainer_saves_the_fp32_masters(tmp_path):
     trainer.save_model(str(tmp_path / "out"))
     saved = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
     masters = masters_by_name(model, opt)
-    assert all(saved[n].dtype == torch.float32 and torch.equal(saved[n], masters[n]) for n in masters)
+    assert all(
+        saved[n].dtype == torch.float32 and torch.equal(saved[n], masters[n]) for n in masters
+    )
 
 
 def test_fp16_trains_with_loss_scaling_through_mixed_precision_trainer(tmp_path):
@@ -209,7 +215,7 @@ def test_fp16_trains_with_loss_scaling_through_mixed_precision_trainer(tmp_path)
 
 
 def test_the_stock_trainer_refuses_an_fp16_engine(tmp_path):
-    with pytest.raises(ValueError, match="needs its loss scaled.*MixedPrecisionTrainer"):
+    with pytest.raises(ValueError, match=r"needs its loss scaled.*MixedPrecisionTrainer"):
         run(tmp_path, Trainer, torch.float16, max_steps=1)
 
 

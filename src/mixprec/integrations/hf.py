@@ -115,7 +115,7 @@ class MixedPrecisionCallback(TrainerCallback):
         """Add `LOGGED` to the entry being logged and to its copy in `state.log_history`."""
         if self.engine is None or logs is None:
             return
-        values = {"skipped_steps": self.engine.skipped_steps, "loss_scale": self.engine.loss_scale}
+        values = {key: getattr(self.engine, key) for key in LOGGED}
         logs.update(values)
         if state.log_history:  # the Trainer appends its copy of `logs` before on_log
             state.log_history[-1].update(values)
