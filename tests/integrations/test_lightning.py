@@ -16,8 +16,8 @@ from torch.nn import functional as F
 
 from helpers.lightning_modules import Tiny, make_net, tiny_loader, trainer
 from helpers.tensors import tensors_in
-from mixprec import AutocastOptimizer, MixedPrecisionOptimizer, model_to_half
-from mixprec.integrations.engines import exact_fp32_values, masters_by_param, wrap_optimizer
+from mixprec import AutocastOptimizer, MixedPrecisionOptimizer
+from mixprec.engine.conversion import to_half_keeping_exact
 from mixprec.integrations.lightning import MixedPrecisionPlugin
 
 
@@ -57,13 +57,9 @@ class Snapshots(L.Callback):
 def test_masters_take_the_exact_fp32_weights_not_their_rounding():
     net = make_net()
     fp32 = params_of(net)
-    exact = exact_fp32_values(net)
-    model_to_half(net, torch.bfloat16)
-    opt = torch.optim.AdamW(net.parameters())
-    engine = wrap_optimizer(
-        opt, net, mode="master", dtype=torch.bfloat16, loss_scale="dynamic",
-        flat_master=False, clip=None, fused=False, exact=exact, scaler_options={},
-    )  # fmt: skip
+    exact = to_half_keeping_exact(net, torch.bfloat16, None)
+    engine = MixedPrecisionOptimizer(torch.optim.AdamW(net.parameters()), fused=False)
+    engine.load_master_values_(exact)
     masters = [m.detach() for group in engine.master_params for m in group]
     assert same(masters, fp32)
     assert not same([p.float() for p in net.parameters()], fp32)  # the model itself rounded
@@ -115,15 +111,14 @@ def test_persistent_overflow_raises_naming_the_layer():
 
 
 # -- the engine's own loop as the reference -------------------------------------------------
-def engine_loop(accumulate: int, clip: float | None, steps: int) -> list[torch.Tensor]:
+def engine_loop(
+    accumulate: int, clip: float | None, steps: int, unscale: bool = False
+) -> list[torch.Tensor]:
     """The same training with MixedPrecisionOptimizer directly (masters from fp32)."""
     net = make_net()
-    exact = exact_fp32_values(net)
-    model_to_half(net, torch.bfloat16)
-    engine = wrap_optimizer(
-        torch.optim.AdamW(net.parameters(), lr=1e-2), net, mode="master",
-        dtype=torch.bfloat16, loss_scale="dynamic", flat_master=False, clip=clip,
-        fused=False, exact=exact, scaler_options={},
+    engine = MixedPrecisionOptimizer(
+        torch.optim.AdamW(net.parameters(), lr=1e-2), clip=clip, model=net,
+        dtype=torch.bfloat16,
     )  # fmt: skip
     batches = iter(tiny_loader())
     for _ in range(steps):
@@ -131,6 +126,8 @@ def engine_loop(accumulate: int, clip: float | None, steps: int) -> list[torch.T
             x, y = next(batches)
             loss = F.cross_entropy(net(x.bfloat16()).float(), y)
             engine.backward(loss / accumulate)
+        if unscale:  # clipped in fp32 before the step, as Lightning's clip_gradients does
+            engine.unscale_()
         engine.step()
         engine.zero_grad()
     return [m.detach().clone() for group in engine.master_params for m in group]
@@ -163,7 +160,7 @@ def test_manual_optimization_with_clipping_matches_the_engine_loop():
 
     module = Manual()
     trainer(MixedPrecisionPlugin(), max_steps=3).fit(module, tiny_loader())
-    assert same(params_of(module), engine_loop(1, 0.05, steps=3))
+    assert same(params_of(module), engine_loop(1, 0.05, steps=3, unscale=True))
 
 
 def test_validate_outside_fit_runs_half_and_leaves_the_exact_fp32_weights():
@@ -199,7 +196,7 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(tmp_path, flat_master):
 
     ckpt = torch.load(path, weights_only=True)
     engine = t1.precision_plugin.optimizer
-    masters = list(masters_by_param(engine).values())
+    masters = list(engine.master_values().values())
     assert same([ckpt["state_dict"][n] for n, _ in first.named_parameters()], masters)
     assert "masters" not in ckpt["optimizer_states"][0]  # stored once, in state_dict
     assert ckpt["optimizer_states"][0]["scaler"]["skipped_steps"] == 1

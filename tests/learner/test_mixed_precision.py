@@ -281,3 +281,15 @@ def test_an_unknown_option_is_refused_by_name_and_leaves_the_model_fp32(tmp_path
         learn.to_fp16("dynamic", init_sacle=2.0**10)
     for n, p in learn.model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("kw", [{}, {"fused": False}, {"master": "split"}])
+def test_masters_survive_model_float_between_fits(tmp_path, kw):
+    learn = make_learner(tmp_path).to_fp16(dtype=torch.bfloat16, **kw)
+    learn.fit(1)
+    masters = {k: v.clone() for k, v in learn.opt.master_values().items()}
+    learn.model.float()  # the rounded half weights, widened
+    learn.fit(1, 0.0)  # lr 0: nothing moves
+    after = learn.opt.master_values()
+    assert masters.keys() == after.keys()
+    assert all(torch.equal(masters[k], after[k]) for k in masters)

@@ -17,20 +17,19 @@ import torch
 from torch import nn
 
 from mixprec.core.checks import (
-    check_engine_options,
-    check_flag,
     check_optimizer_supported,
     check_param_group,
 )
-from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.config import PrecisionConfig
+from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.interrupts import deferred_interrupt
-from mixprec.core.modes import check_mode_options, check_saved_mode
+from mixprec.core.modes import check_saved_mode
 from mixprec.core.optim_state import (
     check_optimizer_state_dict,
     drop_incomplete_state_,
     optimizer_type_name,
 )
-from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
+from mixprec.core.scaler import LossScale, unscale_and_check_
 from mixprec.engine import forensics
 from mixprec.engine.fused_adam import FusedItem
 from mixprec.engine.step_hooks import enable_step_hooks
@@ -116,10 +115,14 @@ class AutocastOptimizer(OptimizerWrapper):
                 f"the optimizer is already a {type(optimizer).__name__}; wrap a plain "
                 "torch optimizer, once."
             )
-        check_mode_options("autocast", "AutocastOptimizer", show_mode=False, **scaler_options)
-        scaler_options.pop("flat_master", None)  # False is harmless: nothing to lay out
-        clip = check_engine_options(clip, data_parallel)
-        check_flag("fused", fused, none_ok=True)
+        flat_master = scaler_options.pop("flat_master", False)  # False is harmless
+        if not isinstance(data_parallel, bool):
+            raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
+        self.config = PrecisionConfig(
+            dtype=dtype, mode="autocast", loss_scale=loss_scale, flat_master=flat_master,
+            fused=fused, clip=clip, scaler_options=scaler_options, call="AutocastOptimizer",
+        )  # fmt: skip
+        clip = self.config.clip
         check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         for group in optimizer.param_groups:
             _check_fp32(group["params"])
@@ -127,13 +130,13 @@ class AutocastOptimizer(OptimizerWrapper):
         self.device_type = device_type_of(params) if device_type is None else device_type
         if not torch.amp.is_autocast_available(self.device_type):
             raise ValueError(f"torch.autocast does not support device type {self.device_type!r}.")
-        self.dtype = check_half_dtype(dtype)
+        self.dtype = dtype
         self.param_names = (
             {}
             if model is None
             else forensics.param_names(model, [g["params"] for g in optimizer.param_groups])
         )
-        self.scaler = LossScaler(loss_scale, **scaler_options)
+        self.scaler = self.config.new_scaler()
         self.update = choose_update(optimizer, fused)
         self.optimizer = optimizer
         self.clip = clip

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from mixprec.core.checks import check_optimizer_holds
+from mixprec.core.convert import model_to_half
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.master import ParamGroups
 from mixprec.core.policy import PrecisionPolicy, Rule, as_policy
 
-__all__ = ["conversion"]
+__all__ = ["conversion", "to_half_keeping_exact"]
 
 
 def conversion(
@@ -49,3 +50,18 @@ def conversion(
     policy.fp32_roots(model, half)  # a bad rule raises here, not half-way through
     check_optimizer_holds(model, [p for g in model_params for p in g], every_trainable=False)
     return half, policy
+
+
+def to_half_keeping_exact(
+    model: nn.Module, dtype: torch.dtype, keep_fp32: tuple[Rule, ...] | PrecisionPolicy | None
+) -> dict[int, torch.Tensor]:
+    """Convert `model` in place as `model_to_half(model, dtype, keep_fp32)` does and return
+    the fp32 value each fp32 parameter had before (by id), for masters built after the
+    conversion (`MixedPrecisionOptimizer.load_master_values_`): a framework that converts the
+    model before building its optimizer (Lightning, the Learner) keeps the exact weights.
+
+    No copies: the conversion gives each converted parameter new `.data`, and these
+    references keep the old fp32 storage; a parameter kept fp32 is its own exact value."""
+    exact = {id(p): p.detach() for p in model.parameters() if p.dtype == torch.float32}
+    model_to_half(model, dtype, as_policy(keep_fp32))
+    return exact

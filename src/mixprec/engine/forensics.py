@@ -37,6 +37,8 @@ __all__ = [
     "WeightFault",
     "weight_faults",
     "clip_grad_norm_if_finite_",
+    "clip_to_norm_",
+    "total_grad_norm",
     "naming_overflow",
     "overflow_report",
     "param_names",
@@ -91,6 +93,7 @@ class OverflowReport:
     loss_scale: float
     faults: tuple[GradFault, ...]
     weights: tuple[WeightFault, ...] = ()
+    norm_overflow: bool = False  # every gradient finite, their global norm not (clip=)
 
     @property
     def names(self) -> list[str]:
@@ -99,6 +102,12 @@ class OverflowReport:
 
     def __str__(self) -> str:
         head = f"step {self.step} (counted from 0; loss scale {self.loss_scale})"
+        if not self.faults and self.norm_overflow:
+            return (
+                f"{head}: every gradient is finite, but their global norm overflows fp32, so "
+                "clip= cannot scale them and the step is skipped. Lower the loss scale, or "
+                "find the layer whose gradients grow that large (opt.last_grad_norm is inf)"
+            )
         if not self.faults:
             return (
                 f"{head}: no inf/nan in this process's gradients; another rank's gradients "
@@ -198,18 +207,38 @@ def naming_overflow(report: OverflowReport | None) -> Iterator[None]:
 
 
 @torch.no_grad()
+def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients (foreach, fp32; 0 without any), as
+    `torch.nn.utils.clip_grad_norm_` computes it. No host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(nn.utils, "get_total_norm"):
+        return nn.utils.get_total_norm(grads, foreach=True)
+    if not grads:  # torch < 2.6
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+@torch.no_grad()
+def clip_to_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients whose global norm is `norm` down to `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` does; an inf/nan `norm` leaves them as they are (the
+    step is skipped: torch would multiply every gradient by nan or 0, wiping out where the
+    inf/nan were). No host sync."""
+    params = list(parameters)
+    finite_or_zero = torch.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0)  # 0: no clipping
+    if hasattr(nn.utils, "clip_grads_with_norm_"):
+        nn.utils.clip_grads_with_norm_(params, max_norm, finite_or_zero, foreach=True)
+        return
+    grads = [p.grad for p in params if p.grad is not None]  # torch < 2.6
+    if grads:
+        coef = torch.clamp(max_norm / (finite_or_zero + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+
 def clip_grad_norm_if_finite_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` (foreach), except that gradients whose total norm is
-    inf/nan are left as they are; returns the norm.
-
-    Such a step is skipped anyway; torch's version would multiply every gradient by nan
-    (or 0), wiping out where the inf/nan were. Same numbers on a finite norm; no host sync.
-    """
+    inf/nan are left as they are; returns the norm. No host sync."""
     params = list(parameters)
-    if not hasattr(nn.utils, "clip_grads_with_norm_"):  # torch < 2.6: torch's own clipping
-        return nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = nn.utils.get_total_norm(grads, foreach=True)
-    finite_or_zero = torch.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0)  # 0: no clipping
-    nn.utils.clip_grads_with_norm_(params, max_norm, finite_or_zero, foreach=True)
+    norm = total_grad_norm(params)
+    clip_to_norm_(params, max_norm, norm)
     return norm

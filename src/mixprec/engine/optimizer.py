@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from mixprec.core.checks import (
-    check_engine_options,
-    check_flag,
     check_optimizer_holds,
     check_optimizer_supported,
     check_param_group,
 )
 from mixprec.core.chunked import copy_unscale_check_
+from mixprec.core.config import PrecisionConfig
 from mixprec.core.convert import model_to_half, restore_fp32_
 from mixprec.core.flat_group import FlatGroup
 from mixprec.core.interrupts import deferred_interrupt
@@ -34,7 +33,7 @@ from mixprec.core.optim_state import (
     optimizer_type_name,
 )
 from mixprec.core.policy import PrecisionPolicy, Rule
-from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
+from mixprec.core.scaler import LossScale, unscale_and_check_
 from mixprec.engine import forensics
 from mixprec.engine.conversion import conversion
 from mixprec.engine.fused_adam import FusedItem
@@ -149,30 +148,27 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 "model must be the nn.Module whose parameters the optimizer holds; got "
                 f"{type(model).__name__}."
             )
-        clip = check_engine_options(clip, data_parallel)
-        check_flag("flat_master", flat_master)
-        check_flag("fused", fused, none_ok=True)
-        if master not in ("fp32", "split"):
-            raise ValueError(f'master must be "fp32" or "split"; got {master!r}.')
+        if not isinstance(data_parallel, bool):
+            raise TypeError(f"data_parallel must be True or False; got {data_parallel!r}.")
         check_optimizer_supported(optimizer, model if isinstance(model, nn.Module) else None)
         groups = [list(group["params"]) for group in optimizer.param_groups]
-        check_master_params(groups, bool(flat_master))
+        check_master_params(groups, flat_master is True)
         # frozen parameters get no master: the optimizer would never step them
         model_params = [[p for p in g if p.requires_grad] for g in groups]
         frozen = [[p for p in g if not p.requires_grad] for g in groups]
         check_not_held(model_params)
         self.dtype, policy = conversion(groups, model, dtype, keep_fp32)
+        self.config = PrecisionConfig(
+            dtype=self.dtype, loss_scale=loss_scale, flat_master=flat_master, fused=fused,
+            master=master, clip=clip, scaler_options=scaler_options,
+            call="MixedPrecisionOptimizer",
+        )  # fmt: skip
+        clip = self.config.clip
         if master == "split":
-            if policy is not None and self.dtype != torch.bfloat16:
-                raise ValueError(
-                    'MixedPrecisionOptimizer(..., master="split") stores masters as bf16 '
-                    f"weights plus 16 low bits; the model would be converted to {self.dtype}. Pass "
-                    'dtype=torch.bfloat16, or use master="fp32".'
-                )
             check_split_options(optimizer, model_params, bool(flat_master), fused)
         self.model = model
         self.param_names = {} if model is None else forensics.param_names(model, groups)
-        self.scaler = LossScaler(loss_scale, **scaler_options)
+        self.scaler = self.config.new_scaler()
         self.update = choose_update(optimizer, fused, split=master == "split")
         # Asked for explicitly, the fused path also frees the fp32 master grads it had to
         # make (16 B/param).

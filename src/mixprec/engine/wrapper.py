@@ -16,6 +16,7 @@ the update strategy (`mixprec.engine.updates`) is chosen once, at construction.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -187,7 +188,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
             assert self._found_inf is not None
             overflow = bool(self._found_inf.item())  # the one host sync of the step
             if overflow:  # only now: forensics cost nothing on clean steps
-                self.last_overflow = self._overflow_report(from_model_grads=False)
+                self.last_overflow = self._report(from_model_grads=False)
             else:
                 try:
                     with torch.no_grad():
@@ -222,16 +223,21 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
     def _unscale(self) -> None:
         """The fp32 gradients of this step, unscaled and checked (`_found_inf` set, reduced
-        across ranks, recorded), then clipped to `clip`."""
+        across ranks, recorded), then clipped to `clip`. A global norm that overflows fp32
+        (finite gradients of ~1e19 and more) counts as an overflow: clipping cannot scale
+        them, and every path (fused or not, FSDP2's `scaled_step`) skips that step."""
         found_inf = self._unscale_into_fp32(self._grad_scale)
         if found_inf is None:
             found_inf = torch.zeros(1, device=self._device())
+        norm = None
+        if self.clip is not None:
+            norm = forensics.total_grad_norm(self._clip_holders())
+            found_inf.copy_(torch.maximum(found_inf, (~torch.isfinite(norm)).reshape(1)))
         self._all_reduce_overflow(found_inf)
         self.telemetry.record_(found_inf, self._grad_scale, self._fp32_grads)  # before clip
-        if self.clip is not None:
-            self.last_grad_norm = forensics.clip_grad_norm_if_finite_(
-                self._clip_holders(), self.clip
-            )
+        if norm is not None:
+            forensics.clip_to_norm_(self._clip_holders(), self.clip, norm)
+            self.last_grad_norm = norm
         self._found_inf = found_inf
         self._state = StepState.UNSCALED
 
@@ -259,11 +265,19 @@ class OptimizerWrapper(torch.optim.Optimizer):
             if norm is not None:
                 self.last_grad_norm = norm
             if overflow:  # read the half grads before they are zeroed
-                self.last_overflow = self._overflow_report(from_model_grads=True)
+                self.last_overflow = self._report(from_model_grads=True)
             else:
                 self._stepped_fused()
             self._after_fused_step(overflow)
         return overflow
+
+    def _report(self, from_model_grads: bool) -> forensics.OverflowReport:
+        """The skipped step's report: the layout's, marked when only the norm overflowed."""
+        report = self._overflow_report(from_model_grads)
+        norm = self.last_grad_norm
+        if not report.faults and norm is not None and not bool(torch.isfinite(norm)):
+            report = dataclasses.replace(report, norm_overflow=True)
+        return report
 
     def _end_step(self, overflow: bool) -> bool:
         """The step's end: the next backward starts a new step; the scaler's update; return

@@ -45,23 +45,21 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mixprec.core.checks import check_engine_options, check_trainable
-from mixprec.core.convert import cast_floats, model_to_float, model_to_half, restore_fp32_
-from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.checks import check_trainable
+from mixprec.core.config import PrecisionConfig
+from mixprec.core.convert import cast_floats, model_to_float, restore_fp32_
+from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.master import masters_from_values
-from mixprec.core.modes import Mode, check_mode, check_mode_options
+from mixprec.core.modes import Mode
 from mixprec.core.policy import DEFAULT_FP32, PrecisionPolicy, Rule
 from mixprec.core.scaler import LossScale, LossScaler
 from mixprec.engine.autocast import autocast_region, device_type_of
+from mixprec.engine.conversion import to_half_keeping_exact
 from mixprec.engine.forensics import OverflowReport, clip_grad_norm_if_finite_
+from mixprec.engine.from_config import Engine, build_engine
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
-from mixprec.integrations.engines import (
-    Engine,
-    exact_fp32_values,
-    masters_by_param,
-    wrap_optimizer,
-)
-from mixprec.parallel.distributed import unwrap
+from mixprec.engine.wrapper import OptimizerWrapper
+from mixprec.parallel.distributed import broadcast_from_rank0_, unwrap
 
 __all__ = ["MixedPrecisionPlugin"]
 
@@ -103,29 +101,26 @@ class MixedPrecisionPlugin(Precision):
         loss_scale: LossScale = "dynamic",
         *,
         flat_master: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         clip: float | None = None,
         keep_fp32: tuple[Rule, ...] | PrecisionPolicy = DEFAULT_FP32,
         log_metrics: bool = True,
         **scaler_options: Any,
     ) -> None:
-        self.mode = check_mode(mode)
-        call = f"MixedPrecisionPlugin(mode={mode!r}, ...)"
-        check_mode_options(self.mode, call, show_mode=False, flat_master=flat_master, fused=fused)
-        self.dtype = check_half_dtype(dtype)
-        LossScaler(loss_scale, **scaler_options)  # refuse bad options now, not at fit()
-        self.loss_scale = loss_scale
-        self.flat_master = bool(flat_master)
-        self.fused = bool(fused)
-        self.clip = check_engine_options(clip, True)
+        self.config = PrecisionConfig(
+            dtype=dtype, mode=mode, loss_scale=loss_scale, flat_master=flat_master,
+            fused=fused, clip=clip, scaler_options=scaler_options, call="MixedPrecisionPlugin",
+        )  # fmt: skip
+        self.mode, self.dtype, self.loss_scale = mode, dtype, loss_scale
+        self.flat_master, self.fused, self.clip = flat_master, fused, self.config.clip
+        self.scaler_options = self.config.scaler_options
         self.keep_fp32 = keep_fp32
         self.log_metrics = bool(log_metrics)
-        self.scaler_options = scaler_options
         self.precision = "bf16-mixed" if self.dtype == torch.bfloat16 else "16-mixed"
         self.optimizer: Engine | None = None  # the engine, once an optimizer is known
         self.step_was_skipped = False  # whether the last optimizer step overflowed
         self._module: nn.Module | None = None  # the module convert_module() was given
-        self._exact: dict[torch.Tensor, torch.Tensor] = {}  # fp32 values before conversion
+        self._exact: dict[int, torch.Tensor] = {}  # fp32 values before conversion, by id
         self._hook: RemovableHandle | None = None  # casts the module's outputs to fp32
         self._trainer = False  # connect() was called: a Trainer run, not Fabric
         self._unscaled = False  # unscale_() ran for the step in progress
@@ -170,8 +165,7 @@ class MixedPrecisionPlugin(Precision):
                 model_to_float(module)  # autocast runs an fp32 model
             return module
         check_trainable(module, frozen_ok=True)
-        self._exact = exact_fp32_values(module)
-        model_to_half(module, self.dtype, self.keep_fp32)
+        self._exact = to_half_keeping_exact(module, self.dtype, self.keep_fp32)
         self._hook = module.register_forward_hook(_to_fp32_output)
         return module
 
@@ -200,7 +194,7 @@ class MixedPrecisionPlugin(Precision):
         """Wrap the one optimizer in the engine; step-interval lr schedulers step only after
         applied steps."""
         self._trainer = True
-        if not optimizers:  # validate/test/predict
+        if not optimizers or optimizers[0] is self.optimizer:  # validate/test/predict
             return model, optimizers, lr_schedulers
         if len(optimizers) > 1:
             raise ValueError(
@@ -265,7 +259,9 @@ class MixedPrecisionPlugin(Precision):
         if closure_result is None and model.automatic_optimization:
             return closure_result  # training_step returned None: no backward, nothing to step
         engine = self._engine()
-        if not engine.fused:  # the fused step unscales itself, unless clipping asks first
+        if not engine.fused or self.log_metrics:
+            # the fused step unscales from the half grads itself, unless clipping or the
+            # logged gradient norm asks first (log_metrics=False: the one-pass step)
             self._unscale_once()
         self._after_closure(model, optimizer)  # hooks, then configure_gradient_clipping
         self._unscaled = False  # the next step unscales afresh, even if this one raises
@@ -342,11 +338,11 @@ class MixedPrecisionPlugin(Precision):
         if not states or weights is None or "masters" not in states[0]:
             return
         names = _names_by_param(self._module)
-        masters = masters_by_param(engine)
-        for p, value in masters.items():
+        values = engine.master_values()
+        for p in (p for group in engine.model_params for p in group):
             for name in names.get(p, ()):
                 if name in weights:
-                    weights[name] = value
+                    weights[name] = values[id(p)]
         saved = dict(states[0])
         del saved["masters"]
         saved[_MASTERS_IN_STATE_DICT] = [
@@ -393,27 +389,28 @@ class MixedPrecisionPlugin(Precision):
         if module is None or self.mode != "master" or not self._trainer:
             return
         if isinstance(self.optimizer, MixedPrecisionOptimizer):
-            exact = masters_by_param(self.optimizer)
+            exact = self.optimizer.master_values()
+            self.optimizer.release()  # a later fit, by this plugin or another, wraps anew
         else:
             exact = self._exact
-        restore_fp32_(module, {id(p): v for p, v in exact.items()})
+        restore_fp32_(module, exact)
         self._exact = {}
 
     # -- internals ----------------------------------------------------------------------------
     def _wrap(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Engine:
+        """The engine of this plugin's mode around `optimizer` (built on the converted
+        `model`), its masters the exact fp32 values the model had; every rank takes rank 0's,
+        as DDP gives every rank rank 0's weights. The loss scale of an earlier fit carries on."""
         previous = self.optimizer
-        engine = wrap_optimizer(
-            optimizer,
-            model,
-            mode=self.mode,
-            dtype=self.dtype,
-            loss_scale=self.loss_scale,
-            flat_master=self.flat_master,
-            clip=self.clip,
-            fused=self.fused,
-            exact=self._exact,
-            scaler_options=self.scaler_options,
-        )
+        if isinstance(optimizer, OptimizerWrapper):  # another plugin's engine: its masters
+            if isinstance(optimizer, MixedPrecisionOptimizer):
+                self._exact.update(optimizer.master_values())
+                optimizer.release()
+            optimizer = optimizer.optimizer
+        engine = build_engine(self.config, optimizer, model)
+        if isinstance(engine, MixedPrecisionOptimizer):
+            engine.load_master_values_(self._exact)
+            broadcast_from_rank0_(engine.master_tensors())
         if previous is not None:  # another fit: the loss scale carries on
             engine.scaler.load_state_dict(previous.scaler.state_dict())
         self._exact = {}
@@ -459,7 +456,7 @@ class MixedPrecisionPlugin(Precision):
 
     def _early_scaler(self) -> LossScaler:
         """The scaler the engine will start with: fresh, or the one a checkpoint restores."""
-        scaler = LossScaler(self.loss_scale, **self.scaler_options)
+        scaler = self.config.new_scaler()
         if self._saved_state is not None:
             scaler.load_state_dict(self._saved_state["scaler"])
         return scaler

@@ -7,7 +7,6 @@ works as it did in fastai v1.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -16,14 +15,13 @@ from typing import Any, Literal
 import torch
 
 from mixprec.core.checks import (
-    check_engine_options,
-    check_flag,
     check_optimizer_holds,
     check_trainable,
     held_params,
 )
-from mixprec.core.convert import cast_floats, model_to_float, model_to_half, restore_fp32_
-from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
+from mixprec.core.config import PrecisionConfig
+from mixprec.core.convert import cast_floats, model_to_float, restore_fp32_
+from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     get_master,
@@ -31,9 +29,11 @@ from mixprec.core.master import (
     master_views,
     model_g2master_g,
 )
-from mixprec.core.modes import Mode, check_mode, check_mode_options, check_saved_mode
-from mixprec.core.scaler import LossScale, LossScaler
+from mixprec.core.modes import Mode, check_saved_mode
+from mixprec.core.scaler import LossScale
 from mixprec.engine.autocast import AutocastOptimizer, autocast_region, device_type_of
+from mixprec.engine.conversion import to_half_keeping_exact
+from mixprec.engine.from_config import build_engine
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.engine.telemetry import Telemetry
 from mixprec.learner.callback import Callback, LearnerLike
@@ -89,27 +89,27 @@ class MixedPrecision(Callback):
         telemetry: int | Telemetry | None = None,
         **scaler_options: Any,
     ) -> None:
-        self.mode = check_mode(mode)
-        check_flag("flat_master", flat_master)
-        check_flag("fused", fused, none_ok=True)
-        check_mode_options(self.mode, flat_master=flat_master, fused=fused)
-        _check_split(master, self.mode, dtype)
-        _check_option_names(scaler_options)
-        LossScaler(loss_scale, **scaler_options)  # reject bad options now, not at fit()
+        self.config = PrecisionConfig(
+            dtype=dtype, mode=mode, loss_scale=loss_scale, flat_master=flat_master,
+            fused=fused, master=master, clip=clip, scaler_options=scaler_options,
+        )  # fmt: skip
         if telemetry is not None and not isinstance(telemetry, Telemetry):
             telemetry = Telemetry(every=telemetry)
         self.telemetry = telemetry
         self.learn = learn
-        self.loss_scale = loss_scale
-        self.flat_master = bool(flat_master)
-        self.dtype = check_half_dtype(dtype)
-        self.clip = check_engine_options(clip, True)  # refuse a bad clip now too
-        self.fused = None if fused is None else bool(fused)
-        self.master = master
-        self.scaler_options = scaler_options
         self.opt: MixedPrecisionOptimizer | AutocastOptimizer | None = None
-        self._tfm = partial(batch_to_half, dtype=self.dtype)
+        self._tfm = partial(batch_to_half, dtype=self.config.dtype)
         self._frozen_flat: list[torch.Tensor] = []
+
+    # the options, as the config holds them
+    mode = property(lambda self: self.config.mode)
+    dtype = property(lambda self: self.config.dtype)
+    loss_scale = property(lambda self: self.config.loss_scale)
+    flat_master = property(lambda self: self.config.flat_master)
+    fused = property(lambda self: self.config.fused)
+    master = property(lambda self: self.config.master)
+    clip = property(lambda self: self.config.clip)
+    scaler_options = property(lambda self: self.config.scaler_options)
 
     def prepare(self) -> MixedPrecisionOptimizer | AutocastOptimizer:
         """Convert the model to half (mode "master"; to fp32 under "autocast") and wrap the
@@ -131,12 +131,12 @@ class MixedPrecision(Callback):
             with deferred_interrupt():
                 exact = {}
                 if self.mode == "master":
-                    exact = {
-                        id(p): p.detach().clone()
-                        for p in learn.model.parameters()
-                        if p.dtype == torch.float32
-                    }
-                    model_to_half(learn.model, self.dtype)
+                    exact = to_half_keeping_exact(learn.model, self.dtype, None)
+                    if isinstance(self.opt, MixedPrecisionOptimizer) and learn.opt is self.opt:
+                        # parameters with a master keep it: the model's value is at best its
+                        # rounding (say the user called model.float() between fits)
+                        held = self.opt.master_values()
+                        exact = {k: v for k, v in exact.items() if k not in held}
                 elif any(p.dtype in HALF_DTYPES for p in learn.model.parameters()):
                     model_to_float(learn.model)  # autocast runs an fp32 model
                 if self.opt is None or learn.opt is not self.opt:
@@ -174,26 +174,7 @@ class MixedPrecision(Callback):
 
     def _engine(self, inner: torch.optim.Optimizer) -> MixedPrecisionOptimizer | AutocastOptimizer:
         """The optimizer wrapper of this mode, around `inner`."""
-        if self.mode == "autocast":
-            return AutocastOptimizer(
-                inner,
-                self.loss_scale,
-                dtype=self.dtype,
-                clip=self.clip,
-                fused=self.fused,
-                model=self.learn.model,  # names the parameters in overflow reports
-                **self.scaler_options,
-            )
-        return MixedPrecisionOptimizer(
-            inner,
-            self.loss_scale,
-            flat_master=self.flat_master,
-            clip=self.clip,
-            fused=self.fused,
-            master=self.master,
-            model=self.learn.model,  # names the parameters in overflow reports
-            **self.scaler_options,
-        )
+        return build_engine(self.config, inner, self.learn.model)
 
     def forward_context(self) -> AbstractContextManager:
         """The region the Learner runs the forward pass and the loss in: `torch.autocast`
@@ -271,36 +252,6 @@ class MixedPrecision(Callback):
             f"MixedPrecision(loss_scale={self.loss_scale!r}, flat_master={self.flat_master}, "
             f"dtype={self.dtype}, clip={self.clip}, fused={self.fused}, mode={self.mode!r}, "
             f"master={self.master!r})"
-        )
-
-
-def _check_split(master: Any, mode: Mode, dtype: Any) -> None:
-    """Refuse a `master` layout other than "fp32" and "split", and split masters outside
-    mode "master" in bf16 (they are the bf16 weights plus their 16 low bits)."""
-    if master not in ("fp32", "split"):
-        raise ValueError(f'MixedPrecision(master=...) must be "fp32" or "split"; got {master!r}.')
-    if master == "split" and mode != "master":
-        raise ValueError(
-            f"MixedPrecision(mode={mode!r}, master='split'): split masters are the bf16 "
-            "weights of a half model plus 16 low bits; mode='autocast' keeps no masters. Drop "
-            "master= or use mode='master'."
-        )
-    if master == "split" and dtype != torch.bfloat16:
-        raise ValueError(
-            f"MixedPrecision(master='split', dtype={dtype}): split masters are bf16 weights "
-            "plus 16 low bits. Pass dtype=torch.bfloat16, or master='fp32'."
-        )
-
-
-def _check_option_names(options: Mapping[str, Any]) -> None:
-    """Raise a TypeError naming the options that neither MixedPrecision nor LossScaler takes."""
-    known = [n for n in inspect.signature(LossScaler).parameters if n != "loss_scale"]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise TypeError(
-            f"MixedPrecision got unknown option(s) {', '.join(unknown)}; it takes dtype, clip, "
-            f"fused, mode, master, telemetry, flat_master and the LossScaler options "
-            f"{', '.join(known)}."
         )
 
 

@@ -35,6 +35,7 @@ from mixprec.core.checkpoint import save_checkpoint
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.data import DataBunch
 from mixprec.parallel.distributed import (
+    broadcast_from_rank0_,
     collective_timeout,
     init_distributed,
     is_data_parallel,
@@ -108,16 +109,8 @@ class Ranks:
     @torch.no_grad()
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite `tensors` with rank 0's values: one broadcast per dtype and device."""
-        if not self.enabled:
-            return
-        kinds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for t in tensors:
-            kinds.setdefault((t.dtype, t.device), []).append(t.detach())
-        for group in kinds.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.broadcast(flat, src=0)
-            views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)]
-            torch._foreach_copy_(group, views)
+        if self.enabled:
+            broadcast_from_rank0_(tensors)
 
     @contextmanager
     def training(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> Iterator[None]:

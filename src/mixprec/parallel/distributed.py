@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mixprec.core.checkpoint import save_checkpoint
 
 __all__ = [
+    "broadcast_from_rank0_",
     "COLLECTIVE_TIMEOUT_S",
     "INIT_TIMEOUT_S",
     "CollectiveTimeout",
@@ -354,3 +355,21 @@ def save_on_rank0(
     if status[0] is not None:
         raise RuntimeError(f"rank 0 could not write {path}: {status[0]}")
     return Path(path)
+
+
+@torch.no_grad()
+def broadcast_from_rank0_(
+    tensors: Iterable[torch.Tensor], process_group: dist.ProcessGroup | None = None
+) -> None:
+    """Overwrite `tensors` in place with rank 0's values: one broadcast per dtype and device;
+    nothing outside data-parallel runs."""
+    if not is_data_parallel(process_group):
+        return
+    kinds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        kinds.setdefault((t.dtype, t.device), []).append(t.detach())
+    for group in kinds.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=0, group=process_group)
+        views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)]
+        torch._foreach_copy_(group, views)

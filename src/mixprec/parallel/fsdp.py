@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mixprec.core.dtypes import check_half_dtype
-from mixprec.core.policy import NORM_TYPES
+from mixprec.core.policy import DEFAULT_FP32, PrecisionPolicy, Rule, as_policy
 from mixprec.core.scaler import LossScaler, unscale_and_check_
 from mixprec.parallel.distributed import all_reduce_overflow_
 
@@ -42,16 +42,16 @@ except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
 __all__ = ["fully_shard_half", "scaled_step"]
 
 
-def _fp32_units(module: nn.Module, keep_fp32: tuple[type[nn.Module], ...]) -> list[nn.Module]:
-    """The `keep_fp32` submodules, outside submodules already sharded."""
+def _fp32_units(module: nn.Module, roots: set[int]) -> list[nn.Module]:
+    """The kept-fp32 submodules (ids in `roots`), outside submodules already sharded."""
     found = []
     for child in module.children():
         if isinstance(child, FSDPModule):
             continue
-        if isinstance(child, keep_fp32):
+        if id(child) in roots:
             found.append(child)
         else:
-            found.extend(_fp32_units(child, keep_fp32))
+            found.extend(_fp32_units(child, roots))
     return found
 
 
@@ -59,20 +59,24 @@ def fully_shard_half(
     module: nn.Module,
     dtype: torch.dtype = torch.float16,
     *,
-    keep_fp32: tuple[type[nn.Module], ...] = NORM_TYPES,
+    keep_fp32: tuple[Rule, ...] | PrecisionPolicy = DEFAULT_FP32,
     reduce_dtype: torch.dtype | None = None,
     **fsdp_kwargs: Any,
 ) -> nn.Module:
     """Shard `module` with FSDP2's `fully_shard` to compute in `dtype` on fp32 sharded masters.
 
-    Each `keep_fp32` submodule (norm layers, by default) not inside an already sharded
-    submodule becomes its own unit that computes in fp32 and returns `dtype`, as under
-    `model_to_half`; then `module` computes in `dtype`. Gradients are reduced in
+    Each submodule `keep_fp32` keeps in fp32 (`model_to_half`'s rules: the norm layers by
+    type and by class name, e.g. a Llama's `LlamaRMSNorm`, and what an HF model declares in
+    `_keep_in_fp32_modules`; or a `PrecisionPolicy`) not inside an already sharded submodule
+    becomes its own unit that computes in fp32 and returns `dtype`, as under `model_to_half`;
+    then `module` computes in `dtype`. Gradients are reduced in
     `reduce_dtype` (default `dtype`: half the bytes of fp32, as under DDP; torch.float32 for
     more accuracy) and land on the fp32 shards. `fsdp_kwargs` go to `fully_shard`
     (mesh, reshard_after_forward, ...). Returns `module`, sharded in place.
     """
     check_half_dtype(dtype)
+    policy = as_policy(keep_fp32)
+    roots = {id(m) for m, _ in policy.fp32_roots(module, dtype).values()}  # a bad rule raises
     reduce_dtype = dtype if reduce_dtype is None else reduce_dtype
     if "mp_policy" in fsdp_kwargs:
         raise TypeError(
@@ -82,7 +86,7 @@ def fully_shard_half(
     fp32_policy = MixedPrecisionPolicy(
         param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype
     )
-    for unit in _fp32_units(module, tuple(keep_fp32)):
+    for unit in _fp32_units(module, roots):
         fully_shard(unit, mp_policy=fp32_policy, **fsdp_kwargs)
     half_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
     fully_shard(module, mp_policy=half_policy, **fsdp_kwargs)
@@ -115,11 +119,28 @@ def scaled_step(
     if found_inf is None:  # this rank holds no gradient; it still joins the all-reduce
         device = params[0].device if params else torch.device("cpu")
         found_inf = torch.zeros(1, device=device)
+    norm = None
+    if clip is not None and hasattr(nn.utils, "get_total_norm"):
+        # the global norm over every rank's shards; one that overflows fp32 (finite
+        # gradients of ~1e19 and more) cannot be clipped: the step is skipped, as the
+        # engine's is
+        norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = _full(norm).to(found_inf.device)
+        found_inf.copy_(torch.maximum(found_inf, (~torch.isfinite(norm)).reshape(1)))
     all_reduce_overflow_(found_inf, process_group)
     overflow = bool(found_inf.item())  # the one host sync of the step
     if not overflow:
-        if clip is not None:
-            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+        with_grads = [p for p in params if p.grad is not None]
+        if norm is not None:
+            nn.utils.clip_grads_with_norm_(with_grads, clip, norm)
+        elif clip is not None:  # torch < 2.6
+            nn.utils.clip_grad_norm_(with_grads, clip)
         optimizer.step()
     scaler.update(overflow)
     return not overflow
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a norm reduced over the shards); a tensor as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
