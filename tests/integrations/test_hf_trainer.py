@@ -171,6 +171,25 @@ def test_an_inf_step_is_skipped_logged_and_not_scheduled(tmp_path, name):
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
 
 
+def test_without_the_callback_the_trainer_schedules_a_skipped_step(tmp_path):
+    """Why MixedPrecisionCallback exists: Accelerate reports only its own GradScaler's skips,
+    so the stock Trainer steps its lr scheduler after the engine skipped."""
+    reset_accelerate()
+    model = tiny_gpt2()
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
+    )
+    inject = InjectInf(model, opt, at=2)
+    trainer = Trainer(
+        model, args_for(tmp_path), train_dataset=token_data(), optimizers=(opt, None),
+        callbacks=[inject],
+    )  # fmt: skip
+    trainer.train()
+    assert opt.skipped_steps == 1
+    assert inject.after[2] == inject.before[2] + 1  # advanced on the skipped step
+    assert trainer.lr_scheduler.last_epoch == STEPS
+
+
 @pytest.mark.parametrize("name", sorted(TRAINERS))
 def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path, name):
     saving = dict(max_steps=6, save_strategy="steps", save_steps=3)
