@@ -156,7 +156,7 @@ def test_import_mixprec_loads_no_optional_dependency():
     code = (
         "import sys, mixprec, mixprec.callbacks.fp16; "
         "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', "
-        "'matplotlib') if m in sys.modules))"
+        "'accelerate', 'peft', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

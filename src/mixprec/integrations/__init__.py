@@ -2,6 +2,8 @@
 
 Each framework module imports its framework, so none is imported by `import mixprec`; import
 the one you use: `from mixprec.integrations.lightning import MixedPrecisionPlugin`
-(`pip install -e '.[lightning]'` in the checkout). `mixprec.integrations.engines` holds the
-framework-free glue they share. Imports only from the layers below (core, parallel, engine).
+(`pip install -e '.[lightning]'` in the checkout), `from mixprec.integrations.hf import
+MixedPrecisionCallback, MixedPrecisionTrainer` (HF transformers' Trainer) and
+`from mixprec.integrations.accelerate import MixedPrecisionAccelerator` (`pip install -e
+'.[hf]'`). Imports only from the layers below (core, parallel, engine) and each other.
 """
