@@ -48,3 +48,17 @@ def test_fp32_state_dict_needs_the_model():
     opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()))
     with pytest.raises(ValueError, match=r"build the wrapper with model="):
         opt.fp32_state_dict()
+
+
+def test_a_tied_parameter_is_one_tensor_under_each_name():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as a language model's input and output embeddings
+    model = nn.Sequential(emb, head)
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(model.parameters()), model=model, dtype=torch.bfloat16
+    )
+    state = opt.fp32_state_dict()
+    assert state["0.weight"] is state["1.weight"]  # saved once (save_pretrained, torch.save)
+    assert torch.equal(state["0.weight"], opt.master_values()[id(emb.weight)])

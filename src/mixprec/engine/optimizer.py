@@ -263,11 +263,14 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             )
         values = self.master_values()
         state = self.model.state_dict()
+        copies: dict[int, torch.Tensor] = {}  # a tied parameter: one tensor under each name
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if name in state:
-                value = values.get(id(p))
-                source = p.detach() if value is None else value
-                state[name] = source.to(torch.float32, copy=True)
+                if id(p) not in copies:
+                    value = values.get(id(p))
+                    source = p.detach() if value is None else value
+                    copies[id(p)] = source.to(torch.float32, copy=True)
+                state[name] = copies[id(p)]
         return state
 
     def release(self) -> None:
