@@ -23,7 +23,7 @@ from mixprec.core.checks import (
     check_param_group,
 )
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
-from mixprec.core.interrupts import deferred_interrupt
+from mixprec.core.interrupts import atomic_region, deferred_interrupt
 from mixprec.core.modes import check_mode_options, check_saved_mode
 from mixprec.core.optim_state import (
     check_optimizer_state_dict,
@@ -60,8 +60,10 @@ def device_type_of(params: Iterable[torch.Tensor]) -> str:
 
 
 def autocast_region(device_type: str, dtype: torch.dtype) -> AbstractContextManager:
-    """`torch.autocast(device_type, dtype)`: the region the forward and the loss run in."""
-    return torch.autocast(device_type, dtype=dtype)
+    """`torch.autocast(device_type, dtype)`: the region the forward and the loss run in,
+    entered and left whole even if Ctrl-C comes meanwhile (`atomic_region`), so autocast is
+    never left on."""
+    return atomic_region(torch.autocast(device_type, dtype=dtype))
 
 
 class AutocastOptimizer(OptimizerWrapper):
