@@ -28,6 +28,7 @@ from mixprec.core.modes import check_mode_options, check_saved_mode
 from mixprec.core.optim_state import (
     check_optimizer_state_dict,
     drop_incomplete_state_,
+    load_optimizer_state_dict,
     optimizer_type_name,
 )
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
@@ -321,7 +322,7 @@ class AutocastOptimizer(OptimizerWrapper):
         (see `check_state_dict`), none of it."""
         self.check_state_dict(state_dict)
         with deferred_interrupt():
-            self.optimizer.load_state_dict(state_dict["optimizer"])
+            load_optimizer_state_dict(self.optimizer, state_dict["optimizer"])
             self.scaler.load_state_dict(state_dict["scaler"])
             if self._fused is not None:
                 self._fused.invalidate()
