@@ -18,9 +18,7 @@ CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
         ("torch.set_num_threads(2)", "threads"),
     ],
 )
-def test_a_test_that_leaves_global_torch_state_changed_fails_and_is_undone(
-    pytester, leak, named
-):
+def test_a_test_that_leaves_global_torch_state_changed_fails_and_is_undone(pytester, leak, named):
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(
         f"""
@@ -39,5 +37,8 @@ def test_a_test_that_leaves_global_torch_state_changed_fails_and_is_undone(
     result = pytester.runpytest_inprocess("-p", "no:randomly", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
-        ["*ERROR at teardown of test_a_leaks*", f"the test left global torch state changed: {named}:*"]
+        [
+            "*ERROR at teardown of test_a_leaks*",
+            f"the test left global torch state changed: {named}:*",
+        ]
     )

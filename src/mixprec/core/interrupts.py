@@ -88,7 +88,7 @@ def deferred_interrupt() -> _Deferred:
 
 
 class _AtomicRegion:
-    __slots__ = ("_inner", "_entered")
+    __slots__ = ("_entered", "_inner")
 
     def __init__(self, inner: AbstractContextManager) -> None:
         self._inner = inner
