@@ -1,5 +1,6 @@
 """Learner.save / load: contents, atomic writes, safe loads and exact resume in a fresh process."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 import mixprec.core.checkpoint
 from helpers.learner import assert_identical, make_learner, master_of, snapshot, tiny_model
-from mixprec.core.checkpoint import rng_state, set_rng_state
+from mixprec.core.checkpoint import rng_state, save_checkpoint, set_rng_state
 
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
@@ -96,6 +97,61 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
         learn.save("ckpt")
     assert path.read_bytes() == good
     assert list(path.parent.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_an_oserror_with_its_errno_and_the_previous_file_stays(
+    tmp_path, monkeypatch, code
+):
+    path = save_checkpoint({"w": torch.zeros(10)}, tmp_path / "ckpt.pth")
+    good = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(mixprec.core.checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="the previous file there is intact") as caught:
+        save_checkpoint({"w": torch.ones(10)}, path)
+    assert caught.value.errno == code and not isinstance(caught.value, ValueError)
+    assert f"no space left on the device writing {path}" in str(caught.value)
+    assert path.read_bytes() == good
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_failed_write_torch_reports_as_a_runtime_error_is_the_oserror_under_it(
+    tmp_path, monkeypatch
+):
+    path = save_checkpoint({"w": torch.zeros(10)}, tmp_path / "ckpt.pth")
+    good = path.read_bytes()
+    real_open = open
+
+    class Failing:  # a file whose writes fail with EIO once 512 bytes are written
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 512:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(
+        mixprec.core.checkpoint, "open", lambda p, m: Failing(real_open(p, m)), raising=False
+    )
+    with pytest.raises(OSError, match=f"could not write {path}.*previous file there is intact"):
+        save_checkpoint({"w": torch.ones(100_000)}, path)
+    assert path.read_bytes() == good
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_two_epochs_equal_one_then_save_load_in_a_fresh_process_then_one(tmp_path):

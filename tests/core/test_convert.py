@@ -114,3 +114,12 @@ def test_unsupported_dtypes_are_refused(dtype, error, message):
         check_half_dtype(dtype)
     with pytest.raises(error, match=message):
         model_to_half(nn.Linear(2, 2), dtype)
+
+
+@pytest.mark.parametrize("convert", [model_to_half, model_to_float])
+@pytest.mark.parametrize("model", ["not a module", None, [nn.Linear(2, 2)]], ids=repr)
+def test_something_other_than_a_module_is_a_type_error_naming_it(convert, model):
+    with pytest.raises(
+        TypeError, match=rf"model must be an nn.Module .*; got {type(model).__name__}"
+    ):
+        convert(model)

@@ -154,3 +154,43 @@ def test_flat_group_makes_params_and_grads_views_of_buffers():
     flat.repair_grads()
     assert torch.equal(flat.grads[0][: params[0].numel()], torch.ones(params[0].numel()).half())
     assert flat.grads[0][params[0].numel() :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+@pytest.mark.parametrize("copy", [master2model, model_g2master_g])
+def test_another_models_masters_are_refused_naming_the_shapes_before_any_copy(copy, flat):
+    ours = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)).to(torch.bfloat16)
+    other = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 4)).to(torch.bfloat16)
+    model_params, _ = get_master([ours], flat_master=flat)
+    _, other_masters = get_master([other], flat_master=flat)
+    for p in ours.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in ours.parameters()]
+    masters_before = [m.detach().clone() for m in other_masters[0]]
+    grads_before = [None if m.grad is None else m.grad.clone() for m in other_masters[0]]
+    expected = (
+        r"group 0: the flat master has shape \(20,\) but the group's parameters, of shapes "
+        r"\[\(3, 2\), \(3,\), \(2, 3\), \(2,\)\], hold 17 elements"
+        if flat
+        else r"group 0, parameter 0: the master has shape \(2, 3\) but the model parameter has "
+        r"shape \(3, 2\)"
+    )
+    with pytest.raises(ValueError, match=expected + ": these masters were made for another"):
+        copy(model_params, other_masters, flat)
+    assert all(torch.equal(a, p) for a, p in zip(before, ours.parameters()))
+    assert all(torch.equal(a, m) for a, m in zip(masters_before, other_masters[0]))
+    for m, g in zip(other_masters[0], grads_before):
+        assert (m.grad is None and g is None) or torch.equal(m.grad, g)
+
+
+def test_a_master_of_another_shape_further_on_is_refused_before_the_first_is_copied():
+    ours = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    other = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 5))
+    model_params, _ = get_master([ours])
+    _, other_masters = get_master([other])
+    first = ours[0].weight.detach().clone()
+    with torch.no_grad():
+        other_masters[0][0].add_(1.0)  # the first pair fits: it must not be copied either
+    with pytest.raises(ValueError, match=r"group 0, parameter 2: the master has shape \(5, 3\)"):
+        master2model(model_params, other_masters)
+    assert torch.equal(ours[0].weight, first)

@@ -1,6 +1,7 @@
 """AutocastOptimizer: the autocast mode's engine, beside torch.amp's autocast + GradScaler."""
 
 import copy
+import signal
 
 import pytest
 import torch
@@ -190,6 +191,28 @@ def test_the_autocast_region_is_left_when_the_forward_raises():
         assert torch.is_autocast_enabled("cpu")
         raise KeyError("cancelled")
     assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("at", ["set_autocast_dtype", "autocast_decrement_nesting"])
+def test_a_ctrl_c_while_the_region_is_entered_or_left_never_leaves_autocast_on(at, monkeypatch):
+    # torch.autocast's __enter__ and __exit__ are several calls: SIGINT arrives between two
+    opt = AutocastOptimizer(torch.optim.SGD(mlp().parameters(), lr=0.1), dtype=torch.float16)
+    real = getattr(torch, at)
+
+    def then_sigint(*args):
+        result = real(*args)
+        signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch, at, then_sigint)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), opt.autocast():
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def test_schedulers_and_stepper_advance_on_applied_steps_only():

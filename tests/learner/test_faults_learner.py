@@ -1,6 +1,7 @@
 """Fault injection into the Learner, hypothesis-driven: a user callback raising at any event
 of a batch (before or after MixedPrecision runs), KeyboardInterrupt mid-epoch from the
-data, the loss function or a callback, and inf/nan gradients. A stopped fit must leave the
+data, the loss function or a callback, inf/nan gradients and a disk that fills up during a
+checkpoint save. A stopped fit must leave the
 model equal to its rounded masters and the step count right, and fitting on must give bit
 for bit what a learner that took the same steps without stopping gives; a skipped step
 must change nothing (see mixprec.cli.bench.fault_learner)."""
@@ -21,6 +22,7 @@ from mixprec.cli.bench.fault_learner import (
     WHERE,
     LearnerConfig,
     Stop,
+    run_disk_full,
     run_grad_faults,
     run_stop,
 )
@@ -106,4 +108,10 @@ def test_inf_nan_gradients_skip_their_steps_and_nothing_else(config):
 )
 def test_sigint_inside_the_step_and_a_stop_at_train_end_leave_nothing_half_done(config, stop):
     result = run_stop(config, stop)
+    assert result.ok, result.problems
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_to_resume_from_exactly(config):
+    result = run_disk_full(config, at=1)
     assert result.ok, result.problems

@@ -74,6 +74,8 @@ def _problems(learn: Learner) -> list[str]:
     opt = learn.opt if learn.opt is not None else learn.create_opt()  # stopped before it
     if not torch.is_grad_enabled():
         found.append("grad mode left disabled")
+    if torch.is_autocast_enabled("cpu"):
+        found.append("autocast left enabled")
     if learn.data.tfms:
         found.append("input transform left in place")
     if hasattr(opt, "scaler") and opt.scaler.steps != learn.iteration:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import io
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -46,10 +50,44 @@ def make_parser() -> Parser:
     return parser
 
 
+# What a shell reports for a command killed by SIGPIPE (the reader of its output left).
+PIPE_CLOSED_STATUS = 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (POLLERR); True when it cannot be told."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at the null device, so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is no file (replaced in-process): nothing is flushed to a pipe at exit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` and run the chosen subcommand; return its exit status (2: a bad option)."""
-    args = make_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    """Parse `argv` and run the chosen subcommand; return its exit status (2: a bad option;
+    141 when the reader of stdout closed the pipe: `mixprec plan ... --json | head` stops
+    quietly, as command-line tools do on SIGPIPE)."""
+    try:
+        args = make_parser().parse_args(argv)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe broke (a worker's): that is a failure to report
+        _stdout_to_devnull()
+        return PIPE_CLOSED_STATUS
+    return status
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     reader sees the old file or the new one, never half of one. Returns `path` as a Path.
 
     Stale temporary files of earlier saves killed part-way are deleted first
-    (`clean_stale_tmp_files`). A full disk raises a `CheckpointError` saying so; the file
-    that was at `path` is then intact."""
+    (`clean_stale_tmp_files`). A failed write raises an OSError (its errno kept; a full disk
+    says so and names the file); the file that was at `path` is then intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp_files(path.parent)
@@ -145,11 +145,18 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         cause = writer.error if writer is not None and writer.error is not None else error
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (isinstance(cause, OSError) and cause is not error):
+            # torch reports a failed write as a RuntimeError ("unexpected pos"): the OSError
+            # under it, with its errno, is what the caller can act on
             kept = "the previous file there is intact" if path.exists() else "nothing was written"
-            raise CheckpointError(
-                f"no space left on the device writing {path} ({cause.strerror}); {kept}. Free "
-                "some space (or save elsewhere) and save again."
+            what, fix = (
+                ("no space left on the device writing", "Free some space (or save elsewhere)")
+                if full
+                else ("could not write", "Fix the cause (or save elsewhere)")
+            )
+            raise OSError(
+                cause.errno, f"{what} {path} ({cause.strerror}); {kept}. {fix} and save again."
             ) from error
         raise
     return path

@@ -21,6 +21,7 @@ from mixprec.core.dtypes import HALF_DTYPES
 __all__ = [
     "check_engine_options",
     "check_flag",
+    "check_module",
     "check_optimizer_supported",
     "check_not_half_without_masters",
     "check_param_group",
@@ -36,6 +37,21 @@ SHOWN = 5  # names listed in a message
 def _names(names: Sequence[str]) -> str:
     more = f", ... ({len(names)} in all)" if len(names) > SHOWN else ""
     return ", ".join(names[:SHOWN]) + more
+
+
+def check_module(model: Any, name: str = "model") -> nn.Module:
+    """`model` if it is an `nn.Module`, else a TypeError naming what was got."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{name} must be an nn.Module (the network itself, e.g. nn.Linear(4, 2)); got "
+            f"{type(model).__name__} {_short_repr(model)}."
+        )
+    return model
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_trainable(model: nn.Module, *, frozen_ok: bool = False) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mixprec.core.checks import check_module
 from mixprec.core.dtypes import HALF_DTYPES, check_half_dtype
 from mixprec.core.policy import DEFAULT_FP32, PrecisionPolicy, Rule, as_policy
 from mixprec.core.ranges import warn_out_of_range
@@ -97,6 +98,7 @@ def model_to_half(
     Weights that `dtype` cannot hold (beyond fp16's range, or already inf/nan) are warned
     about (RuntimeWarning) before anything is converted.
     """
+    check_module(model)
     check_half_dtype(dtype)
     policy = as_policy(keep_fp32)
     roots = [m for m, _ in policy.fp32_roots(model, dtype).values()]
@@ -131,6 +133,7 @@ def model_to_half(
 
 def model_to_float(model: nn.Module) -> nn.Module:
     """Convert `model` in place back to fp32 and remove the hooks `model_to_half` added."""
+    check_module(model)
     for module in model.modules():
         _remove_fp32_hooks(module)
         _convert_own_tensors_(module, torch.float32)

@@ -25,8 +25,8 @@ __all__ = ["CheckpointError", "safe_load", "verify_archive"]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or written: truncated, corrupted, unsafe, or the
-    disk full. The message names the file."""
+    """A checkpoint file that cannot be read: truncated, corrupted or unsafe. The message
+    names the file. (A write that fails, a full disk included, is an OSError.)"""
 
 
 _EARLIER = "Load an earlier checkpoint: an interrupted save never replaces the file it was writing."

@@ -16,16 +16,21 @@ Only in the main thread (where Python runs signal handlers), and only when the c
 SIGINT handler is Python's default or another Python callable: a handler set to SIG_IGN or
 SIG_DFL is left alone. Nested blocks are one section, delivered when the outermost ends. A
 block costs two `signal.signal` calls, nothing per parameter.
+
+`atomic_region(cm)` does the same for the two halves of a context manager that changes global
+state (`torch.autocast`, whose `__enter__` and `__exit__` are several Python calls): a Ctrl-C
+while it is entered leaves it again before being raised, so the state is never left changed.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from contextlib import AbstractContextManager
 from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["deferred_interrupt", "in_critical_section"]
+__all__ = ["atomic_region", "deferred_interrupt", "in_critical_section"]
 
 _active = 0  # nesting depth of the sections open in the main thread
 
@@ -54,6 +59,11 @@ class _Deferred:
         _active += 1
         return self
 
+    @property
+    def held(self) -> bool:
+        """Whether a SIGINT was held back in this block (and will be delivered at its end)."""
+        return bool(self._frames)
+
     def __exit__(
         self,
         kind: type[BaseException] | None,
@@ -75,6 +85,50 @@ class _Deferred:
 def deferred_interrupt() -> _Deferred:
     """A context manager within which SIGINT is held back and delivered when it ends."""
     return _Deferred()
+
+
+class _AtomicRegion:
+    __slots__ = ("_entered", "_inner")
+
+    def __init__(self, inner: AbstractContextManager) -> None:
+        self._inner = inner
+        self._entered = False
+
+    def _leave(self, *exc: Any) -> Any:
+        if not self._entered:
+            return None
+        self._entered = False
+        return self._inner.__exit__(*exc)
+
+    def __enter__(self) -> Any:
+        try:
+            with deferred_interrupt() as section:
+                value = self._inner.__enter__()
+                self._entered = True
+                if section.held:  # raised when the section ends: leave before, as `with` won't
+                    self._leave(None, None, None)
+        except BaseException:
+            self._leave(None, None, None)
+            raise
+        return value
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any:
+        try:
+            with deferred_interrupt():
+                return self._leave(kind, error, tb)
+        finally:
+            self._leave(kind, error, tb)  # left already, unless interrupted before the section
+
+
+def atomic_region(inner: AbstractContextManager) -> AbstractContextManager:
+    """`inner`, entered and left in critical sections: a SIGINT while it is being entered
+    leaves it again and is then raised; one while it is being left is raised once it is left."""
+    return _AtomicRegion(inner)
 
 
 def in_critical_section() -> bool:

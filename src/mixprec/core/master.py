@@ -35,6 +35,8 @@ __all__ = [
     "new_group_params",
     "shapes_summary",
     "trainable_params",
+    "unchecked_master2model",
+    "unchecked_model_g2master_g",
 ]
 
 ParamGroups = list[list[torch.Tensor]]
@@ -237,9 +239,16 @@ def masters_by_param(
     }
 
 
+_OTHER_MASTERS = (
+    "these masters were made for another model (or before this one changed). Pass the "
+    "masters get_master returned for these parameters, or make them anew with get_master."
+)
+
+
 def _check_pairs(model_params: Any, master_params: Any, flat_master: bool) -> None:
-    """Raise a ValueError unless the two lists pair up: as many groups, and per group as
-    many masters as parameters (one flat master per non-empty group)."""
+    """Raise a ValueError unless the two lists pair up: as many groups, per group as many
+    masters as parameters (one flat master per non-empty group), of the same shapes (as many
+    elements in a flat master as in its group)."""
     if len(model_params) != len(master_params):
         raise ValueError(
             f"model_params has {len(model_params)} group(s) but master_params has "
@@ -253,6 +262,24 @@ def _check_pairs(model_params: Any, master_params: Any, flat_master: bool) -> No
                 f"expected {expected} with flat_master={flat_master}: pass the lists "
                 "get_master returned, with the same flat_master."
             )
+        if flat_master:
+            needed = sum(p.numel() for p in params)
+            if params and masters[0].numel() != needed:
+                shapes = [tuple(p.shape) for p in params]
+                raise ValueError(
+                    f"group {i}: the flat master has shape {tuple(masters[0].shape)} but the "
+                    f"group's parameters, of shapes {shapes_summary([shapes])[1:-1]}, hold "
+                    f"{needed} elements: {_OTHER_MASTERS}"
+                )
+            continue
+        if [m.shape for m in masters] == [p.shape for p in params]:
+            continue
+        for j, (p, m) in enumerate(zip(params, masters)):
+            if m.shape != p.shape:
+                raise ValueError(
+                    f"group {i}, parameter {j}: the master has shape {tuple(m.shape)} but the "
+                    f"model parameter has shape {tuple(p.shape)}: {_OTHER_MASTERS}"
+                )
 
 
 def model_g2master_g(
@@ -266,8 +293,22 @@ def model_g2master_g(
 
     Non-flat: a model gradient that is None leaves its master gradient None. Flat: the flat
     master gradient gets every gradient in order, zeros where a model gradient is None.
+    Masters that do not pair up with the parameters (another model's) are refused with a
+    ValueError before anything is copied.
     """
     _check_pairs(model_params, master_params, flat_master)
+    unchecked_model_g2master_g(model_params, master_params, flat_master, accumulate=accumulate)
+
+
+def unchecked_model_g2master_g(
+    model_params: ParamGroups,
+    master_params: ParamGroups,
+    flat_master: bool = False,
+    *,
+    accumulate: bool = False,
+) -> None:
+    """`model_g2master_g` without its checks, for owners of pairs made by `make_masters`
+    (the per-step path, where checking every shape would cost more than the copy)."""
     dst, src = [], []
     with torch.no_grad():
         for model_group, master_group in zip(model_params, master_params):
@@ -300,8 +341,17 @@ def model_g2master_g(
 def master2model(
     model_params: ParamGroups, master_params: ParamGroups, flat_master: bool = False
 ) -> None:
-    """Copy the master values into the model parameters, rounding to each one's dtype."""
+    """Copy the master values into the model parameters, rounding to each one's dtype.
+    Masters that do not pair up with the parameters (another model's) are refused with a
+    ValueError before anything is copied."""
     _check_pairs(model_params, master_params, flat_master)
+    unchecked_master2model(model_params, master_params, flat_master)
+
+
+def unchecked_master2model(
+    model_params: ParamGroups, master_params: ParamGroups, flat_master: bool = False
+) -> None:
+    """`master2model` without its checks, for owners of pairs made by `make_masters`."""
     dst, src = [], []
     for model_group, master_group in zip(model_params, master_params):
         if not model_group:

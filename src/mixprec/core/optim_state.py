@@ -5,7 +5,8 @@ anything loads, and per-parameter state left half-made by an interrupted step re
 state saved by SGD loads into AdamW (whose next step fails with `KeyError: 'step'`), AdamW's
 into SGD (`KeyError: 'momentum'` later). Here everything the next step will use is checked:
 the optimizer type (when the state says it), the number of param groups and their sizes, the
-hyper-parameter keys of each group, and per parameter the state keys the optimizer needs and
+hyper-parameter keys of each group (the optimizer's own: the keys an lr scheduler adds are not
+asked of a state saved without one), and per parameter the state keys the optimizer needs and
 the shapes of its per-element tensors.
 """
 
@@ -20,6 +21,8 @@ __all__ = [
     "REQUIRED_STATE",
     "check_optimizer_state_dict",
     "drop_incomplete_state_",
+    "hyper_parameter_keys",
+    "load_optimizer_state_dict",
     "optimizer_type_name",
 ]
 
@@ -73,6 +76,25 @@ def _group_keys_after_load(optimizer: torch.optim.Optimizer, group: Mapping[str,
         return set(group)
 
 
+def hyper_parameter_keys(optimizer: torch.optim.Optimizer) -> set[str]:
+    """The optimizer's own hyper-parameter keys (those of its `defaults`). The other keys of
+    its param groups were put there by someone else, such as an lr scheduler (`initial_lr`,
+    `max_lr`, `base_momentum`, ...): a state saved without them still belongs to this type."""
+    return set(optimizer.defaults) - {"params", "param_names"}
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
+    """`optimizer.load_state_dict(state_dict)`, keeping the param-group keys that are not
+    hyper-parameters (a scheduler's, built on this optimizer) where the saved groups lack
+    them: torch would drop them, and the scheduler's next step would fail on them."""
+    hyper = hyper_parameter_keys(optimizer) | {"params", "param_names"}
+    own = [{k: v for k, v in g.items() if k not in hyper} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, extra in zip(optimizer.param_groups, own):
+        for key, value in extra.items():
+            group.setdefault(key, value)
+
+
 def _guess(keys: set[str]) -> str:
     names = [n for n, req in REQUIRED_STATE.items() if req == keys]
     return f" (as {' or '.join(names)} keeps)" if names else ""
@@ -119,8 +141,9 @@ def check_optimizer_state_dict(
             "it was saved with other layer groups, opt_func or model. Build the optimizer as "
             "the one that saved it."
         )
+    hyper = hyper_parameter_keys(optimizer)
     for i, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
-        lacking = sorted(set(current) - {"params"} - _group_keys_after_load(optimizer, saved))
+        lacking = sorted((hyper & set(current)) - _group_keys_after_load(optimizer, saved))
         if lacking:
             raise ValueError(
                 f"param group {i} of the saved optimizer has no {_listed(lacking)}, which "

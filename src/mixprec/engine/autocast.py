@@ -22,11 +22,12 @@ from mixprec.core.checks import (
 )
 from mixprec.core.config import PrecisionConfig
 from mixprec.core.dtypes import HALF_DTYPES
-from mixprec.core.interrupts import deferred_interrupt
+from mixprec.core.interrupts import atomic_region, deferred_interrupt
 from mixprec.core.modes import check_saved_mode
 from mixprec.core.optim_state import (
     check_optimizer_state_dict,
     drop_incomplete_state_,
+    load_optimizer_state_dict,
     optimizer_type_name,
 )
 from mixprec.core.scaler import LossScale, unscale_and_check_
@@ -55,8 +56,10 @@ def device_type_of(params: Iterable[torch.Tensor]) -> str:
 
 
 def autocast_region(device_type: str, dtype: torch.dtype) -> AbstractContextManager:
-    """`torch.autocast(device_type, dtype)`: the region the forward and the loss run in."""
-    return torch.autocast(device_type, dtype=dtype)
+    """`torch.autocast(device_type, dtype)`: the region the forward and the loss run in,
+    entered and left whole even if Ctrl-C comes meanwhile (`atomic_region`), so autocast is
+    never left on."""
+    return atomic_region(torch.autocast(device_type, dtype=dtype))
 
 
 class AutocastOptimizer(OptimizerWrapper):
@@ -239,7 +242,7 @@ class AutocastOptimizer(OptimizerWrapper):
         (see `check_state_dict`), none of it."""
         self.check_state_dict(state_dict)
         with deferred_interrupt():
-            self.optimizer.load_state_dict(state_dict["optimizer"])
+            load_optimizer_state_dict(self.optimizer, state_dict["optimizer"])
             self.scaler.load_state_dict(state_dict["scaler"])
             self.update.invalidate()
             self.zero_grad()

@@ -16,9 +16,9 @@ from mixprec.core.flat_group import FlatGroup
 from mixprec.core.master import (
     ParamGroups,
     load_masters_,
-    master2model,
     master_views,
-    model_g2master_g,
+    unchecked_master2model,
+    unchecked_model_g2master_g,
 )
 from mixprec.engine.fused_adam import FusedItem, fused_items
 from mixprec.engine.split_master import SplitMasters
@@ -85,7 +85,7 @@ class MasterSet:
             with torch.no_grad():
                 torch._foreach_copy_(dst, src)
         else:
-            master2model(self.model_params, self.master_params)
+            unchecked_master2model(self.model_params, self.master_params)
 
     # -- gradients ----------------------------------------------------------------------------
     def grad_chunks(self) -> list[Chunk]:
@@ -115,7 +115,7 @@ class MasterSet:
                 if dst:
                     (torch._foreach_add_ if accumulate else torch._foreach_copy_)(dst, src)
         else:
-            model_g2master_g(self.model_params, self.master_params, accumulate=accumulate)
+            unchecked_model_g2master_g(self.model_params, self.master_params, accumulate=accumulate)
         self.zero_model_grads()
 
     def release_master_grads(self) -> None:

@@ -30,6 +30,7 @@ from mixprec.core.master_state import check_saved_masters, move_state_to_masters
 from mixprec.core.optim_state import (
     check_optimizer_state_dict,
     drop_incomplete_state_,
+    load_optimizer_state_dict,
     optimizer_type_name,
 )
 from mixprec.core.policy import PrecisionPolicy, Rule
@@ -503,7 +504,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         all of it or, if `state_dict` does not fit (see `check_state_dict`), none of it."""
         saved = self.check_state_dict(state_dict)
         with deferred_interrupt():
-            self.optimizer.load_state_dict(state_dict["optimizer"])
+            load_optimizer_state_dict(self.optimizer, state_dict["optimizer"])
             self.scaler.load_state_dict(state_dict["scaler"])
             if self.split is not None:
                 self._keep_state_fp32(state_dict["optimizer"])

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mixprec.core.checks import (
+    check_module,
     check_not_half_without_masters,
     check_optimizer_holds,
     check_optimizer_supported,
@@ -103,8 +104,7 @@ class Learner:
                 f"data must be a DataBunch; got {type(data).__name__}. "
                 "Wrap your loaders: DataBunch(train_dl, valid_dl)."
             )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+        check_module(model)
         check_learner_options(opt_func, loss_func, wd, path, model_dir)
         self.ranks = Ranks(distributed)  # first: under NCCL it picks this rank's GPU
         self.data = data

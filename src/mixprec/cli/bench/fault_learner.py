@@ -1,6 +1,7 @@
 """Fault injection into the Learner: a user callback raising at any event of a batch,
-KeyboardInterrupt mid-epoch (from the data, the loss function or a callback), and inf/nan
-gradients, each checked against the run that should result.
+KeyboardInterrupt mid-epoch (from the data, the loss function or a callback), inf/nan
+gradients, and a disk that fills up during a checkpoint save, each checked against the run
+that should result.
 
 A stopped `fit` must leave a consistent learner: the half model equal to its rounded fp32
 masters, `learn.iteration` equal to the steps the optimizer took, the input transform
@@ -12,7 +13,10 @@ skipped and change nothing: with a static scale the run equals one without that 
 from __future__ import annotations
 
 import _thread
+import errno
+import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import mixprec.core.checkpoint as checkpoint_files
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.callback import EVENTS, Callback
 from mixprec.learner.data import DataBunch
@@ -36,6 +41,7 @@ __all__ = [
     "LearnerResult",
     "Stop",
     "WHERE",
+    "run_disk_full",
     "run_grad_faults",
     "run_stop",
 ]
@@ -353,4 +359,78 @@ def run_grad_faults(
             result.problems.append(f"step {step}: report {report} does not name {expected}")
     if learn.recorder.skipped != [i in faults for i in range(len(batches))]:
         result.problems.append(f"the recorder's skipped steps are {learn.recorder.skipped}")
+    return result
+
+
+class _FullDiskFile:
+    """A file whose writes fail with ENOSPC once `room` bytes are written."""
+
+    def __init__(self, f: Any, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data: Any) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+    def __enter__(self) -> _FullDiskFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+@contextmanager
+def _full_disk(room: int) -> Iterator[None]:
+    """Within: checkpoint files have `room` bytes of space, then writes fail with ENOSPC."""
+
+    def full_open(path: Any, mode: str) -> _FullDiskFile:
+        return _FullDiskFile(open(path, mode), room)  # closed by its __exit__
+
+    checkpoint_files.open = full_open  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del checkpoint_files.open  # type: ignore[attr-defined]
+
+
+def run_disk_full(config: LearnerConfig, at: int, epochs: int = 3) -> LearnerResult:
+    """Fit `epochs` epochs saving a checkpoint after each, the disk full during save `at`
+    (>= 1): the save must fail with an OSError (ENOSPC) leaving the previous checkpoint
+    intact, and a learner loaded from it and fitted on must match, bit for bit, the run
+    that never failed."""
+    if not 1 <= at < epochs:
+        raise ValueError(f"at must be in [1, {epochs - 1}] (a save before it to keep); got {at}.")
+    batches = _batches()
+    result = LearnerResult(f"{config.name}: disk full at the save after epoch {at + 1}", 1)
+    with tempfile.TemporaryDirectory() as folder:
+        learn = config.learner(batches, path=folder)
+        for _ in range(at):
+            learn.fit(1)
+            path = learn.save("ckpt")
+        kept = path.read_bytes()
+        learn.fit(1)
+        try:
+            with _full_disk(room=len(kept) // 2):
+                learn.save("ckpt")
+            result.problems.append("the save on a full disk did not fail")
+        except Exception as error:  # any other error is a problem counted, not a crash
+            full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+            if not full or "the previous file there is intact" not in str(error):
+                result.problems.append(f"the save failed with {error!r}")
+        if path.read_bytes() != kept:
+            result.problems.append("the previous checkpoint changed")
+        if sorted(os.listdir(path.parent)) != [path.name]:
+            result.problems.append(f"files left: {sorted(os.listdir(path.parent))}")
+        resumed = config.learner(batches, path=folder).load("ckpt")
+        resumed.fit(epochs - at)
+    ref = config.learner(batches)
+    ref.fit(epochs)
+    differ = _differing(snapshot(resumed), snapshot(ref))
+    result.problems += [f"resumed from the previous checkpoint: {k}" for k in differ]
+    result.lost = int(bool(differ))
     return result

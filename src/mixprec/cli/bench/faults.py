@@ -3,8 +3,9 @@
 Faults: inf/nan written into half gradients at random steps and parameters, inf/nan losses
 and inputs (every engine configuration: per-tensor and flat masters, the fused step,
 clipping, static and dynamic scales, accumulation); on one rank only of a 2-process gloo
-group; a user callback raising at every event of a batch and KeyboardInterrupt mid-epoch
-in the Learner. Each run is compared bit for bit with the run that should result (see
+group; a user callback raising at every event of a batch, KeyboardInterrupt mid-epoch and
+a disk filling up during a checkpoint save (ENOSPC: the previous checkpoint must stay intact
+and training resume from it) in the Learner. Each run is compared bit for bit with the run that should result (see
 `fault_injection` and `fault_learner`). The schedules are seeded: the figures are the
 same on every run.
 
@@ -42,6 +43,7 @@ from mixprec.cli.bench.fault_learner import (
     WHERE,
     LearnerConfig,
     Stop,
+    run_disk_full,
     run_grad_faults,
     run_stop,
 )
@@ -144,7 +146,15 @@ def _learner(seed: int) -> list[Tally]:
             grads.skipped += r.skipped
             grads.lost += r.lost
             grads.problems += len(r.problems)
-    return [raised, interrupted, in_step, at_end, grads]
+    disk_full = Tally("learner: disk full during a save")
+    for config in LEARNER_CONFIGS:
+        for at in (1, 2):
+            r = run_disk_full(config, at)
+            disk_full.runs += 1
+            disk_full.faults += r.faults
+            disk_full.lost += r.lost
+            disk_full.problems += len(r.problems)
+    return [raised, interrupted, in_step, at_end, grads, disk_full]
 
 
 def _rank_worker(rank: int, store_path: str, steps: int, faults: int, seed: int, out: str) -> None:
