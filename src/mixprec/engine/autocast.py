@@ -29,6 +29,7 @@ from mixprec.core.optim_state import (
     check_optimizer_state_dict,
     drop_incomplete_state_,
     optimizer_type_name,
+    remove_params_,
 )
 from mixprec.core.scaler import LossScale, LossScaler, unscale_and_check_
 from mixprec.engine import forensics
@@ -345,6 +346,24 @@ class AutocastOptimizer(OptimizerWrapper):
             self.optimizer, state_dict["optimizer"], None, state_dict.get("optimizer_type")
         )
         copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])
+
+    def remove_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Stop stepping the model parameters `params` (say, of a module replaced in the
+        model): they leave their param groups (emptied groups stay) with their optimizer
+        state. Checked before anything changes: each must be held, and no step under way."""
+        params = list(params)
+        if self._has_grads or self._found_inf is not None:
+            raise RuntimeError(
+                "remove_params() between backward() and step(): call step() or zero_grad() "
+                "first."
+            )
+        with deferred_interrupt():
+            remove_params_(self.optimizer, params)  # checks them first
+            for p in params:
+                self.param_names.pop(p, None)
+            self._buffers = None
+            if self._fused is not None:
+                self._fused.invalidate()
 
     def __repr__(self) -> str:
         return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -24,12 +24,15 @@ from mixprec.core.flat_group import FlatGroup
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     check_master_params,
+    flatten_like,
     make_masters,
+    master_views,
     masters_by_param,
     new_group_params,
 )
 from mixprec.core.master_state import check_saved_masters, move_state_to_masters
 from mixprec.core.optim_state import (
+    check_held,
     check_optimizer_state_dict,
     drop_incomplete_state_,
     optimizer_type_name,
@@ -540,3 +543,67 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
             f"fused={self.fused}, master={'split' if self.split is not None else 'fp32'!r})"
         )
+
+    def remove_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Stop stepping the model parameters `params` (say, of a module replaced in the
+        model): they leave their param groups (emptied groups stay), with their masters and
+        optimizer state; the other parameters keep theirs, flat masters included. Checked
+        before anything changes: each must be held, and no step may be under way."""
+        params = list(params)
+        check_held({id(p) for g in self.model_params for p in g}, params)
+        if self._pending or self._accumulated or self._found_inf is not None:
+            raise RuntimeError(
+                "remove_params() between backward() and step(): call step() or zero_grad() "
+                "first."
+            )
+        drop = {id(p) for p in params}
+        with deferred_interrupt(), torch.no_grad():
+            for i, (ps, ms) in enumerate(zip(self.model_params, self.master_params)):
+                if not any(id(p) in drop for p in ps):
+                    continue
+                keep = [j for j, p in enumerate(ps) if id(p) not in drop]
+                kept = [ps[j] for j in keep]
+                state = self.optimizer.state
+                if self.flat_master:
+                    old = ms[0]
+                    at = next(k for k, fg in enumerate(self._flat_groups) if fg.master is old)
+                    del self._flat_groups[at]
+                    views = master_views(ps, ms, True)
+                    saved = state.pop(old, {})
+                    masters = []
+                    if kept:
+                        values = flatten_like([views[j] for j in keep], kept, old.device)
+                        master = nn.Parameter(values)
+                        master.grad = torch.zeros_like(master)  # as make_masters leaves it
+                        state[master] = {
+                            k: flatten_like(
+                                [master_views(ps, [v], True)[j] for j in keep], kept, v.device
+                            )
+                            if torch.is_tensor(v) and v.shape == old.shape
+                            else v
+                            for k, v in saved.items()
+                        }
+                        if not state[master]:
+                            del state[master]
+                        self._flat_groups.insert(at, FlatGroup(kept, master))
+                        masters = [master]
+                    for p in ps:  # removed ones: out of the flat buffers, on their own storage
+                        if id(p) in drop:
+                            p.data, p.grad = p.data.clone(), None
+                else:
+                    masters = [ms[j] for j in keep]
+                    for j, m in enumerate(ms):
+                        if j not in keep:
+                            state.pop(m, None)
+                    if self.split is not None:  # its masters are the parameters themselves
+                        self.split.remove([p for p in ps if id(p) in drop])
+                self.model_params[i] = kept
+                self.master_params[i] = masters
+                self.optimizer.param_groups[i]["params"] = list(masters)
+            for p in params:
+                self.param_names.pop(p, None)
+            self._buffers = None
+            if self._fused is not None:
+                self._fused.invalidate()
+                self._masters.release_master_grads()
+

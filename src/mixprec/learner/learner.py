@@ -25,7 +25,7 @@ from mixprec.core.checks import (
 from mixprec.core.convert import cast_floats, input_dtype, model_to_float
 from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.interrupts import deferred_interrupt
-from mixprec.core.optim_state import drop_incomplete_state_
+from mixprec.core.optim_state import drop_incomplete_state_, remove_params_
 from mixprec.core.scaler import LossScale
 from mixprec.learner.accumulation import check_accumulate, micro_batches, steps_per_epoch
 from mixprec.learner.callback import Callback, CallbackHandler
@@ -161,18 +161,46 @@ class Learner:
         return opt
 
     def add_new_params(self) -> int:
-        """Add the layer groups' parameters the optimizer does not hold yet (under mixed
-        precision they get masters); return how many were added."""
+        """Bring the optimizer up to date with the model: the parameters it holds that are no
+        longer the model's (a replaced module's) leave it with their state, and the layer
+        groups' parameters it does not hold yet join it in new param groups (under mixed
+        precision with masters); return how many joined."""
         if self.opt is None:
             return 0
-        held_ids = {id(p) for p in held_params(self.opt)}
-        added = 0
+        stale, fresh = self._param_changes()
+        if stale:
+            if hasattr(self.opt, "remove_params"):  # a mixprec wrapper: masters, state too
+                self.opt.remove_params(stale)
+            else:
+                remove_params_(self.opt, stale)
+        for group in fresh:
+            self.opt.add_param_group(group)
+        return sum(len(group["params"]) for group in fresh)
+
+    def _param_changes(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """(the held parameters that are not the model's, the param groups of the layer
+        groups' parameters the optimizer does not hold), checked: the optimizer would then
+        hold every trainable parameter of the model and nothing else."""
+        held = held_params(self.opt)
+        ours = {id(p) for p in self.model.parameters()}
+        stale = [p for p in held if id(p) not in ours]
+        held_ids = {id(p) for p in held}
+        fresh = []
         for group in self.param_groups():
-            fresh = [p for p in group["params"] if id(p) not in held_ids]
-            if fresh:
-                self.opt.add_param_group({**group, "params": fresh})
-                added += len(fresh)
-        return added
+            params = [p for p in group["params"] if id(p) not in held_ids]
+            if params:
+                fresh.append({**group, "params": params})
+        after = [p for p in held if id(p) in ours] + [p for g in fresh for p in g["params"]]
+        try:
+            check_optimizer_holds(self.model, after)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} The optimizer steps the parameters of learn.layer_groups; after a module "
+                "of the model was replaced or added, set learn.layer_groups again so that they "
+                "cover the model as it is now (e.g. learn.layer_groups = [model[:3], "
+                "model[3:]]), or leave them at the default, the whole model."
+            ) from None
+        return stale, fresh
 
     def _set_lr(self, lr: float) -> None:
         set_lr(self.opt, lr)
@@ -261,6 +289,7 @@ class Learner:
             self.create_opt(lr)
         self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
         drop_incomplete_state_(getattr(self.opt, "optimizer", self.opt))
+        self._param_changes()  # a model changed beyond its layer groups: refused, nothing done
         self._set_lr(lr)
         handler = CallbackHandler(
             [self.recorder, *self.callbacks, *extra],
