@@ -330,7 +330,8 @@ class Learner:
         stop = False
         step_loss: torch.Tensor | None = None  # the mean of the step's micro-batch losses
         with tqdm(total=loader_length(dl), desc=desc, leave=False, disable=off) as pbar:
-            for i, (x, y), group_size, ends_step in micro_batches(dl, self.accumulate):
+            batches = self.ranks.batches(dl, self.epoch)  # under torchrun, even on every rank
+            for i, (x, y), group_size, ends_step in micro_batches(batches, self.accumulate):
                 x, y = handler(
                     "on_batch_begin",
                     last_input=x,
