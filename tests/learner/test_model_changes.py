@@ -2,6 +2,8 @@
 optimizer with their state and masters, the new ones join at the next fit, in every mode;
 checkpoints saved after the change load into a learner built on the changed model."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,38 @@ def test_flat_masters_of_a_grown_model_load_in_its_layout_or_are_refused(tmp_pat
     _fit(same, 3)
     for a, b in zip(learn.model.state_dict().values(), same.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_to_fp16_after_a_replaced_module_wraps_the_model_as_it_is(tmp_path):
+    learn = _learner(tmp_path, "fp32", _model())
+    _fit(learn, 1)
+    learn.model[2] = _head()
+    learn.to_fp16(dtype=torch.bfloat16)
+    assert {id(p) for p in held_params(learn.opt)} == {id(p) for p in learn.model.parameters()}
+    _fit(learn, 2)
+
+
+def test_a_refused_to_fp16_after_a_replaced_module_changes_nothing(tmp_path):
+    learn = _learner(tmp_path, "fp32", _model(), opt_func=partial(torch.optim.SGD, momentum=0.9))
+    _fit(learn, 1)
+    old = learn.model[2]
+    learn.model[2] = _head()
+    groups = [list(g["params"]) for g in learn.opt.param_groups]
+    state = {k: dict(v) for k, v in learn.opt.state.items()}
+    with pytest.raises(ValueError, match=r"split"):
+        learn.to_fp16(dtype=torch.bfloat16, master="split")  # split masters need Adam(W)
+    assert [list(g["params"]) for g in learn.opt.param_groups] == groups
+    assert old.weight in learn.opt.state and learn.opt.state.keys() == state.keys()
+    assert learn.model[2].weight.dtype == torch.float32 and learn.mixed_precision is None
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "bf16_flat"])
+def test_lr_find_after_a_replaced_module_puts_the_updated_learner_back(tmp_path, mode):
+    learn = _learner(tmp_path, mode, _model())
+    _fit(learn, 1)
+    learn.model[2] = _head()
+    learn.lr_find(num_it=3)
+    before = snapshot(learn)
+    learn.lr_find(num_it=3)  # restores exactly what it found
+    assert_identical(snapshot(learn), before)
+    _fit(learn, 2)

@@ -177,6 +177,37 @@ class Learner:
             self.opt.add_param_group(group)
         return sum(len(group["params"]) for group in fresh)
 
+    def _update_opt(self) -> None:
+        """What the start of `fit` does to an existing optimizer of a changed model, now:
+        refused before anything changes, or (under mixed precision with the new modules
+        converted) the replaced parameters out and the new ones in."""
+        if self.opt is None:
+            return
+        self._param_changes()
+        mp = self.mixed_precision
+        if mp is not None:
+            mp.prepare()  # converts the new modules, then add_new_params()
+        else:
+            self.add_new_params()
+
+    def _drop_replaced_params(self) -> Callable[[], None]:
+        """Take the parameters of modules replaced in the model out of a plain torch
+        optimizer (as `add_new_params` does), checked first; return what puts them back."""
+        opt = self.opt
+        if opt is None or hasattr(opt, "scaler"):  # none yet, or a mixprec wrapper
+            return lambda: None
+        stale, _ = self._param_changes()
+        groups = [list(g["params"]) for g in opt.param_groups]
+        state = {p: opt.state[p] for p in stale if p in opt.state}
+        remove_params_(opt, stale)
+
+        def undo() -> None:
+            for group, params in zip(opt.param_groups, groups):
+                group["params"] = params
+            opt.state.update(state)
+
+        return undo
+
     def _param_changes(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """(the held parameters that are not the model's, the param groups of the layer
         groups' parameters the optimizer does not hold), checked: the optimizer would then
@@ -256,6 +287,7 @@ class Learner:
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         n_batches = loader_length(self.data.train_dl)
         per_epoch = num_it if not n_batches else steps_per_epoch(n_batches, self.accumulate)
+        self._update_opt()  # a changed model's parameters, before the snapshot of the optimizer
         snapshot = LearnerSnapshot(self)
         try:
             self._fit(-(-num_it // per_epoch), start_lr, [finder], validate=False)
@@ -511,7 +543,12 @@ class Learner:
                 "change the options."
             )
         cb = MixedPrecision(self, loss_scale, flat_master, **options)
-        cb.prepare()
+        undo = self._drop_replaced_params()  # the wrapper takes only the model's parameters
+        try:
+            cb.prepare()
+        except BaseException:
+            undo()
+            raise
         self.callbacks.append(cb)
         return self
 
