@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -126,6 +127,9 @@ class Learner:
         self.progress = bool(progress)
         self.accumulate = check_accumulate(accumulate)
         self.opt: torch.optim.Optimizer | None = None
+        # The parameters this learner gave its optimizer, or trained as the model's: one held
+        # that has left the model was replaced in it (and leaves the optimizer at the next fit).
+        self._known: dict[int, weakref.ref] = {}
         self.recorder = Recorder()
         self.epoch = 0  # epochs trained, over every fit()
         self.iteration = 0  # steps trained (applied or skipped), over every fit()
@@ -152,13 +156,24 @@ class Learner:
         """`opt_func(self.param_groups(), lr=lr)`, checked; `self.opt` is left alone."""
         if isinstance(self.opt_func, type):  # LBFGS would fail on the groups, unexplained
             check_optimizer_supported(self.opt_func)
-        opt = self.opt_func(self.param_groups(), lr=lr)
+        groups = self.param_groups()
+        opt = self.opt_func(groups, lr=lr)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 "opt_func(param_groups, lr=lr) must return a torch.optim.Optimizer; got "
                 f"{type(opt).__name__}."
             )
+        self._remember(p for g in groups for p in g["params"])
         return opt
+
+    def _remember(self, params: Iterable[torch.Tensor]) -> None:
+        for p in params:
+            self._known[id(p)] = weakref.ref(p)
+
+    def _replaced(self, p: torch.Tensor) -> bool:
+        """Whether `p` is a parameter this learner trained that has left the model."""
+        ref = self._known.get(id(p))
+        return ref is not None and ref() is p
 
     def add_new_params(self) -> int:
         """Bring the optimizer up to date with the model: the parameters it holds that are no
@@ -175,6 +190,7 @@ class Learner:
                 remove_params_(self.opt, stale)
         for group in fresh:
             self.opt.add_param_group(group)
+            self._remember(group["params"])
         return sum(len(group["params"]) for group in fresh)
 
     def _update_opt(self) -> None:
@@ -196,7 +212,7 @@ class Learner:
         opt = self.opt
         if opt is None or hasattr(opt, "scaler"):  # none yet, or a mixprec wrapper
             return lambda: None
-        stale, _ = self._param_changes()
+        stale, _ = self._param_changes(every_trainable=False)  # fit() checks the rest
         groups = [list(g["params"]) for g in opt.param_groups]
         state = {p: opt.state[p] for p in stale if p in opt.state}
         remove_params_(opt, stale)
@@ -208,13 +224,18 @@ class Learner:
 
         return undo
 
-    def _param_changes(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-        """(the held parameters that are not the model's, the param groups of the layer
-        groups' parameters the optimizer does not hold), checked: the optimizer would then
-        hold every trainable parameter of the model and nothing else."""
+    def _param_changes(
+        self, every_trainable: bool = True
+    ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """(the held parameters of modules replaced in the model, the param groups of the
+        layer groups' parameters the optimizer does not hold), checked: the optimizer would
+        then hold only the model's parameters (and, with `every_trainable`, all of its
+        trainable ones)."""
         held = held_params(self.opt)
         ours = {id(p) for p in self.model.parameters()}
-        stale = [p for p in held if id(p) not in ours]
+        stale = [p for p in held if id(p) not in ours and self._replaced(p)]
+        unknown = [p for p in held if id(p) in ours or not self._replaced(p)]
+        check_optimizer_holds(self.model, unknown, every_trainable=False)  # another model's
         held_ids = {id(p) for p in held}
         fresh = []
         for group in self.param_groups():
@@ -223,7 +244,7 @@ class Learner:
                 fresh.append({**group, "params": params})
         after = [p for p in held if id(p) in ours] + [p for g in fresh for p in g["params"]]
         try:
-            check_optimizer_holds(self.model, after)
+            check_optimizer_holds(self.model, after, every_trainable=every_trainable)
         except ValueError as e:
             raise ValueError(
                 f"{e} The optimizer steps the parameters of learn.layer_groups; after a module "
@@ -337,6 +358,7 @@ class Learner:
             handler("on_train_begin")
             self.add_new_params()
             check_optimizer_holds(self.model, held_params(self.opt))
+            self._remember(held_params(self.opt))  # the model's, as checked just above
             self._set_lr(lr)  # a scheduling callback sets each step's lr at on_batch_begin
             with self.ranks.training(self.model, self.opt):  # DDP under torchrun
                 for k in range(epochs):

@@ -17,7 +17,7 @@ from torch import nn
 
 from mixprec.core.master import flatten_like, master_views
 
-__all__ = ["group_names", "regroup_state_dict"]
+__all__ = ["group_names", "layer_group_names", "regroup_state_dict"]
 
 Layout = list[list[str]]
 
@@ -30,6 +30,13 @@ def group_names(model: nn.Module, opt: torch.optim.Optimizer) -> Layout:
     if groups is None:
         groups = [g["params"] for g in opt.param_groups]
     return [[names.get(id(p), "?") for p in group] for group in groups]
+
+
+def layer_group_names(model: nn.Module, param_groups: Sequence[Mapping[str, Any]]) -> Layout:
+    """Per param group the layer groups give (`Learner.param_groups()`), its parameters'
+    names in `model`: the layout of an optimizer built on the model as it is."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in param_groups]
 
 
 def _same(a: Any, b: Any) -> bool:
