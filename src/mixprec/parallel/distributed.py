@@ -90,10 +90,14 @@ def collective_timeout() -> timedelta:
 
 
 def gather_ints(
-    value: int, what: str, timeout: timedelta, process_group: dist.ProcessGroup | None = None
+    value: int,
+    what: str,
+    timeout: timedelta,
+    process_group: dist.ProcessGroup | None = None,
+    advice: str = "",
 ) -> list[int]:
     """Every rank's `value` (an int64), by rank, gathered within `timeout`; past it a
-    `CollectiveTimeout` names `what` and this rank, instead of hanging."""
+    `CollectiveTimeout` names `what` and this rank (then `advice`), instead of hanging."""
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     backend = dist.get_backend(process_group)
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else "cpu"
@@ -105,10 +109,9 @@ def gather_ints(
     except RuntimeError as error:
         raise CollectiveTimeout(
             f"rank {rank} of {world} waited {timeout.total_seconds():g} s in {what} for the "
-            f"other ranks, which did not reach it ({error}). Every rank must call {what} "
-            "(e.g. not `if rank == 0: learn.save(...)`: call it on every rank, rank 0 "
-            "writes). Set MIXPREC_COLLECTIVE_TIMEOUT (seconds) or learn.ranks.timeout for "
-            "ranks that are slow to get there."
+            f"other ranks, which did not reach it ({error}). {advice}Set "
+            "MIXPREC_COLLECTIVE_TIMEOUT (seconds) or learn.ranks.timeout for ranks that are "
+            "slow to get there."
         ) from error
     return [int(v.item()) for v in torch.cat(values).cpu()]  # one host sync
 
@@ -124,7 +127,11 @@ def rendezvous(
         return
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     code = int.from_bytes(hashlib.sha1(what.encode()).digest()[:7], "big")
-    codes = gather_ints(code, what, timeout, process_group)
+    advice = (
+        f"Every rank must call {what} (e.g. not `if rank == 0: learn.save(...)`: call it on "
+        "every rank, rank 0 writes). "
+    )
+    codes = gather_ints(code, what, timeout, process_group, advice)
     if set(codes) != {code}:
         elsewhere = [r for r, c in enumerate(codes) if c != code]
         raise RuntimeError(
