@@ -547,8 +547,9 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
     def remove_params(self, params: Iterable[torch.Tensor]) -> None:
         """Stop stepping the model parameters `params` (say, of a module replaced in the
         model): they leave their param groups (emptied groups stay), with their masters and
-        optimizer state; the other parameters keep theirs, flat masters included. Checked
-        before anything changes: each must be held, and no step may be under way."""
+        optimizer state; the other parameters keep theirs, flat masters included. Checked,
+        and new flat masters made, before anything changes: each must be held, and no step
+        may be under way."""
         params = list(params)
         check_held({id(p) for g in self.model_params for p in g}, params)
         if self._pending or self._accumulated or self._found_inf is not None:
@@ -557,46 +558,51 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 "first."
             )
         drop = {id(p) for p in params}
-        with deferred_interrupt(), torch.no_grad():
+        state = self.optimizer.state
+        changes = []  # (group, kept params, their masters, a new flat master's state)
+        with torch.no_grad():
             for i, (ps, ms) in enumerate(zip(self.model_params, self.master_params)):
                 if not any(id(p) in drop for p in ps):
                     continue
                 keep = [j for j, p in enumerate(ps) if id(p) not in drop]
                 kept = [ps[j] for j in keep]
-                state = self.optimizer.state
+                if not self.flat_master:
+                    changes.append((i, kept, [ms[j] for j in keep], None))
+                    continue
+                if not kept:
+                    changes.append((i, kept, [], None))
+                    continue
+                old = ms[0]
+                master = nn.Parameter(
+                    flatten_like([master_views(ps, ms, True)[j] for j in keep], kept, old.device)
+                )
+                master.grad = torch.zeros_like(master)  # as make_masters leaves it
+                cut = {  # per-element entries cut to the kept parameters, per-tensor ones kept
+                    k: flatten_like([master_views(ps, [v], True)[j] for j in keep], kept, v.device)
+                    if torch.is_tensor(v) and v.shape == old.shape
+                    else v
+                    for k, v in state.get(old, {}).items()
+                }
+                changes.append((i, kept, [master], cut))
+        with deferred_interrupt(), torch.no_grad():
+            for i, kept, masters, cut in changes:
+                ps, ms = self.model_params[i], self.master_params[i]
                 if self.flat_master:
-                    old = ms[0]
-                    at = next(k for k, fg in enumerate(self._flat_groups) if fg.master is old)
+                    at = next(k for k, fg in enumerate(self._flat_groups) if fg.master is ms[0])
                     del self._flat_groups[at]
-                    views = master_views(ps, ms, True)
-                    saved = state.pop(old, {})
-                    masters = []
                     if kept:
-                        values = flatten_like([views[j] for j in keep], kept, old.device)
-                        master = nn.Parameter(values)
-                        master.grad = torch.zeros_like(master)  # as make_masters leaves it
-                        state[master] = {
-                            k: flatten_like(
-                                [master_views(ps, [v], True)[j] for j in keep], kept, v.device
-                            )
-                            if torch.is_tensor(v) and v.shape == old.shape
-                            else v
-                            for k, v in saved.items()
-                        }
-                        if not state[master]:
-                            del state[master]
-                        self._flat_groups.insert(at, FlatGroup(kept, master))
-                        masters = [master]
+                        self._flat_groups.insert(at, FlatGroup(kept, masters[0]))
+                        if cut:
+                            state[masters[0]] = cut
                     for p in ps:  # removed ones: out of the flat buffers, on their own storage
                         if id(p) in drop:
                             p.data, p.grad = p.data.clone(), None
-                else:
-                    masters = [ms[j] for j in keep]
-                    for j, m in enumerate(ms):
-                        if j not in keep:
-                            state.pop(m, None)
-                    if self.split is not None:  # its masters are the parameters themselves
-                        self.split.remove([p for p in ps if id(p) in drop])
+                if self.split is not None:  # its masters are the parameters themselves
+                    self.split.remove([p for p in ps if id(p) in drop])
+                kept_masters = set(map(id, masters))
+                for m in ms:
+                    if id(m) not in kept_masters:
+                        state.pop(m, None)
                 self.model_params[i] = kept
                 self.master_params[i] = masters
                 self.optimizer.param_groups[i]["params"] = list(masters)
@@ -606,4 +612,3 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             if self._fused is not None:
                 self._fused.invalidate()
                 self._masters.release_master_grads()
-
