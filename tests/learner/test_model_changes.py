@@ -176,3 +176,23 @@ def test_lr_find_after_a_replaced_module_puts_the_updated_learner_back(tmp_path,
     learn.lr_find(num_it=3)  # restores exactly what it found
     assert_identical(snapshot(learn), before)
     _fit(learn, 2)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_a_checkpoint_of_an_appended_model_loads_as_saved_2_2_0_1_1_into_3_3_0(tmp_path, mode):
+    learn = _learner(tmp_path, mode, _model())
+    _fit(learn, 1)
+    torch.manual_seed(9)
+    learn.model.append(nn.Linear(4, 4))
+    _fit(learn, 2)
+    learn.save("appended")
+    grown = _model()
+    torch.manual_seed(9)
+    grown.append(nn.Linear(4, 4))
+    fresh = _learner(tmp_path, mode, grown).load("appended")
+    assert [len(g["params"]) for g in learn.opt.param_groups] == [2, 2, 0, 1, 1]
+    assert [len(g["params"]) for g in fresh.opt.param_groups] == [3, 3, 0]
+    _fit(learn, 3)
+    _fit(fresh, 3)
+    for a, b in zip(learn.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
