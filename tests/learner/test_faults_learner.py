@@ -24,6 +24,8 @@ from mixprec.cli.bench.fault_learner import (
     Stop,
     run_disk_full,
     run_grad_faults,
+    run_reentrant_validate,
+    run_replaced_module,
     run_stop,
 )
 
@@ -115,3 +117,16 @@ def test_sigint_inside_the_step_and_a_stop_at_train_end_leave_nothing_half_done(
 def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_to_resume_from_exactly(config):
     result = run_disk_full(config, at=1)
     assert result.ok, result.problems
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("event", ["on_batch_begin", "on_loss_begin", "on_step_end"])
+def test_validate_from_a_callback_mid_fit_changes_no_number(config, event):
+    result = run_reentrant_validate(config, event, [0, 3, 6])
+    assert result.ok and result.faults == 3, result
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_a_module_replaced_between_fits_trains_as_one_given_its_values(config):
+    result = run_replaced_module(config, seed=3)
+    assert result.ok, result

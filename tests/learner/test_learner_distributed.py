@@ -10,6 +10,9 @@ each test checks one.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from helpers.accumulate_worker import make, weights
-from helpers.launch import run_ranks
+from helpers.launch import free_port, run_ranks
 from helpers.learner import assert_identical
 from helpers.learner_distributed_worker import (
     BATCH,
@@ -166,3 +169,63 @@ def test_accumulating_ddp_reduces_only_in_the_steps_last_backward(ranks):
     for k in range(0, 8, 2):
         assert not torch.allclose(g0[k], g1[k])  # the first micro-batch's: this rank's own
         assert torch.equal(g0[k + 1], g1[k + 1])  # reduced over both ranks at the last backward
+
+
+# -- processes that cannot train together: a clear error on every rank, never a hang -----------
+UNEVEN = Path(__file__).parents[1] / "helpers" / "uneven_shards_worker.py"
+
+
+def test_uneven_iterable_shards_are_an_error_on_both_ranks_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXPREC_COLLECTIVE_TIMEOUT", "5")
+    (out0, _), (out1, _) = run_ranks([str(UNEVEN), str(tmp_path)], timeout=120)
+    for rank, out in enumerate((out0, out1)):
+        assert f"rank {rank} of 2: the ranks' training loaders give different numbers" in out
+        assert "rank(s) [1] have batch 4, rank(s) [0] have 3" in out
+
+
+def test_even_iterable_shards_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXPREC_COLLECTIVE_TIMEOUT", "5")
+    (out0, _), (out1, _) = run_ranks([str(UNEVEN), str(tmp_path), "even"], timeout=120)
+    assert out0.strip() == out1.strip() == "trained 6"
+
+
+def test_a_learner_in_world_size_2_with_one_process_fails_within_the_timeout(tmp_path):
+    script = (
+        "from helpers.learner import make_learner\n"
+        "from mixprec.parallel.distributed import CollectiveTimeout\n"
+        "try:\n"
+        "    make_learner('.')\n"
+        "except (CollectiveTimeout, ValueError) as error:\n"
+        "    print(error)\n"
+    )
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).resolve().parents[1])]),
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "MIXPREC_INIT_TIMEOUT": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert "rank 0 of 2: joining the process group" in done.stdout, done.stderr
+    assert "Start all 2 processes" in done.stdout
+    del env["MASTER_ADDR"]  # not started by torchrun: the message says so
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert "WORLD_SIZE=2 and RANK=0 say this is one of 2 processes" in done.stdout, done.stderr
+    assert "Launch with torchrun" in done.stdout

@@ -19,11 +19,13 @@ import torch
 
 __all__ = [
     "REQUIRED_STATE",
+    "check_held",
     "check_optimizer_state_dict",
     "drop_incomplete_state_",
     "hyper_parameter_keys",
     "load_optimizer_state_dict",
     "optimizer_type_name",
+    "remove_params_",
 ]
 
 REQUIRED_STATE: dict[str, frozenset[str]] = {
@@ -195,3 +197,30 @@ def drop_incomplete_state_(optimizer: torch.optim.Optimizer) -> int:
     for p in broken:
         state.pop(p, None)
     return len(broken)
+
+
+def remove_params_(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:
+    """Take `params` out of `optimizer`'s param groups (emptied groups stay, as torch keeps
+    them) and drop their per-parameter state; a ValueError, before anything changes, if one
+    of them is not in a group."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    check_held(held, params)
+    drop = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in drop]
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+def check_held(held: set[int], params: Sequence[torch.Tensor]) -> None:
+    """Raise a TypeError unless `params` are tensors, a ValueError unless each one's id is in
+    `held` (the parameters an optimizer steps)."""
+    wrong = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+    if wrong:
+        raise TypeError(f"params must be tensors (parameters); got {_listed(wrong)}.")
+    foreign = [tuple(p.shape) for p in params if id(p) not in held]
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} of the tensors to remove (shapes {_listed(foreign)}) are not "
+            "held by the optimizer; pass only parameters it steps."
+        )

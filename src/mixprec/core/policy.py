@@ -388,8 +388,7 @@ class PrecisionPolicy:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         return (
             f"fp32 name pattern(s) {', '.join(map(repr, unmatched))} match no module or "
-            f"parameter of {type(model).__name__} (module names: {shown}). "
-            + " ".join(hints)
+            f"parameter of {type(model).__name__} (module names: {shown}). " + " ".join(hints)
         ).rstrip()
 
     def __eq__(self, other: object) -> bool:

@@ -29,6 +29,7 @@ from mixprec.core.optim_state import (
     drop_incomplete_state_,
     load_optimizer_state_dict,
     optimizer_type_name,
+    remove_params_,
 )
 from mixprec.core.scaler import LossScale, unscale_and_check_
 from mixprec.engine import forensics
@@ -36,7 +37,7 @@ from mixprec.engine.fused_adam import FusedItem
 from mixprec.engine.step_hooks import enable_step_hooks
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.updates import choose_update
-from mixprec.engine.wrapper import OptimizerWrapper
+from mixprec.engine.wrapper import OptimizerWrapper, StepState
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -267,6 +268,22 @@ class AutocastOptimizer(OptimizerWrapper):
             self.optimizer, state_dict["optimizer"], None, state_dict.get("optimizer_type")
         )
         copy.deepcopy(self.scaler).load_state_dict(state_dict["scaler"])
+
+    def remove_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Stop stepping the model parameters `params` (say, of a module replaced in the
+        model): they leave their param groups (emptied groups stay) with their optimizer
+        state. Checked before anything changes: each must be held, and no step under way."""
+        params = list(params)
+        if self._state is not StepState.READY:
+            raise RuntimeError(
+                "remove_params() between backward() and step(): call step() or zero_grad() first."
+            )
+        with deferred_interrupt():
+            remove_params_(self.optimizer, params)  # checks them first
+            for p in params:
+                self.param_names.pop(p, None)
+            self._buffers = None
+            self.update.invalidate()
 
     def __repr__(self) -> str:
         return (

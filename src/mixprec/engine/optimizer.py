@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -22,12 +22,15 @@ from mixprec.core.flat_group import FlatGroup
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     check_master_params,
+    flatten_like,
     make_masters,
+    master_views,
     masters_by_param,
     new_group_params,
 )
 from mixprec.core.master_state import check_saved_masters, move_state_to_masters
 from mixprec.core.optim_state import (
+    check_held,
     check_optimizer_state_dict,
     drop_incomplete_state_,
     load_optimizer_state_dict,
@@ -535,3 +538,71 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             f"scaler={self.scaler!r}, flat_master={self.flat_master}, clip={self.clip}, "
             f"fused={self.fused}, master={'split' if self.split is not None else 'fp32'!r})"
         )
+
+    def remove_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Stop stepping the model parameters `params` (say, of a module replaced in the
+        model): they leave their param groups (emptied groups stay), with their masters and
+        optimizer state; the other parameters keep theirs, flat masters included. Checked,
+        and new flat masters made, before anything changes: each must be held, and no step
+        may be under way."""
+        params = list(params)
+        held = [*self.model_params, *self.frozen_params]
+        check_held({id(p) for g in held for p in g}, params)
+        if self._state is not StepState.READY:
+            raise RuntimeError(
+                "remove_params() between backward() and step(): call step() or zero_grad() first."
+            )
+        drop = {id(p) for p in params}
+        state = self.optimizer.state
+        changes = []  # (group, kept params, their masters, a new flat master's state)
+        with torch.no_grad():
+            for i, (ps, ms) in enumerate(zip(self.model_params, self.master_params)):
+                if not any(id(p) in drop for p in ps):
+                    continue
+                keep = [j for j, p in enumerate(ps) if id(p) not in drop]
+                kept = [ps[j] for j in keep]
+                if not self.flat_master:
+                    changes.append((i, kept, [ms[j] for j in keep], None))
+                    continue
+                if not kept:
+                    changes.append((i, kept, [], None))
+                    continue
+                old = ms[0]
+                master = nn.Parameter(
+                    flatten_like([master_views(ps, ms, True)[j] for j in keep], kept, old.device)
+                )
+                master.grad = torch.zeros_like(master)  # as make_masters leaves it
+                cut = {  # per-element entries cut to the kept parameters, per-tensor ones kept
+                    k: flatten_like([master_views(ps, [v], True)[j] for j in keep], kept, v.device)
+                    if torch.is_tensor(v) and v.shape == old.shape
+                    else v
+                    for k, v in state.get(old, {}).items()
+                }
+                changes.append((i, kept, [master], cut))
+        with deferred_interrupt(), torch.no_grad():
+            for i, kept, masters, cut in changes:
+                ps, ms = self.model_params[i], self.master_params[i]
+                if self.flat_master:
+                    at = next(k for k, fg in enumerate(self._flat_groups) if fg.master is ms[0])
+                    del self._flat_groups[at]
+                    if kept:
+                        self._flat_groups.insert(at, FlatGroup(kept, masters[0]))
+                        if cut:
+                            state[masters[0]] = cut
+                    for p in ps:  # removed ones: out of the flat buffers, on their own storage
+                        if id(p) in drop:
+                            p.data, p.grad = p.data.clone(), None
+                if self.split is not None:  # its masters are the parameters themselves
+                    self.split.remove([p for p in ps if id(p) in drop])
+                kept_masters = set(map(id, masters))
+                for m in ms:
+                    if id(m) not in kept_masters:
+                        state.pop(m, None)
+                self.model_params[i] = kept
+                self.master_params[i] = masters
+                self.optimizer.param_groups[i]["params"] = masters  # one list, as built
+            for i, frozen in enumerate(self.frozen_params):  # frozen ones have no master
+                self.frozen_params[i] = [p for p in frozen if id(p) not in drop]
+            for p in params:
+                self.param_names.pop(p, None)
+            self._changed_params()

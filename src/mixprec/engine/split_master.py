@@ -68,6 +68,13 @@ class SplitMasters:
                     p, dtype=torch.int16, memory_format=torch.preserve_format
                 )
 
+    def remove(self, params: Sequence[torch.Tensor]) -> None:
+        """Forget the low bits and fp32 gradients of `params` (no longer stepped)."""
+        for p in params:
+            self.low.pop(p, None)
+            self.acc.pop(p, None)
+            self._detached.pop(p, None)
+
     # -- values -------------------------------------------------------------------------------
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master of parameter `p` (a new tensor for bf16 `p`, `p` itself if fp32)."""

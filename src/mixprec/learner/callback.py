@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -36,6 +37,10 @@ _REPLACES: dict[str, str] = {
 }
 
 _STOPS = ("on_batch_end", "on_epoch_end")  # events whose True return value stops training
+
+# The (callback, event) pairs running now, over every handler: a callback that calls
+# `learn.validate()` from an event is not run again for that event by the validation inside.
+_RUNNING: ContextVar[frozenset[tuple[int, str]]] = ContextVar("_RUNNING", default=frozenset())
 
 
 class Callback:
@@ -102,6 +107,10 @@ class CallbackHandler:
     `last_loss` is always the loss function's value: what `on_backward_begin` returns (the
     scaled loss, under mixed precision) goes to `backward()` only, and later events see the
     unscaled loss again.
+
+    A callback's event is never re-entered: when a callback calls `learn.validate()` (or
+    `predict()`) from one of its events, the evaluation inside runs every other callback's
+    events but skips that callback's running event (which would call validate() again).
     """
 
     def __init__(self, callbacks: Iterable[Callback], **state: Any) -> None:
@@ -143,11 +152,17 @@ class CallbackHandler:
         return self.state[key] if key is not None else None
 
     def _run(self, cb: Callback, event: str) -> Any:
+        running = _RUNNING.get()
+        if (id(cb), event) in running:  # re-entered through validate()/predict(): skip it
+            return None
+        token = _RUNNING.set(running | {(id(cb), event)})
         try:
             return getattr(cb, event)(**self.state)
         except Exception as e:
             _name_source(e, f"raised in callback {type(cb).__name__}, event {event}")
             raise
+        finally:
+            _RUNNING.reset(token)
 
     def _run_all(self, event: str) -> None:
         error: BaseException | None = None

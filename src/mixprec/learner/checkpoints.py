@@ -10,6 +10,7 @@ from mixprec.core.optim_state import optimizer_type_name
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.callback import LearnerLike
 from mixprec.learner.compat import check_checkpoint_fits
+from mixprec.learner.opt_layout import group_names, layer_group_names
 from mixprec.learner.saved_weights import model_entry
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_learner_", "save_learner"]
@@ -33,6 +34,12 @@ def save_learner(learn: LearnerLike, path: Path) -> Path:
         "dtype": None if mp is None else str(mp.dtype),
         "model": model_entry(learn.model, learn.opt),
         "opt": opt_state,
+        "opt_layout": None
+        if learn.opt is None
+        else {
+            "groups": group_names(learn.model, learn.opt),
+            "layer_groups": layer_group_names(learn.model, learn.param_groups()),
+        },
         "opt_type": None
         if learn.opt is None
         else optimizer_type_name(getattr(learn.opt, "optimizer", learn.opt)),

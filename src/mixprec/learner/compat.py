@@ -20,6 +20,7 @@ from mixprec.core.optim_state import check_optimizer_state_dict
 from mixprec.engine.autocast import AutocastOptimizer
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
 from mixprec.learner.callback import LearnerLike
+from mixprec.learner.opt_layout import group_names, layer_group_names, regroup_state_dict
 from mixprec.learner.saved_weights import masters_from_entry
 
 __all__ = ["check_checkpoint_fits", "checkpoint_file_name"]
@@ -98,6 +99,42 @@ def _check_model(saved: Any, model: torch.nn.Module, path: os.PathLike) -> None:
         )
 
 
+def _regrouped(
+    checkpoint: Mapping[str, Any],
+    saved_opt: Any,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer | None,
+    layer_groups: list[list[str]],
+    path: os.PathLike,
+) -> Any:
+    """The saved optimizer state laid out as `opt`'s param groups hold the same parameters,
+    when both runs had the same layer groups (`layer_groups`: this learner's, by parameter
+    name) and a model changed between fits in one of them laid its optimizer out otherwise;
+    as saved otherwise (the checks then name what differs)."""
+    saved = checkpoint.get("opt_layout")
+    if opt is None or not isinstance(saved, Mapping) or not isinstance(saved_opt, Mapping):
+        return saved_opt
+    saved_layout = saved.get("groups")
+    if not isinstance(saved_layout, list) or saved.get("layer_groups") != layer_groups:
+        return saved_opt  # saved with other layer groups: refused by the checks, naming it
+    layout = group_names(model, opt)
+    same_params = sorted(n for g in layout for n in g) == sorted(n for g in saved_layout for n in g)
+    if layout == saved_layout or not same_params:
+        return saved_opt
+    wrapped = isinstance(opt, (MixedPrecisionOptimizer, AutocastOptimizer))
+    inner = saved_opt.get("optimizer") if wrapped else saved_opt
+    if not isinstance(inner, Mapping) or len(inner.get("param_groups", ())) != len(saved_layout):
+        return saved_opt
+    params = dict(model.named_parameters())
+    try:
+        regrouped = regroup_state_dict(
+            inner, saved_layout, layout, params, bool(getattr(opt, "flat_master", False))
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return {**saved_opt, "optimizer": regrouped} if wrapped else regrouped
+
+
 def check_checkpoint_fits(
     learn: LearnerLike,
     checkpoint: Mapping[str, Any],
@@ -122,6 +159,8 @@ def check_checkpoint_fits(
     opt = learn.opt if opt is None else opt
     saved_opt = checkpoint.get("opt")
     if saved_opt is not None:
+        layer_groups = layer_group_names(learn.model, learn.param_groups())
+        saved_opt = _regrouped(checkpoint, saved_opt, learn.model, opt, layer_groups, path)
         stored_once = isinstance(saved_opt, Mapping) and "masters" not in saved_opt
         if isinstance(opt, MixedPrecisionOptimizer) and stored_once and "optimizer" in saved_opt:
             masters = masters_from_entry(checkpoint["model"], learn.model, opt)  # in "model"

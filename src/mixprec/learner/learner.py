@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -26,7 +27,7 @@ from mixprec.core.checks import (
 from mixprec.core.convert import cast_floats, input_dtype, model_to_float
 from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.interrupts import deferred_interrupt
-from mixprec.core.optim_state import drop_incomplete_state_
+from mixprec.core.optim_state import drop_incomplete_state_, remove_params_
 from mixprec.core.scaler import LossScale
 from mixprec.learner.accumulation import check_accumulate, micro_batches, steps_per_epoch
 from mixprec.learner.callback import Callback, CallbackHandler
@@ -127,6 +128,9 @@ class Learner:
         self.progress = bool(progress)
         self.accumulate = check_accumulate(accumulate)
         self.opt: torch.optim.Optimizer | None = None
+        # The parameters this learner gave its optimizer, or trained as the model's: one held
+        # that has left the model was replaced in it (and leaves the optimizer at the next fit).
+        self._known: dict[int, weakref.ref] = {}
         self.recorder = Recorder()
         self.epoch = 0  # epochs trained, over every fit()
         self.iteration = 0  # steps trained (applied or skipped), over every fit()
@@ -153,27 +157,103 @@ class Learner:
         """`opt_func(self.param_groups(), lr=lr)`, checked; `self.opt` is left alone."""
         if isinstance(self.opt_func, type):  # LBFGS would fail on the groups, unexplained
             check_optimizer_supported(self.opt_func)
-        opt = self.opt_func(self.param_groups(), lr=lr)
+        groups = self.param_groups()
+        opt = self.opt_func(groups, lr=lr)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 "opt_func(param_groups, lr=lr) must return a torch.optim.Optimizer; got "
                 f"{type(opt).__name__}."
             )
+        self._remember(p for g in groups for p in g["params"])
         return opt
 
+    def _remember(self, params: Iterable[torch.Tensor]) -> None:
+        for p in params:
+            self._known[id(p)] = weakref.ref(p)
+
+    def _replaced(self, p: torch.Tensor) -> bool:
+        """Whether `p` is a parameter this learner trained that has left the model."""
+        ref = self._known.get(id(p))
+        return ref is not None and ref() is p
+
     def add_new_params(self) -> int:
-        """Add the layer groups' parameters the optimizer does not hold yet (under mixed
-        precision they get masters); return how many were added."""
+        """Bring the optimizer up to date with the model: the parameters it holds that are no
+        longer the model's (a replaced module's) leave it with their state, and the layer
+        groups' parameters it does not hold yet join it in new param groups (under mixed
+        precision with masters); return how many joined."""
         if self.opt is None:
             return 0
-        held_ids = {id(p) for p in held_params(self.opt)}
-        added = 0
+        stale, fresh = self._param_changes()
+        if stale:
+            if hasattr(self.opt, "remove_params"):  # a mixprec wrapper: masters, state too
+                self.opt.remove_params(stale)
+            else:
+                remove_params_(self.opt, stale)
+        for group in fresh:
+            self.opt.add_param_group(group)
+            self._remember(group["params"])
+        return sum(len(group["params"]) for group in fresh)
+
+    def _update_opt(self) -> None:
+        """What the start of `fit` does to an existing optimizer of a changed model, now:
+        refused before anything changes, or (under mixed precision with the new modules
+        converted) the replaced parameters out and the new ones in."""
+        if self.opt is None:
+            return
+        self._param_changes()
+        mp = self.mixed_precision
+        if mp is not None:
+            mp.prepare()  # converts the new modules, then add_new_params()
+        else:
+            self.add_new_params()
+
+    def _drop_replaced_params(self) -> Callable[[], None]:
+        """Take the parameters of modules replaced in the model out of a plain torch
+        optimizer (as `add_new_params` does), checked first; return what puts them back."""
+        opt = self.opt
+        if opt is None or hasattr(opt, "scaler"):  # none yet, or a mixprec wrapper
+            return lambda: None
+        stale, _ = self._param_changes(every_trainable=False)  # fit() checks the rest
+        groups = [list(g["params"]) for g in opt.param_groups]
+        state = {p: opt.state[p] for p in stale if p in opt.state}
+        remove_params_(opt, stale)
+
+        def undo() -> None:
+            for group, params in zip(opt.param_groups, groups):
+                group["params"] = params
+            opt.state.update(state)
+
+        return undo
+
+    def _param_changes(
+        self, every_trainable: bool = True
+    ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """(the held parameters of modules replaced in the model, the param groups of the
+        layer groups' parameters the optimizer does not hold), checked: the optimizer would
+        then hold only the model's parameters (and, with `every_trainable`, all of its
+        trainable ones)."""
+        held = held_params(self.opt)
+        ours = {id(p) for p in self.model.parameters()}
+        stale = [p for p in held if id(p) not in ours and self._replaced(p)]
+        unknown = [p for p in held if id(p) in ours or not self._replaced(p)]
+        check_optimizer_holds(self.model, unknown, every_trainable=False)  # another model's
+        held_ids = {id(p) for p in held}
+        fresh = []
         for group in self.param_groups():
-            fresh = [p for p in group["params"] if id(p) not in held_ids]
-            if fresh:
-                self.opt.add_param_group({**group, "params": fresh})
-                added += len(fresh)
-        return added
+            params = [p for p in group["params"] if id(p) not in held_ids]
+            if params:
+                fresh.append({**group, "params": params})
+        after = [p for p in held if id(p) in ours] + [p for g in fresh for p in g["params"]]
+        try:
+            check_optimizer_holds(self.model, after, every_trainable=every_trainable)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} The optimizer steps the parameters of learn.layer_groups; after a module "
+                "of the model was replaced or added, set learn.layer_groups again so that they "
+                "cover the model as it is now (e.g. learn.layer_groups = [model[:3], "
+                "model[3:]]), or leave them at the default, the whole model."
+            ) from None
+        return stale, fresh
 
     def _set_lr(self, lr: float) -> None:
         set_lr(self.opt, lr)
@@ -229,6 +309,7 @@ class Learner:
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         n_batches = loader_length(self.data.train_dl)
         per_epoch = num_it if not n_batches else steps_per_epoch(n_batches, self.accumulate)
+        self._update_opt()  # a changed model's parameters, before the snapshot of the optimizer
         snapshot = LearnerSnapshot(self)
         try:
             self._fit(-(-num_it // per_epoch), start_lr, [finder], validate=False)
@@ -262,6 +343,7 @@ class Learner:
             self.create_opt(lr)
         self.opt.zero_grad()  # drop what a step interrupted in an earlier fit() left behind
         drop_incomplete_state_(getattr(self.opt, "optimizer", self.opt))
+        self._param_changes()  # a model changed beyond its layer groups: refused, nothing done
         self._set_lr(lr)
         handler = CallbackHandler(
             [self.recorder, *self.callbacks, *extra],
@@ -277,6 +359,7 @@ class Learner:
             handler("on_train_begin")
             self.add_new_params()
             check_optimizer_holds(self.model, held_params(self.opt))
+            self._remember(held_params(self.opt))  # the model's, as checked just above
             self._set_lr(lr)  # a scheduling callback sets each step's lr at on_batch_begin
             with self.ranks.training(self.model, self.opt):  # DDP under torchrun
                 for k in range(epochs):
@@ -302,7 +385,8 @@ class Learner:
         stop = False
         step_loss: torch.Tensor | None = None  # the mean of the step's micro-batch losses
         with tqdm(total=loader_length(dl), desc=desc, leave=False, disable=off) as pbar:
-            for i, (x, y), group_size, ends_step in micro_batches(dl, self.accumulate):
+            batches = self.ranks.batches(dl, self.epoch)  # under torchrun, even on every rank
+            for i, (x, y), group_size, ends_step in micro_batches(batches, self.accumulate):
                 x, y = handler(
                     "on_batch_begin",
                     last_input=x,
@@ -484,7 +568,12 @@ class Learner:
                 "change the options."
             )
         cb = MixedPrecision(self, loss_scale, flat_master, **options)
-        cb.prepare()
+        undo = self._drop_replaced_params()  # the wrapper takes only the model's parameters
+        try:
+            cb.prepare()
+        except BaseException:
+            undo()
+            raise
         self.callbacks.append(cb)
         return self
 

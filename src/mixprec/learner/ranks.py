@@ -33,10 +33,11 @@ from torch.utils.data import (
 
 from mixprec.core.checkpoint import save_checkpoint
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
-from mixprec.learner.data import DataBunch
+from mixprec.learner.data import DataBunch, loader_length
 from mixprec.parallel.distributed import (
     broadcast_from_rank0_,
     collective_timeout,
+    gather_ints,
     init_distributed,
     is_data_parallel,
     rendezvous,
@@ -140,6 +141,34 @@ class Ranks:
         """The module the training forward runs through: DDP during fit, else `model`."""
         return model if self.ddp is None else self.ddp
 
+    def batches(self, dl: Any, epoch: int) -> Any:
+        """The training batches of `dl` for `epoch`. Under torchrun, from a loader that may
+        give the ranks different numbers of batches (any but one with a DistributedSampler:
+        an IterableDataset shards itself), every rank says at each batch whether it has one
+        (one small all-gather and host sync per batch), so that uneven shards are a clear
+        error on every rank at once rather than a rank waiting forever in DDP's all-reduce."""
+        loader = getattr(dl, "dl", dl)
+        if not self.enabled or isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            return dl
+        return _EvenBatches(dl, self, epoch)
+
+    def check_batch_(self, has_batch: bool, index: int, epoch: int) -> None:
+        """Raise on every rank if some ranks have training batch `index` of `epoch` and
+        others do not (see `batches`)."""
+        flags = gather_ints(int(has_batch), f"training batch {index + 1}", self.timeout)
+        if len(set(flags)) > 1:
+            have = [r for r, f in enumerate(flags) if f]
+            done = [r for r, f in enumerate(flags) if not f]
+            raise RuntimeError(
+                f"rank {self.rank} of {self.world_size}: the ranks' training loaders give "
+                f"different numbers of batches in epoch {epoch + 1}: rank(s) {have} have "
+                f"batch {index + 1}, rank(s) {done} have {index}. Every rank must take the "
+                "same number of steps (DDP all-reduces each step's gradients over all of "
+                "them): make each rank's IterableDataset shard give the same number of "
+                "batches (e.g. drop the remainder), or use a map-style dataset, which the "
+                "Learner shards evenly with a DistributedSampler."
+            )
+
     def end_epoch_(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's next forward
         would, so every rank validates and holds the same model."""
@@ -197,6 +226,27 @@ class Ranks:
 
     def __repr__(self) -> str:
         return f"Ranks(rank={self.rank}, world_size={self.world_size}, enabled={self.enabled})"
+
+
+class _EvenBatches:
+    """A training loader's batches, each checked to exist on every rank (`Ranks.batches`)."""
+
+    def __init__(self, dl: Any, ranks: Ranks, epoch: int) -> None:
+        self.dl, self.ranks, self.epoch = dl, ranks, epoch
+
+    def __len__(self) -> int:
+        length = loader_length(self.dl)
+        if length is None:
+            raise TypeError("the training loader has no len()")
+        return length
+
+    def __iter__(self) -> Iterator[Any]:
+        index = 0
+        for batch in self.dl:
+            self.ranks.check_batch_(True, index, self.epoch)
+            yield batch
+            index += 1
+        self.ranks.check_batch_(False, index, self.epoch)
 
 
 def set_epoch(loader: Any, epoch: int) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "all_reduce_overflow_",
     "check_reducible",
     "cleanup_distributed",
+    "gather_ints",
     "init_distributed",
     "is_data_parallel",
     "no_sync",
@@ -89,6 +90,33 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=_seconds("MIXPREC_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S))
 
 
+def gather_ints(
+    value: int,
+    what: str,
+    timeout: timedelta,
+    process_group: dist.ProcessGroup | None = None,
+    advice: str = "",
+) -> list[int]:
+    """Every rank's `value` (an int64), by rank, gathered within `timeout`; past it a
+    `CollectiveTimeout` names `what` and this rank (then `advice`), instead of hanging."""
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    backend = dist.get_backend(process_group)
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else "cpu"
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    values = [torch.zeros_like(mine) for _ in range(world)]
+    work = dist.all_gather(values, mine, group=process_group, async_op=True)
+    try:
+        work.wait(timeout=timeout)
+    except RuntimeError as error:
+        raise CollectiveTimeout(
+            f"rank {rank} of {world} waited {timeout.total_seconds():g} s in {what} for the "
+            f"other ranks, which did not reach it ({error}). {advice}Set "
+            "MIXPREC_COLLECTIVE_TIMEOUT (seconds) or learn.ranks.timeout for ranks that are "
+            "slow to get there."
+        ) from error
+    return [int(v.item()) for v in torch.cat(values).cpu()]  # one host sync
+
+
 def rendezvous(
     what: str, timeout: timedelta, process_group: dist.ProcessGroup | None = None
 ) -> None:
@@ -99,25 +127,14 @@ def rendezvous(
     if not is_data_parallel(process_group):
         return
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    backend = dist.get_backend(process_group)
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else "cpu"
     code = int.from_bytes(hashlib.sha1(what.encode()).digest()[:7], "big")
-    mine = torch.tensor([code], dtype=torch.int64, device=device)
-    codes = [torch.zeros_like(mine) for _ in range(world)]
-    work = dist.all_gather(codes, mine, group=process_group, async_op=True)
-    try:
-        work.wait(timeout=timeout)
-    except RuntimeError as error:
-        raise CollectiveTimeout(
-            f"rank {rank} of {world} waited {timeout.total_seconds():g} s in {what} for the "
-            f"other ranks, which did not reach it ({error}). Every rank must call {what} "
-            "(e.g. not `if rank == 0: learn.save(...)`: call it on every rank, rank 0 "
-            "writes). Set MIXPREC_COLLECTIVE_TIMEOUT (seconds) or learn.ranks.timeout for "
-            "ranks that are slow to get there."
-        ) from error
-    others = sorted({int(c.item()) for c in codes} - {code})
-    if others:
-        elsewhere = [r for r, c in enumerate(codes) if int(c.item()) != code]
+    advice = (
+        f"Every rank must call {what} (e.g. not `if rank == 0: learn.save(...)`: call it on "
+        "every rank, rank 0 writes). "
+    )
+    codes = gather_ints(code, what, timeout, process_group, advice)
+    if set(codes) != {code}:
+        elsewhere = [r for r, c in enumerate(codes) if c != code]
         raise RuntimeError(
             f"rank {rank} of {world} is in {what} but rank(s) {elsewhere} are in another "
             f"collective: every rank must call {what} at the same point (e.g. not "
@@ -211,6 +228,13 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
         timeout = timedelta(seconds=_seconds("MIXPREC_INIT_TIMEOUT", INIT_TIMEOUT_S))
     try:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    except ValueError as error:  # env:// without MASTER_ADDR or MASTER_PORT
+        raise ValueError(
+            f"WORLD_SIZE={env.world_size} and RANK={env.rank} say this is one of "
+            f"{env.world_size} processes, but joining them failed: {error}. Launch with "
+            "torchrun (it sets MASTER_ADDR and MASTER_PORT for every process), or unset "
+            "WORLD_SIZE and RANK to run as one process."
+        ) from error
     except RuntimeError as error:  # torch's DistStoreError too
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise

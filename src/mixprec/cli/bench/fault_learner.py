@@ -3,6 +3,11 @@ KeyboardInterrupt mid-epoch (from the data, the loss function or a callback), in
 gradients, and a disk that fills up during a checkpoint save, each checked against the run
 that should result.
 
+Two changes a user may make mid-training, beside the run that should result: `learn.validate()`
+called from a callback inside `fit` (the run without it), and a module of the model replaced
+between fits (the run that writes the new module's values into the old one's parameters and
+drops their optimizer state).
+
 A stopped `fit` must leave a consistent learner: the half model equal to its rounded fp32
 masters, `learn.iteration` equal to the steps the optimizer took, the input transform
 removed, and nothing half-done, so that fitting on gives bit for bit what a run that took
@@ -43,6 +48,8 @@ __all__ = [
     "WHERE",
     "run_disk_full",
     "run_grad_faults",
+    "run_reentrant_validate",
+    "run_replaced_module",
     "run_stop",
 ]
 
@@ -63,9 +70,12 @@ class LearnerConfig:
     fused: bool = False
     loss_scale: float | str = 512.0
 
-    def learner(self, batches: Sequence[Any], **kwargs: Any) -> Learner:
+    def learner(self, batches: Sequence[Any], head_group: bool = False, **kwargs: Any) -> Learner:
+        """The learner; with `head_group`, the last layer a layer group of its own."""
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+        if head_group:
+            kwargs["layer_groups"] = [model[:3], model[3:]]
         learn = Learner(DataBunch(list(batches), device="cpu"), model, progress=False, **kwargs)
         return learn.to_fp16(self.loss_scale, self.flat_master, fused=self.fused)
 
@@ -432,5 +442,93 @@ def run_disk_full(config: LearnerConfig, at: int, epochs: int = 3) -> LearnerRes
     ref.fit(epochs)
     differ = _differing(snapshot(resumed), snapshot(ref))
     result.problems += [f"resumed from the previous checkpoint: {k}" for k in differ]
+
+    result.lost = int(bool(differ))
+    return result
+
+class _Validator(Callback):
+    """Calls `learn.validate(batches)` from `event` at the steps in `steps`, and records
+    what of the training state it changed."""
+
+    def __init__(self, event: str, steps: Sequence[int], batches: Sequence[Any]) -> None:
+        self.steps, self.batches, self.calls = set(steps), list(batches), 0
+        self.changed: list[str] = []
+        setattr(self, event, self._validate)
+
+    @staticmethod
+    def _state(learn: Learner) -> dict[str, Any]:
+        return {
+            "train mode": [m.training for m in learn.model.modules()],
+            "grad mode": torch.is_grad_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"),
+            "input transforms": list(learn.data.tfms),
+        }
+
+    def _validate(self, learn: Learner, iteration: int, train: bool = True, **kwargs: Any) -> None:
+        if train and iteration in self.steps:
+            before = self._state(learn)
+            learn.validate(self.batches)
+            after = self._state(learn)
+            self.changed += [k for k in before if before[k] != after[k]]
+            self.calls += 1
+
+
+def run_reentrant_validate(
+    config: LearnerConfig, event: str, steps: Sequence[int]
+) -> LearnerResult:
+    """Two epochs with `learn.validate()` called from a callback's `event` at `steps`, beside
+    two epochs without: the same numbers, bit for bit, and the training state unchanged."""
+    batches = _batches()
+    validator = _Validator(event, steps, batches[:2])
+    learn = config.learner(batches, callbacks=[validator])
+    learn.fit(2)
+    ref = config.learner(batches)
+    ref.fit(2)
+    result = LearnerResult(f"{config.name}: validate() at {event} of steps {sorted(steps)}", 0)
+    result.faults = validator.calls
+    if validator.calls != len(validator.steps):
+        result.problems.append(f"validate() ran {validator.calls} times, not {len(steps)}")
+    result.problems += [f"validate() changed the {k}" for k in validator.changed]
+    differ = _differing(snapshot(learn), snapshot(ref))
+    result.problems += [f"beside the run without validate(): {k}" for k in differ]
+    result.lost = int(bool(differ))
+    return result
+
+
+def run_replaced_module(config: LearnerConfig, seed: int) -> LearnerResult:
+    """An epoch, the head replaced by a new module (initialised from `seed`), an epoch; beside
+    a learner (the head a layer group of its own, as the new head's param groups are) whose
+    head parameters took the new module's values between the epochs and lost their optimizer
+    state: the same numbers, bit for bit."""
+    batches = _batches()
+    learn = config.learner(batches)
+    learn.fit(1)
+    torch.manual_seed(seed)
+    head = nn.Linear(16, 4)
+    values = [p.detach().clone() for p in head.parameters()]
+    learn.model[3] = head
+    learn.fit(1)
+    result = LearnerResult(f"{config.name}: head replaced between fits (seed {seed})", 1)
+    held = {id(p) for g in learn.opt.model_params for p in g}
+    if held != {id(p) for p in learn.model.parameters()}:
+        result.problems.append("the optimizer does not hold exactly the model's parameters")
+
+    ref = config.learner(batches, head_group=True)
+    ref.fit(1)
+    opt = ref.opt
+    old = list(ref.model[3].parameters())
+    opt.load_master_values_({id(p): v for p, v in zip(old, values)})
+    with torch.no_grad():
+        for params, masters in zip(opt.model_params, opt.master_params):
+            if params and all(any(p is q for q in old) for p in params):
+                for m in masters:
+                    opt.optimizer.state.pop(m, None)
+        values_now = opt.master_values()
+        for p in old:
+            p.copy_(values_now[id(p)].to(p.dtype))
+    opt.update.invalidate()  # its plan holds the dropped state
+    ref.fit(1)
+    differ = _differing(snapshot(learn), snapshot(ref))
+    result.problems += [f"beside the learner given the new values: {k}" for k in differ]
     result.lost = int(bool(differ))
     return result

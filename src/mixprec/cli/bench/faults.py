@@ -5,9 +5,10 @@ and inputs (every engine configuration: per-tensor and flat masters, the fused s
 clipping, static and dynamic scales, accumulation); on one rank only of a 2-process gloo
 group; a user callback raising at every event of a batch, KeyboardInterrupt mid-epoch and
 a disk filling up during a checkpoint save (ENOSPC: the previous checkpoint must stay intact
-and training resume from it) in the Learner. Each run is compared bit for bit with the run that should result (see
-`fault_injection` and `fault_learner`). The schedules are seeded: the figures are the
-same on every run.
+and training resume from it) in the Learner; `learn.validate()` called from a callback
+inside `fit`, and a module of the model replaced between fits. Each run is compared bit for
+bit with the run that should result (see `fault_injection` and `fault_learner`). The
+schedules are seeded: the figures are the same on every run.
 
 Reported: faults injected, steps skipped (must equal the faulted steps), updates lost
 (clean steps whose update did not land or whose state differs from the reference: must
@@ -45,6 +46,8 @@ from mixprec.cli.bench.fault_learner import (
     Stop,
     run_disk_full,
     run_grad_faults,
+    run_reentrant_validate,
+    run_replaced_module,
     run_stop,
 )
 from mixprec.cli.options import non_negative_int, positive_int
@@ -154,7 +157,22 @@ def _learner(seed: int) -> list[Tally]:
             disk_full.faults += r.faults
             disk_full.lost += r.lost
             disk_full.problems += len(r.problems)
-    return [raised, interrupted, in_step, at_end, grads, disk_full]
+    reentrant = Tally("learner: validate() from a callback mid-fit")
+    replaced = Tally("learner: module replaced between fits")
+    for config in LEARNER_CONFIGS:
+        for event in ("on_batch_begin", "on_loss_begin", "on_backward_end", "on_step_end"):
+            r = run_reentrant_validate(config, event, rng.sample(range(8), 3))
+            reentrant.runs += 1
+            reentrant.faults += r.faults
+            reentrant.lost += r.lost
+            reentrant.problems += len(r.problems)
+        for _ in range(2):
+            r = run_replaced_module(config, rng.randrange(1 << 16))
+            replaced.runs += 1
+            replaced.faults += r.faults
+            replaced.lost += r.lost
+            replaced.problems += len(r.problems)
+    return [raised, interrupted, in_step, at_end, grads, disk_full, reentrant, replaced]
 
 
 def _rank_worker(rank: int, store_path: str, steps: int, faults: int, seed: int, out: str) -> None:
