@@ -16,7 +16,7 @@ from mixprec.cli.bench.fault_injection import CONFIGS, PARAM_NAMES, Fault, run_f
 
 STEPS = 8
 FAULTS_PER_RUN = 3
-EXAMPLES = 25  # per configuration: 6 x 25 x 3 = 450 faults, the same ones every run
+EXAMPLES = 25  # per configuration: 7 x 25 x 3 = 525 faults, the same ones every run
 VALUES = (math.inf, -math.inf, math.nan)
 
 faults = st.lists(
@@ -79,3 +79,9 @@ def test_a_run_without_faults_matches_its_reference_and_skips_nothing():
     for config in CONFIGS:
         result = run_faults(config, [], 4)
         assert result.ok and result.skipped == 0 and result.faults == 0
+
+
+def test_a_norm_that_overflows_fp32_is_skipped_and_said_as_such():
+    (config,) = [c for c in CONFIGS if "norm" in c.kinds]
+    result = run_faults(config, [Fault(2, "norm", param=4, value=1e25)], 5)
+    assert result.ok and result.skipped == 1, result  # finite gradients, an inf norm: skipped

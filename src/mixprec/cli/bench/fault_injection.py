@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 KINDS = ("grad", "loss", "input")
+"""Fault kinds a schedule draws from by default; "norm" (finite bf16 gradients whose global
+norm overflows fp32) is drawn by the configurations that name it."""
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 GLOBAL_BATCH = 8  # samples per step, over all ranks
 ONE_PROCESS = DistEnv()
 PARAM_NAMES = ("0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias")
@@ -49,7 +52,9 @@ class Fault:
     """One injected fault at `step`: "grad" writes `value` into element `index` of the half
     gradient of trainable parameter `param` (after backward, so after DDP's all-reduce);
     "loss" multiplies the loss by `value`; "input" writes `value` into element `index` of
-    the input. `rank`: the one rank it hits (None: every rank)."""
+    the input; "norm" fills the whole half gradient of `param` with the finite `value`, so
+    that the global norm overflows fp32 (bf16 only). `rank`: the one rank it hits (None:
+    every rank)."""
 
     step: int
     kind: str = "grad"
@@ -70,6 +75,8 @@ class EngineConfig:
     loss_scale: float | str = "dynamic"
     micro_batches: int = 1
     optimizer: str = "adamw"  # or "sgd" (momentum)
+    dtype: str = "fp16"  # or "bf16"
+    kinds: tuple[str, ...] = KINDS  # the fault kinds its schedules draw
 
     def build(self, model: nn.Module) -> MixedPrecisionOptimizer:
         """The engine over `model`'s parameters (named after `model`)."""
@@ -98,6 +105,7 @@ CONFIGS: tuple[EngineConfig, ...] = (
     EngineConfig("fused flat clip", flat_master=True, fused=True, clip=1.0),
     EngineConfig("per-tensor clip static", clip=0.5, loss_scale=256.0, optimizer="sgd"),
     EngineConfig("flat accumulate 2", flat_master=True, micro_batches=2, optimizer="sgd"),
+    EngineConfig("bf16 clip, norm overflow", fused=True, clip=1.0, dtype="bf16", kinds=("norm",)),
 )
 
 
@@ -126,11 +134,12 @@ class RunResult:
         )
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    """A tiny MLP with a LayerNorm (kept in fp32), in fp16."""
+def make_model(seed: int = 0, dtype: str = "fp16") -> nn.Module:
+    """A tiny MLP with a LayerNorm (kept in fp32), in fp16 (or bf16)."""
     torch.manual_seed(seed)
     return model_to_half(
-        nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+        nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)),
+        HALF[dtype],
     )
 
 
@@ -176,7 +185,7 @@ def _hits(fault: Fault, env: DistEnv) -> bool:
 def _micro_batch(fault: Fault, n: int, env: DistEnv) -> int:
     """The micro-batch after whose backward `fault` is injected: a gradient fault under DDP
     after the last (the reducing) backward, so that it stays on its rank."""
-    if fault.kind == "grad":
+    if fault.kind in ("grad", "norm"):
         return n - 1 if env.is_distributed else fault.index % n
     return 0
 
@@ -200,7 +209,7 @@ def _train_step(
         for f in mine:
             if f.kind == "input":
                 xb.view(-1)[f.index % xb.numel()] = f.value
-        loss = F.cross_entropy(model(xb.half()).float(), yb) / len(chunks)
+        loss = F.cross_entropy(model(xb.to(HALF[config.dtype])).float(), yb) / len(chunks)
         for f in mine:
             if f.kind == "loss":
                 loss = loss * f.value
@@ -210,6 +219,8 @@ def _train_step(
                 if f.kind == "grad":
                     grad = params[f.param % len(params)].grad
                     grad.view(-1)[f.index % grad.numel()] = f.value
+                if f.kind == "norm":
+                    params[f.param % len(params)].grad.fill_(f.value)
     applied = opt.step()
     opt.zero_grad()
     return applied
@@ -223,6 +234,8 @@ def _named_wrong(
     report = opt.last_overflow
     if report is None or report.step != step:
         return f"step {step}: no overflow report"
+    if all(f.kind == "norm" for f in faults):  # finite gradients: only the norm overflowed
+        return None if report.norm_overflow else f"step {step}: the norm overflow not said"
     if any(f.kind != "grad" for f in faults):  # backward spreads it (DDP: to every rank)
         return None if report.faults else f"step {step}: an inf/nan loss or input named nothing"
     expected = sorted({PARAM_NAMES[f.param % len(PARAM_NAMES)] for f in hits})
@@ -238,9 +251,9 @@ def run_faults(
 
     Under torch.distributed every rank must call it with the same arguments.
     """
-    model = wrap_ddp(make_model())
+    model = wrap_ddp(make_model(dtype=config.dtype))
     opt = config.build(model)
-    ref_model = wrap_ddp(make_model())
+    ref_model = wrap_ddp(make_model(dtype=config.dtype))
     ref = config.build(ref_model)
     faulted = {f.step for f in faults}
     result = RunResult(config.name, steps, len(faults), len(faulted), 0, 0)
@@ -277,14 +290,13 @@ def schedule(
         rank = None
         if world_size > 1 and rng.random() < 0.75:
             rank = rng.randrange(world_size)
-        faults.append(
-            Fault(
-                step=rng.randrange(steps),
-                kind=rng.choice(kinds),
-                param=rng.randrange(len(PARAM_NAMES)),
-                index=rng.randrange(1 << 16),
-                value=rng.choice(values),
-                rank=rank,
-            )
+        step, kind = rng.randrange(steps), rng.choice(kinds)
+        param, index, value = (
+            rng.randrange(len(PARAM_NAMES)),
+            rng.randrange(1 << 16),
+            rng.choice(values),
         )
+        if kind == "norm":
+            value = 1e25  # finite in bf16; the squares overflow fp32
+        faults.append(Fault(step, kind, param, index, value, rank))
     return sorted(faults, key=lambda f: f.step)

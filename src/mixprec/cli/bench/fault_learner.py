@@ -446,6 +446,7 @@ def run_disk_full(config: LearnerConfig, at: int, epochs: int = 3) -> LearnerRes
     result.lost = int(bool(differ))
     return result
 
+
 class _Validator(Callback):
     """Calls `learn.validate(batches)` from `event` at the steps in `steps`, and records
     what of the training state it changed."""

@@ -3,7 +3,8 @@
 Faults: inf/nan written into half gradients at random steps and parameters, inf/nan losses
 and inputs (every engine configuration: per-tensor and flat masters, the fused step,
 clipping, static and dynamic scales, accumulation); on one rank only of a 2-process gloo
-group; a user callback raising at every event of a batch, KeyboardInterrupt mid-epoch and
+group; finite bf16 gradients whose global norm overflows fp32 under clipping; a user
+callback raising at every event of a batch, KeyboardInterrupt mid-epoch and
 a disk filling up during a checkpoint save (ENOSPC: the previous checkpoint must stay intact
 and training resume from it) in the Learner; `learn.validate()` called from a callback
 inside `fit`, and a module of the model replaced between fits. Each run is compared bit for
@@ -95,7 +96,7 @@ def _engine(runs: int, steps: int, faults: int, seed: int) -> list[Tally]:
         tally = Tally(f"engine: {config.name}")
         rng = random.Random(seed + i)
         for _ in range(runs):
-            r = run_faults(config, schedule(rng, steps, faults), steps)
+            r = run_faults(config, schedule(rng, steps, faults, config.kinds), steps)
             tally.runs += 1
             tally.faults += r.faults
             tally.faulted_steps += r.faulted_steps
