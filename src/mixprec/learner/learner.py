@@ -370,9 +370,19 @@ class Learner:
             raise
         finally:
             # Clean-up runs whole: a second Ctrl-C waits until every on_train_end has run.
-            with deferred_interrupt():
-                torch.set_grad_enabled(grad_mode)  # a stop inside a no_grad region
-                handler("on_train_end", exception=exception)
+            # One that lands before the clean-up's region is entered is held until it ran.
+            entered = False
+            try:
+                with deferred_interrupt():
+                    entered = True
+                    torch.set_grad_enabled(grad_mode)  # a stop inside a no_grad region
+                    handler("on_train_end", exception=exception)
+            except KeyboardInterrupt:
+                if not entered:
+                    with deferred_interrupt():
+                        torch.set_grad_enabled(grad_mode)
+                        handler("on_train_end", exception=exception)
+                raise
 
     def _fit_epoch(self, handler: CallbackHandler, desc: str, validate: bool) -> bool:
         """One epoch; returns whether a callback asked to stop training."""
