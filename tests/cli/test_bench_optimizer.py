@@ -8,11 +8,14 @@ from mixprec import cli
 from mixprec.cli.bench import optimizer
 
 
-def test_one_tiny_size_reports_every_case_with_ratios_from_its_own_times(capsys):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_one_tiny_size_reports_every_case_with_ratios_from_its_own_times(capsys, clock):
     argv = ["bench", "optimizer", "--sizes", "1", "--repeats", "1", "--warmup", "0", "--json"]
+    argv += ["--clock", clock, "--threads", "1"]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
+    assert result["clock"] == clock
     rows = result["rows"]
     assert [r["case"] for r in rows] == list(optimizer.CASES)
     assert {r["n_params"] for r in rows} == {optimizer.WIDTH**2}  # one whole layer
