@@ -14,16 +14,15 @@ schedulers, `state_dict()` and the unfused path all see one optimizer.
 This module is the only one that calls torch's private fused kernels (`torch._fused_adam_`,
 `torch._fused_adamw_`). The public path, `torch.optim.AdamW(fused=True).step()` with its
 `grad_scale` and `found_inf` attributes set, needs whole fp32 gradients on the masters: 4
-bytes more per parameter held, and 11.37 ms against 10.22 ms for this step on 8.4M
-parameters (eight 1024x1024 bf16 weights, the half gradients checked, cast into the fp32
-gradients, stepped, the masters cast back; 1 thread, median CPU time of 15 interleaved
-steps, AMD EPYC, torch 2.13).
+bytes more per parameter held, and a step 11 to 15 % slower than this one on 8.4M
+parameters (the half gradients checked, cast into the fp32 gradients, stepped, the masters
+cast back: 11.37 and 13.79 ms against 10.22 and 11.97 ms in two runs; the command and the
+machine are in benchmarks/RESULTS.md, "the public fused AdamW path").
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -114,12 +113,6 @@ def _fused_device_types() -> frozenset[str]:
 def fused_device_supported(device: torch.device) -> bool:
     """Whether torch has fused Adam kernels for `device` (looked up once per process)."""
     return device.type in _fused_device_types()
-
-
-def _power_of_two(x: float) -> bool:
-    """Whether `x` and 1 / `x` are powers of two, both normal fp32 numbers: then g / x and
-    g * (1 / x) round the same real number, and are equal bit for bit."""
-    return math.frexp(x)[0] == 0.5 and 2.0**-126 <= x <= 2.0**126
 
 
 def _scalar(x: Any) -> float:
@@ -382,13 +375,10 @@ class FusedAdamStep:
         steps: list[torch.Tensor],
         grad_scale: torch.Tensor | None,
         zero_grads: bool,
-        inv_scale: torch.Tensor | None = None,
     ) -> None:
         """One Adam(W) step of every chunk from its gradients (half, or fp32 master ones)
         divided by `grad_scale` (None: as they are); the new masters are rounded into the half
-        model, and the gradients zeroed if asked. `inv_scale` (0-dim, exactly 1 / grad_scale):
-        gradients cast into the scratch are multiplied by it there instead, the same numbers
-        for a power-of-two scale and, on a CPU, a third of the kernel's cost of dividing."""
+        model, and the gradients zeroed if asked."""
         if steps:
             torch._foreach_add_(steps, 1)
         per_group: dict[int, tuple[Any, dict[str, Any]]] = {}  # read once per step, not chunk
@@ -401,12 +391,9 @@ class FusedAdamStep:
             kernel, args = per_group[c.group]
             # fp32 gradients kept as they are (master grads) need no cast into the scratch
             fp32 = not zero_grads and all(g.dtype == torch.float32 for g in c.grads)
-            grads, scale = (c.grads if fp32 else c.scratch), grad_scale
+            grads = c.grads if fp32 else c.scratch
             if not fp32:
                 torch._foreach_copy_(c.scratch, c.grads)
-                if inv_scale is not None:
-                    torch._foreach_mul_(c.scratch, inv_scale)  # in cache, exact: 2**-k
-                    scale = None
             if zero_grads:
                 torch._foreach_zero_(c.grads)
             kernel(
@@ -417,7 +404,7 @@ class FusedAdamStep:
                 c.max_exp_avg_sqs,
                 c.steps,
                 **args,
-                grad_scale=scale,
+                grad_scale=grad_scale,
                 found_inf=None,
             )
             if c.halves:
@@ -444,11 +431,11 @@ class FusedAdamStep:
         unscaled gradients, clipped as `clip_grad_norm_` does), one host sync, then the update
         unless a gradient overflowed; `flat` items' gradients are zeroed as they are read.
 
-        `buffers` are 1-element fp32 tensors (found_inf, inv_scale, scale) reused across steps;
+        `buffers` are 1-element fp32 tensors (found_inf, unused, scale) reused across steps;
         `sync` may all-reduce found_inf across ranks. Returns (overflowed, unscaled gradient
         norm or None). Call under `torch.no_grad()`.
         """
-        found_inf, inv_buf, scale_buf = buffers
+        found_inf, _, scale_buf = buffers
         found_inf.zero_()
         state = self.optimizer.state
         fresh = [it.master for group in items for it in group if not state.get(it.master)]
@@ -463,16 +450,11 @@ class FusedAdamStep:
         if not overflow:
             scale_buf.fill_(scale)
             grad_scale: torch.Tensor | None = scale_buf  # the kernel divides the gradients by it
-            inv_scale = None
             if norm is not None:
                 grad_scale = scale_buf / torch.clamp(clip / (norm + 1e-6), max=1.0)
             elif scale == 1.0:
-                grad_scale = None  # x / 1 == x: the kernel skips the division
-            elif scale_buf.device.type == "cpu" and _power_of_two(scale):
-                # on a GPU the kernel's division is free (memory-bound); a CPU core pays
-                # for it, more than for a multiplication of the gradient still in cache
-                inv_scale = inv_buf.view(()).fill_(1.0 / scale)
-            self.update_(chunks, steps, grad_scale, zero_grads=flat, inv_scale=inv_scale)
+                grad_scale = None  # x / 1 == x: the kernel skips the division and its store
+            self.update_(chunks, steps, grad_scale, zero_grads=flat)
         elif fresh:  # a skipped step leaves no trace: drop the state plan() just created
             for master in fresh:
                 state.pop(master, None)
