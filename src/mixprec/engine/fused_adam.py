@@ -14,10 +14,10 @@ schedulers, `state_dict()` and the unfused path all see one optimizer.
 This module is the only one that calls torch's private fused kernels (`torch._fused_adam_`,
 `torch._fused_adamw_`). The public path, `torch.optim.AdamW(fused=True).step()` with its
 `grad_scale` and `found_inf` attributes set, needs whole fp32 gradients on the masters: 4
-bytes more per parameter held, and a step 11 to 15 % slower than this one on 8.4M
+bytes more per parameter held, and a step 15 to 21 % slower than this one on 8.4M
 parameters (the half gradients checked, cast into the fp32 gradients, stepped, the masters
-cast back: 11.37 and 13.79 ms against 10.22 and 11.97 ms in two runs; the command and the
-machine are in benchmarks/RESULTS.md, "the public fused AdamW path").
+cast back: 13.79 and 13.17 ms against 11.97 and 10.86 ms in two runs; the command and the
+machine are in benchmarks/RESULTS.md, "The public fused AdamW path").
 """
 
 from __future__ import annotations
