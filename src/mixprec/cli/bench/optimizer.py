@@ -88,21 +88,25 @@ def _cases(layers: int, device: torch.device) -> dict[str, Case]:
     dummy = torch.zeros((), device=device)
     cases: dict[str, Case] = {}
 
-    def bind(params: list[nn.Parameter], values: list[torch.Tensor]) -> Callable[[], None]:
-        """Give every parameter a gradient holding `values` (its buffer kept across steps)."""
+    def bind(
+        params: list[nn.Parameter], values: list[torch.Tensor], wrapper: Any = None
+    ) -> Callable[[], None]:
+        """Setup: every parameter's gradient (a buffer kept across steps) set to `values`,
+        and for a mixprec `wrapper` a backward marked as done."""
         grads = [torch.empty_like(v) for v in values]
 
         def setup() -> None:
             for p, g in zip(params, grads):
-                if p.grad is None:
+                if p.grad is None:  # mixprec's step drops the gradients it read
                     p.grad = g
             torch._foreach_copy_([p.grad for p in params], values)
+            if wrapper is not None:
+                wrapper.scale_loss(dummy)
 
         return setup
 
     for name, fused in (("torch_fused", True), ("torch_foreach", False)):
-        m = _model(layers).to(device)
-        params = list(m.parameters())
+        params = list(_model(layers).to(device).parameters())
         opt = torch.optim.AdamW(params, fused=fused, foreach=not fused)
         cases[name] = (bind(params, src32), opt.step)
 
@@ -115,24 +119,11 @@ def _cases(layers: int, device: torch.device) -> dict[str, Case]:
         mp = MixedPrecisionOptimizer(
             torch.optim.AdamW(m.parameters()), model=m, dtype=torch.bfloat16, **options
         )
-        params = list(m.parameters())
-        set_grads = bind(params, src)
+        cases[name] = (bind(list(m.parameters()), src, mp), mp.step)
 
-        def setup(set_grads=set_grads, mp=mp) -> None:
-            set_grads()
-            mp.scale_loss(dummy)  # marks a backward as done
-
-        cases[name] = (setup, mp.step)
-
-    m = _model(layers).to(device)
-    ac = AutocastOptimizer(torch.optim.AdamW(m.parameters()), dtype=torch.bfloat16)
-    set_ac = bind(list(m.parameters()), src32)
-
-    def ac_setup() -> None:
-        set_ac()
-        ac.scale_loss(dummy)
-
-    cases["autocast"] = (ac_setup, ac.step)
+    params = list(_model(layers).to(device).parameters())
+    ac = AutocastOptimizer(torch.optim.AdamW(params), dtype=torch.bfloat16)
+    cases["autocast"] = (bind(params, src32, ac), ac.step)
     return cases
 
 
