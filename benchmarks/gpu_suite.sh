@@ -5,7 +5,9 @@
 #      and dtype would take most of the budget);
 #   2. the same on two families (resnet, gpt) with peak memory (torch.cuda.max_memory_allocated,
 #      a fresh process per mode);
-#   3. `mixprec bench gpu`: GPT-2-small-like and ResNet-50-like throughput and peak memory.
+#   3. `mixprec bench gpu`: GPT-2-small-like and ResNet-50-like throughput and peak memory;
+#   4. `mixprec bench optimizer --device cuda`: one AdamW step, mixprec's modes beside torch's
+#      fused and foreach AdamW, 1M to 64M parameters (ms, bytes per parameter, GB/s).
 # Each writes its table and JSON line under $OUT (default benchmarks/gpu-results/).
 # Run from the repository root: bash benchmarks/gpu_suite.sh
 set -euo pipefail
@@ -25,4 +27,5 @@ run() {  # seconds allowed, name, then the command's arguments (a timeout skips 
 run 80 step bench step --device cuda --repeats 15 --no-memory
 run 120 step_memory bench step --device cuda --models resnet gpt --repeats 3 --warmup 1
 run 90 gpu bench gpu --steps 10
+run 60 optimizer bench optimizer --device cuda --repeats 15
 echo "results in $out"

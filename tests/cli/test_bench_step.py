@@ -20,14 +20,45 @@ def test_every_family_and_mode_trains_one_tiny_step_and_reports_one_json_object(
     assert result["default_mode"] == step.default_mode() == "per-tensor+fused"
     rows = result["rows"]
     assert {(r["model"], r["mode"]) for r in rows} == {(f, m) for f in FAMILIES for m in step.MODES}
+    assert "x best" in out
     for r in rows:
-        assert {"model", "mode", "ms", "vs_fp32", "vs_autocast", "peak_mib"} <= set(r)
-        assert r["ms"] > 0 and r["peak_mib"] is None
+        assert {"model", "mode", "ms", "vs_fp32", "vs_best", "vs_autocast", "peak_mib"} <= set(r)
+        assert r["ms"] > 0 and r["peak_mib"] is None and r["compiled"] is False
         fp32 = next(x for x in rows if x["model"] == r["model"] and x["mode"] == "fp32")
         amp = next(x for x in rows if x["model"] == r["model"] and x["mode"] == "autocast")
+        best = next(
+            x for x in rows if x["model"] == r["model"] and x["mode"] == "autocast+fusedadamw"
+        )
         assert r["vs_fp32"] == pytest.approx(r["ms"] / fp32["ms"], rel=1e-2, abs=1e-3)
         if r["mode"] != "fp32":
             assert r["vs_autocast"] == pytest.approx(r["ms"] / amp["ms"], rel=1e-2, abs=1e-3)
+            assert r["vs_best"] == pytest.approx(r["ms"] / best["ms"], rel=1e-2, abs=1e-3)
+
+
+def test_compile_runs_both_sides_compiled_beside_eager_with_ratios_to_compiled_baselines(
+    monkeypatch,
+):
+    compiled = []
+
+    def fake_compile(model):  # the plumbing, without minutes of compilation
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    modes = ("autocast+fusedadamw", "default")
+    result = step.measure(("gpt",), modes, ("bf16",), tiny=True, repeats=1, warmup=0,
+                          memory=False, compile=True)  # fmt: skip
+    rows = result["rows"]
+    assert sorted((r["mode"], r["compiled"]) for r in rows) == sorted(
+        (m, c) for m in modes for c in (False, True)
+    )
+    assert len(compiled) == len(modes)  # one compiled model per mode, torch's and mixprec's
+    assert next(compiled[1].parameters()).dtype == torch.bfloat16  # compiled after conversion
+    for r in rows:
+        best = next(
+            x for x in rows if x["mode"] == "autocast+fusedadamw" and x["compiled"] == r["compiled"]
+        )
+        assert r["vs_best"] == pytest.approx(r["ms"] / best["ms"], rel=1e-2, abs=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["split", "autocast-mode", "to_fp16", "flat"])

@@ -63,14 +63,13 @@ def join_all_(
     """`join_` over lists, a few kernels for all of them; `works` are int32 scratches of
     the tensors' shapes (the low bits are widened there: an int32 + int16 add is several
     times slower than int32 + int32)."""
-    bits = [m.view(torch.int32) for m in out]
-    torch._foreach_copy_(bits, [h.view(torch.int16) for h in highs])  # sign-extended
-    torch._foreach_copy_(works, lows)
-    if span is None:
-        torch._foreach_mul_(bits, 1 << 16)  # modulo 2**32, as the encoding is
-        torch._foreach_add_(bits, works)
+    # a bf16 number widened to fp32 is its bits * 2**16, bit for bit (nan payloads too)
+    torch._foreach_copy_(out, highs)
+    torch._foreach_copy_(works, lows)  # sign-extended
+    if span is None:  # modulo 2**32, as the encoding is
+        torch._foreach_add_([m.view(torch.int32) for m in out], works)
     else:
-        span[0].mul_(1 << 16).add_(span[1])
+        span[0].add_(span[1])
 
 
 def split_all_(
@@ -84,12 +83,13 @@ def split_all_(
     """`split_` over lists, a few kernels for all of them; `works` are int32 scratches of
     the tensors' shapes."""
     torch._foreach_copy_(highs, masters)  # round to nearest, ties to even
-    torch._foreach_copy_(works, [h.view(torch.int16) for h in highs])  # sign-extended
-    if span is None:  # -bits(high) * 2**16 + bits(master), modulo 2**32
-        torch._foreach_mul_(works, -(1 << 16))
-        torch._foreach_add_(works, [m.view(torch.int32) for m in masters])
+    # bits(high) * 2**16 as the bits of high widened to fp32, then bits(master) minus it
+    torch._foreach_copy_([w.view(torch.float32) for w in works], highs)
+    if span is None:  # modulo 2**32
+        for m, w in zip(masters, works):
+            torch.sub(m.view(torch.int32), w, out=w)
     else:
-        span[1].mul_(-(1 << 16)).add_(span[0])
+        torch.sub(span[0], span[1], out=span[1])
     if ties is not None:
         for w in works:
             ties.add_((w > MAX_REMAINDER).sum())

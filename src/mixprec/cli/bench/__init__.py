@@ -19,6 +19,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mixprec.cli.bench.overhead",
         "optimizer-phase time: mixprec vs torch.amp vs floor",
     ),
+    "optimizer": (
+        "mixprec.cli.bench.optimizer",
+        "one AdamW step: mixprec's modes vs torch's fused and foreach, ms, bytes, GB/s",
+    ),
     "step": (
         "mixprec.cli.bench.step",
         "whole training steps on five model families, every mode, with peak memory",

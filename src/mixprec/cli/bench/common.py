@@ -31,20 +31,23 @@ def side_by_side(
     repeats: int,
     warmup: int = 2,
     sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median milliseconds per call of each case, the cases run in turn in every round so that
-    a noisy machine slows them alike; `sync` waits for queued device work (e.g. CUDA)."""
+    a noisy machine slows them alike; `sync` waits for queued device work (e.g. CUDA), `clock`
+    reads seconds (`time.thread_time`: CPU time, blind to the time other processes hold the
+    core, not to their share of the memory bandwidth)."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(warmup + repeats):
         for name, (setup, fn) in cases.items():
             if setup is not None:
                 setup()
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
             if r >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((clock() - start) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
