@@ -283,7 +283,7 @@ def test_an_unknown_option_is_refused_by_name_and_leaves_the_model_fp32(tmp_path
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
 
 
-@pytest.mark.parametrize("kw", [{}, {"fused": False}, {"master": "split"}])
+@pytest.mark.parametrize("kw", [{}, {"fused": False}, {"master": "split"}, {"flat_master": True}])
 def test_masters_survive_model_float_between_fits(tmp_path, kw):
     learn = make_learner(tmp_path).to_fp16(dtype=torch.bfloat16, **kw)
     learn.fit(1)
@@ -293,3 +293,5 @@ def test_masters_survive_model_float_between_fits(tmp_path, kw):
     after = learn.opt.master_values()
     assert masters.keys() == after.keys()
     assert all(torch.equal(masters[k], after[k]) for k in masters)
+    for p in learn.model.parameters():  # the model holds the masters' rounding again
+        assert torch.equal(p.detach(), after[id(p)].to(p.dtype).reshape(p.shape))

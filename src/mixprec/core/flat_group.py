@@ -30,6 +30,8 @@ class FlatGroup:
         self.grads: list[torch.Tensor] = []
         self._slices: list[tuple[int, int]] = []
         self._grad_views: list[torch.Tensor] = []
+        self._data_views: list[torch.Tensor] = []
+        self._buffer_of: list[int] = []  # each parameter's buffer in `data` and `grads`
         self._data_ptrs: list[int] = []  # where each parameter's view starts: to notice a move
         start = 0
         while start < len(self.params):
@@ -55,19 +57,25 @@ class FlatGroup:
                 p.data = view
                 p.grad = grad_view
                 self._grad_views.append(grad_view)
+                self._data_views.append(view)
+                self._buffer_of.append(len(self.data))
                 self._data_ptrs.append(view.data_ptr())
         self.data.append(data)
         self.grads.append(grad)
         self._slices.append((offset, offset + n))
 
-    def repair_grads(self) -> None:
+    def repair_grads(self, strict: bool = True) -> None:
         """Re-point any gradient that was replaced or removed (`set_to_none`) at its view.
+        Not `strict` (zeroing gradients), a moved parameter just loses its gradient.
 
         Raises a RuntimeError if a parameter was moved out of the flat buffers (e.g. by
         `model.to(...)` after the optimizer was built): the copies here and into the model
         would no longer reach it, and it would silently stop training."""
         with torch.no_grad():
             for p, view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
+                if p.data_ptr() != data_ptr and not strict:
+                    p.grad = None  # zeroing: the step (strict) says what happened
+                    continue
                 if p.data_ptr() != data_ptr:
                     raise RuntimeError(
                         f"a parameter of shape {tuple(p.shape)} ({p.dtype}) no longer lives in "
@@ -83,6 +91,34 @@ class FlatGroup:
                 else:
                     view.copy_(g)
                 p.grad = view
+
+    def reseat_(self) -> int:
+        """Put back into the buffers the parameters a conversion gave storage of their own
+        (`model.float()`, then back to the buffer's dtype: same dtype, shape and device): their
+        values are the buffer's again, which hold the masters' rounding, and their gradients
+        its views (a conversion also replaces the storage of the gradient views it finds).
+        Returns how many were put back; raises the `repair_grads` error, changing nothing,
+        for a parameter that now has another dtype, shape or device."""
+        moved = [
+            i for i, (p, ptr) in enumerate(zip(self.params, self._data_ptrs)) if p.data_ptr() != ptr
+        ]
+        if any(
+            (self.params[i].dtype, self.params[i].shape, self.params[i].device)
+            != (self._data_views[i].dtype, self._data_views[i].shape, self._data_views[i].device)
+            for i in moved
+        ):
+            self.repair_grads()  # raises, naming the parameter
+        with torch.no_grad():
+            for i in moved:
+                view = self._data_views[i]
+                grads = self.grads[self._buffer_of[i]]
+                grad = grads.as_strided(view.shape, view.stride(), view.storage_offset())
+                self._grad_views[i] = grad
+                p = self.params[i]
+                p.grad = None
+                p.data = view
+                p.grad = grad
+        return len(moved)
 
     def mark_clean(self) -> None:
         """Remember the gradient buffers as they are now (zeroed between steps)."""

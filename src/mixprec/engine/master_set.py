@@ -134,7 +134,7 @@ class MasterSet:
         """Drop (or zero) the model's gradients; flat buffers' views are zeroed and kept."""
         if self.flat:
             for fg in self.flat_groups:
-                fg.repair_grads()
+                fg.repair_grads(strict=False)
             torch._foreach_zero_([g for fg in self.flat_groups for g in fg.grads])
             return
         params = [p for group in self.model_params for p in group if p.grad is not None]

@@ -277,6 +277,19 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 state[name] = copies[id(p)]
         return state
 
+    def reseat_model_(self) -> None:
+        """After the model's parameters were given new storage of the same dtype, shape and
+        device (`model.float()` then a conversion back): the flat layout takes them back into
+        its buffers and the model holds the masters' rounding again. A no-op per tensor and
+        split (the masters are kept by parameter); refused, changing nothing, for a parameter
+        of another dtype, shape or device."""
+        if not self.flat_master:
+            return
+        for fg in self._flat_groups:
+            fg.reseat_()
+        self._masters.copy_to_model()
+        self._masters.mark_clean()
+
     def release(self) -> None:
         """Stop holding the model's parameters, so another wrapper may take them; this one
         refuses to step from now on."""

@@ -137,6 +137,7 @@ class MixedPrecision(Callback):
                         # rounding (say the user called model.float() between fits)
                         held = self.opt.master_values()
                         exact = {k: v for k, v in exact.items() if k not in held}
+                        self.opt.reseat_model_()  # flat buffers take the parameters back
                 elif any(p.dtype in HALF_DTYPES for p in learn.model.parameters()):
                     model_to_float(learn.model)  # autocast runs an fp32 model
                 if self.opt is None or learn.opt is not self.opt:
