@@ -5,10 +5,10 @@ continue is bit-exact; the fp32 export is the masters; the model can be validate
 again after a fit; frozen parameters get no master.
 
 Every front end (the plain loop, the Learner, Lightning's Trainer and Fabric, Accelerate's
-stock Accelerator) trains the same tiny MLP in bf16 with AdamW over the same batches, 2 steps
-an epoch. The same modules staying fp32 is `test_fp32_modules.py` (FSDP2 included); HF's
-Trainer, which trains HF models, passes these checks on a tiny GPT-2 in
-`test_hf_trainer.py`.
+stock Accelerator, HF's stock Trainer with `MixedPrecisionCallback`) trains the same tiny MLP
+in bf16 with AdamW over the same batches, 2 steps an epoch. The same modules staying fp32 is
+`test_fp32_modules.py` (FSDP2 included); FSDP2's skip and clip run on 2 gloo processes in
+`tests/parallel/test_distributed_e2e.py`.
 """
 
 from __future__ import annotations
@@ -329,12 +329,93 @@ class AccelerateLoop:
             return F.cross_entropy(self.model(x.bfloat16()).float(), y).item()
 
 
+class HFTrainer:
+    """HF transformers' stock `Trainer` with `MixedPrecisionCallback` (bf16: no subclass
+    needed), over the same batches in order."""
+
+    name = "HF Trainer"
+
+    class Wrapped(nn.Module):  # an HF-style forward: the loss in the output
+        def __init__(self, freeze: bool) -> None:
+            super().__init__()
+            self.net = make_net(freeze)
+
+        def forward(self, x, labels=None):
+            logits = self.net(x.to(next(self.net.parameters()).dtype)).float()
+            out = {"logits": logits}
+            if labels is not None:
+                out["loss"] = F.cross_entropy(logits, labels)
+            return out
+
+    def fit(
+        self,
+        epochs,
+        *,
+        inf_at=(),
+        clip=None,
+        accumulate=1,
+        freeze=False,
+        resume=None,
+        save=None,
+        path=None,
+    ):
+        from accelerate.state import AcceleratorState, GradientState
+        from torch.utils.data import SequentialSampler
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        from mixprec.integrations.hf import MixedPrecisionCallback
+
+        class InOrder(Trainer):  # the batches as the other front ends see them
+            def _get_train_sampler(self, *args, **kwargs):
+                return SequentialSampler(self.train_dataset)
+
+        class Poison(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if state.global_step in inf_at:
+                    poison(model.net)
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        model = self.Wrapped(freeze)
+        opt = MixedPrecisionOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01), model=model,
+            dtype=torch.bfloat16,
+        )  # fmt: skip
+        data = [{"x": x[i], "labels": y[i]} for x, y in batches(accumulate) for i in range(BATCH)]
+        args = TrainingArguments(
+            output_dir=str(path), report_to=[], use_cpu=True, num_train_epochs=epochs,
+            per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulate,
+            learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=clip or 0.0,
+            logging_steps=1, save_strategy="epoch" if save is not None else "no",
+            disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        self.trainer = InOrder(
+            model, args, train_dataset=data, optimizers=(opt, None),
+            callbacks=[MixedPrecisionCallback(), Poison()],
+        )  # fmt: skip
+        self.trainer.train(resume_from_checkpoint=resume)
+        self.model = model
+        run = Run(
+            opt, model.net, {k.removeprefix("net."): v for k, v in opt.fp32_state_dict().items()}
+        )
+        if clip is not None:
+            norms = [h["grad_norm"] for h in self.trainer.state.log_history if "grad_norm" in h]
+            run.grad_norm = torch.tensor(norms[-1])
+        return run
+
+    def evaluate(self, run: Run) -> float:
+        x, y = batches()[0]
+        data = [{"x": x[i], "labels": y[i]} for i in range(BATCH)]
+        return self.trainer.evaluate(data)["eval_loss"]
+
+
 FRONT_ENDS: dict[str, Callable[[], Any]] = {
     "plain loop": PlainLoop,
     "Learner": LearnerFrontEnd,
     "Lightning": LightningTrainer,
     "Fabric": Fabric,
     "Accelerate": AccelerateLoop,
+    "HF Trainer": HFTrainer,
 }
 
 
@@ -362,8 +443,10 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def front_end(request):
     if request.param in ("Lightning", "Fabric"):
         pytest.importorskip("lightning")
-    if request.param == "Accelerate":
+    if request.param in ("Accelerate", "HF Trainer"):
         pytest.importorskip("accelerate")
+    if request.param == "HF Trainer":
+        pytest.importorskip("transformers")
     return FRONT_ENDS[request.param]()
 
 
@@ -417,6 +500,7 @@ def test_save_load_continue_is_bit_exact(front_end, tmp_path):
         "Learner": "first",
         "plain loop": tmp_path / "p.pt",
         "Accelerate": tmp_path / "state",
+        "HF Trainer": tmp_path / "b" / f"checkpoint-{STEPS_PER_EPOCH}",
     }.get(front_end.name, tmp_path / "c.ckpt")
     _fit(type(front_end)(), tmp_path / "b", 1, save=suffix)
     resumed = _fit(type(front_end)(), tmp_path / "b", 2, resume=suffix)
