@@ -119,6 +119,77 @@ def lightning_trainer() -> dict[str, torch.dtype]:
     return module.seen
 
 
+def fabric() -> dict[str, torch.dtype]:
+    import lightning as L
+
+    from mixprec.integrations.lightning import MixedPrecisionPlugin
+
+    net = Net()
+    seen = _watch(net)
+    fab = L.Fabric(accelerator="cpu", plugins=[MixedPrecisionPlugin(torch.bfloat16)])
+    model, opt = fab.setup(net, torch.optim.AdamW(net.parameters()))
+    x, y = _batches()[0]
+    fab.backward(F.cross_entropy(model(x), y))
+    assert opt.step()
+    return seen
+
+
+def accelerate_loop() -> dict[str, torch.dtype]:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True)
+    net = Net()
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(net.parameters()), model=net, dtype=torch.bfloat16
+    )
+    model, prepared = acc.prepare(net, opt)
+    seen = _watch(net)
+    x, y = _batches()[0]
+    acc.backward(F.cross_entropy(model(x.bfloat16()).float(), y))
+    prepared.step()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return seen
+
+
+def hf_trainer(tmp_path) -> dict[str, torch.dtype]:
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import Trainer, TrainingArguments
+
+    from mixprec.integrations.hf import MixedPrecisionCallback
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x, labels):
+            logits = self.net(x.bfloat16()).float()
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    model = Wrapped()
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(model.parameters()), model=model, dtype=torch.bfloat16
+    )
+    seen = _watch(model.net)
+    x, y = _batches()[0]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
+        per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"x": x[i], "labels": y[i]} for i in range(4)]
+    Trainer(model, args, train_dataset=data, optimizers=(opt, None),
+            callbacks=[MixedPrecisionCallback()]).train()  # fmt: skip
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return seen
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,7 +215,10 @@ def fsdp2_one_process() -> dict[str, torch.dtype]:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("front_end", ["plain loop", "Learner", "Lightning", "FSDP2"])
+FRONT_ENDS = ["plain loop", "Learner", "Lightning", "Fabric", "Accelerate", "HF Trainer", "FSDP2"]
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_every_front_end_keeps_the_same_modules_fp32(front_end, tmp_path, monkeypatch):
     if front_end == "plain loop":
         seen = plain_loop()
@@ -152,6 +226,12 @@ def test_every_front_end_keeps_the_same_modules_fp32(front_end, tmp_path, monkey
         seen = learner(tmp_path)
     elif front_end == "Lightning":
         seen = lightning_trainer()
+    elif front_end == "Fabric":
+        seen = fabric()
+    elif front_end == "Accelerate":
+        seen = accelerate_loop()
+    elif front_end == "HF Trainer":
+        seen = hf_trainer(tmp_path)
     else:
         monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
         seen = fsdp2_one_process()
