@@ -295,3 +295,26 @@ def test_masters_survive_model_float_between_fits(tmp_path, kw):
     assert all(torch.equal(masters[k], after[k]) for k in masters)
     for p in learn.model.parameters():  # the model holds the masters' rounding again
         assert torch.equal(p.detach(), after[id(p)].to(p.dtype).reshape(p.shape))
+
+
+@pytest.mark.parametrize("kw", [{}, {"fused": False}, {"master": "split"}])
+def test_a_layer_frozen_before_to_fp16_trains_from_its_exact_weights_once_unfrozen(tmp_path, kw):
+    learn = make_learner(tmp_path, layer_groups=True)
+    body = learn.model[0].weight
+    body_fp32 = body.detach().clone()
+    learn.freeze()  # before the wrapper exists: the frozen body gets no master
+    learn.to_fp16(dtype=torch.bfloat16, **kw)
+    learn.fit(1)
+    assert id(body) not in learn.opt.master_values()
+    assert not torch.equal(body.detach().float(), body_fp32)  # the half model is rounded
+
+    class AtStart(Callback):
+        order = 100  # after MixedPrecision.on_train_begin
+
+        def on_train_begin(self, learn, **kwargs):
+            self.body = learn.opt.master_values()[id(body)].clone()
+
+    start = AtStart()
+    learn.unfreeze()
+    learn.fit(1, callbacks=[start])
+    assert torch.equal(start.body.reshape(body.shape), body_fp32)  # its exact fp32 weight

@@ -337,11 +337,14 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self._masters.release_master_grads()
         self._masters.mark_clean()
 
-    def _adopt_unfrozen(self) -> None:
-        """Masters for parameters unfrozen since the optimizer was built, from their current
-        values, in their own param group (flat: a group that had none gets its flat master)."""
+    def take_unfrozen_(self) -> list[torch.Tensor]:
+        """Give masters to the parameters unfrozen since the optimizer was built, from their
+        current values, in the param group they were in (flat: a group that had none gets its
+        flat master; a flat group only partly unfrozen is refused, changing nothing); return
+        them. `step()` and `unscale_()` call it; a caller that kept their exact fp32 values
+        (the Learner) loads those next, with `load_master_values_`."""
         if not any(p.requires_grad for g in self.frozen_params for p in g):
-            return
+            return []
         for i, (frozen, params) in enumerate(zip(self.frozen_params, self.model_params)):
             if self.flat_master and params and any(p.requires_grad for p in frozen):
                 raise ValueError(
@@ -349,7 +352,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                     "of its frozen parameters were unfrozen after the optimizer was built. "
                     "Unfreeze whole groups before building the wrapper, or use flat_master=False."
                 )
-        check_not_held([[p for g in self.frozen_params for p in g if p.requires_grad]])
+        taken = [p for g in self.frozen_params for p in g if p.requires_grad]
+        check_not_held([taken])
         for i, frozen in enumerate(self.frozen_params):
             unfrozen = [p for p in frozen if p.requires_grad]
             if not unfrozen:
@@ -372,6 +376,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         let_go(self)
         hold(self)
         self._changed_params()
+        return taken
 
     def _flat_by_group(self):
         """(params, masters, its FlatGroup or None) of every non-empty group, in order."""
@@ -392,7 +397,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self._state = StepState.ACCUMULATING
 
     def _notice_gradients(self) -> None:
-        self._adopt_unfrozen()
+        self.take_unfrozen_()
         super()._notice_gradients()
 
     def _has_new_grads(self) -> bool:

@@ -100,6 +100,7 @@ class MixedPrecision(Callback):
         self.opt: MixedPrecisionOptimizer | AutocastOptimizer | None = None
         self._tfm = partial(batch_to_half, dtype=self.config.dtype)
         self._frozen_flat: list[torch.Tensor] = []
+        self._frozen_exact: dict[int, torch.Tensor] = {}  # frozen parameters' fp32 values
 
     # the options, as the config holds them
     mode = property(lambda self: self.config.mode)
@@ -132,6 +133,10 @@ class MixedPrecision(Callback):
                 exact = {}
                 if self.mode == "master":
                     exact = to_half_keeping_exact(learn.model, self.dtype, None)
+                    # a frozen parameter gets no master (the engine's rule); keep its exact
+                    # fp32 value for when it is unfrozen, as its master would have been
+                    frozen = {id(p) for p in learn.model.parameters() if not p.requires_grad}
+                    self._frozen_exact.update((k, v) for k, v in exact.items() if k in frozen)
                     if isinstance(self.opt, MixedPrecisionOptimizer) and learn.opt is self.opt:
                         # parameters with a master keep it: the model's value is at best its
                         # rounding (say the user called model.float() between fits)
@@ -169,8 +174,11 @@ class MixedPrecision(Callback):
         if self.telemetry is not None and self.opt.telemetry is not self.telemetry:
             self.telemetry.attach(self.opt)
         learn.add_new_params()
-        if isinstance(self.opt, MixedPrecisionOptimizer) and exact:
-            self.opt.load_master_values_(exact)
+        if isinstance(self.opt, MixedPrecisionOptimizer):
+            taken = self.opt.take_unfrozen_()  # unfrozen since the last fit: exact masters
+            exact = {**exact, **{id(p): self._frozen_exact.pop(id(p)) for p in taken if id(p) in self._frozen_exact}}  # fmt: skip
+            if exact:
+                self.opt.load_master_values_(exact)
         return self.opt
 
     def _engine(self, inner: torch.optim.Optimizer) -> MixedPrecisionOptimizer | AutocastOptimizer:
