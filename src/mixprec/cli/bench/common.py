@@ -93,3 +93,11 @@ def add_common_arguments(parser: Any) -> None:
 def apply_threads(threads: int) -> None:
     """Pin torch's CPU thread count, so the numbers reproduce."""
     pin_threads(threads)
+
+
+def cuda_missing(device: str, hint: str = "use --device cpu") -> bool:
+    """Whether `device` asks for CUDA on a machine without it; if so, says so and the fix."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"no CUDA device: run on a GPU machine, or {hint}.")
+        return True
+    return False

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mixprec.cli.bench.common import add_common_arguments, apply_threads, format_table, print_result
+from mixprec.cli.bench.common import (
+    add_common_arguments,
+    apply_threads,
+    cuda_missing,
+    format_table,
+    print_result,
+)
 from mixprec.cli.bench.models import gpt2_small, resnet50_like, tiny_gpt, tiny_resnet
 from mixprec.cli.options import non_negative_int, positive_int
 from mixprec.core.convert import model_to_half
@@ -196,8 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure and print; 0 on success, 2 if the device is missing."""
     apply_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: run on a GPU machine, or try `--device cpu --tiny`.")
+    if cuda_missing(args.device, "try `--device cpu --tiny`"):
         return 2
     result = measure(
         args.device, tiny=args.tiny, models=args.models, configs=args.configs,

@@ -37,6 +37,7 @@ from mixprec.cli.bench.common import (
     Case,
     add_common_arguments,
     apply_threads,
+    cuda_missing,
     describe_machine,
     format_table,
     print_result,
@@ -204,8 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure and print; 0 on success."""
     apply_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: run on a GPU machine, or use --device cpu.")
+    if cuda_missing(args.device):
         return 2
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
         print(

@@ -39,6 +39,7 @@ import torch
 from mixprec.cli.bench.common import (
     add_common_arguments,
     apply_threads,
+    cuda_missing,
     describe_machine,
     format_table,
     print_result,
@@ -295,8 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure and print; 0 on success, 2 if the device is missing."""
     apply_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: run on a GPU machine, or use --device cpu.")
+    if cuda_missing(args.device):
         return 2
     dtypes = args.dtypes or (["fp16", "bf16"] if args.device.startswith("cuda") else ["bf16"])
     result = measure(
