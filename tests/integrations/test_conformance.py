@@ -46,6 +46,20 @@ def batches(accumulate: int = 1, batch: int = BATCH) -> list[tuple[torch.Tensor,
     return [(torch.randn(batch, 8, generator=g), torch.randint(0, 4, (batch,), generator=g)) for _ in range(n)]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How a front end trains: faults at these steps, clipping, micro-batches per step, the
+    first layer frozen, where to resume from and save to, a folder of its own."""
+
+    inf_at: frozenset[int] | set[int] | tuple = ()
+    clip: float | None = None
+    accumulate: int = 1
+    freeze: bool = False
+    resume: Any = None
+    save: Any = None
+    path: Any = None
+
+
 @dataclass
 class Run:
     """What a front end left after training: its engine, its model, the fp32 export."""
@@ -68,31 +82,29 @@ def poison(net: nn.Module) -> None:
 class PlainLoop:
     name = "plain loop"
 
-    def fit(
-        self, epochs, *, inf_at=(), clip=None, accumulate=1, freeze=False, resume=None, save=None
-    ):
-        net = make_net(freeze)
+    def fit(self, epochs: int, s: Setup) -> Run:
+        net = make_net(s.freeze)
         opt = MixedPrecisionOptimizer(
-            torch.optim.AdamW(net.parameters(), lr=LR), model=net, dtype=torch.bfloat16, clip=clip
+            torch.optim.AdamW(net.parameters(), lr=LR), model=net, dtype=torch.bfloat16, clip=s.clip
         )
         start = 0
-        if resume is not None:
-            state = torch.load(resume, weights_only=True)
+        if s.resume is not None:
+            state = torch.load(s.resume, weights_only=True)
             opt.load_state_dict(state["opt"])
             start = state["epochs"]
         step = start * STEPS_PER_EPOCH
-        data = batches(accumulate)
+        data = batches(s.accumulate)
         for _ in range(start, epochs):
             for i in range(STEPS_PER_EPOCH):
-                for x, y in data[i * accumulate : (i + 1) * accumulate]:
-                    opt.backward(F.cross_entropy(net(x.bfloat16()).float(), y) / accumulate)
-                if step in inf_at:
+                for x, y in data[i * s.accumulate : (i + 1) * s.accumulate]:
+                    opt.backward(F.cross_entropy(net(x.bfloat16()).float(), y) / s.accumulate)
+                if step in s.inf_at:
                     poison(net)
                 opt.step()
                 opt.zero_grad()
                 step += 1
-        if save is not None:
-            torch.save({"opt": opt.state_dict(), "epochs": epochs}, save)
+        if s.save is not None:
+            torch.save({"opt": opt.state_dict(), "epochs": epochs}, s.save)
         return Run(opt, net, opt.fp32_state_dict())
 
     def evaluate(self, run: Run) -> float:
@@ -115,31 +127,20 @@ class _Poison(Callback):
 class LearnerFrontEnd:
     name = "Learner"
 
-    def fit(
-        self,
-        epochs,
-        *,
-        inf_at=(),
-        clip=None,
-        accumulate=1,
-        freeze=False,
-        resume=None,
-        save=None,
-        path=None,
-    ):
-        net = make_net(freeze)
-        data = DataBunch(batches(accumulate), batches())
+    def fit(self, epochs: int, s: Setup) -> Run:
+        net = make_net(s.freeze)
+        data = DataBunch(batches(s.accumulate), batches())
         learn = Learner(
-            data, net, opt_func=torch.optim.AdamW, loss_func=F.cross_entropy, path=path,
-            accumulate=accumulate, callbacks=[_Poison(net, inf_at)],
-        ).to_fp16(dtype=torch.bfloat16, loss_scale="dynamic", clip=clip)  # fmt: skip
+            data, net, opt_func=torch.optim.AdamW, loss_func=F.cross_entropy, path=s.path,
+            accumulate=s.accumulate, callbacks=[_Poison(net, s.inf_at)],
+        ).to_fp16(dtype=torch.bfloat16, loss_scale="dynamic", clip=s.clip)  # fmt: skip
         done = 0
-        if resume is not None:
-            learn.load(resume)
+        if s.resume is not None:
+            learn.load(s.resume)
             done = 1
         learn.fit(epochs - done, LR)
-        if save is not None:
-            learn.save(save)
+        if s.save is not None:
+            learn.save(s.save)
         self.learn = learn
         return Run(learn.opt, net, learn.opt.fp32_state_dict())
 
@@ -186,30 +187,19 @@ class LightningTrainer:
 
         return Module()
 
-    def fit(
-        self,
-        epochs,
-        *,
-        inf_at=(),
-        clip=None,
-        accumulate=1,
-        freeze=False,
-        resume=None,
-        save=None,
-        path=None,
-    ):
+    def fit(self, epochs: int, s: Setup) -> Run:
         L, Plugin = _lightning()
-        module = self.module(freeze, inf_at, accumulate)
-        self.plugin = Plugin(torch.bfloat16, clip=clip)
+        module = self.module(s.freeze, s.inf_at, s.accumulate)
+        self.plugin = Plugin(torch.bfloat16, clip=s.clip)
         self.trainer = L.Trainer(
-            plugins=[self.plugin], max_epochs=epochs, accumulate_grad_batches=accumulate,
+            plugins=[self.plugin], max_epochs=epochs, accumulate_grad_batches=s.accumulate,
             accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=path,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=s.path,
         )  # fmt: skip
-        loader = DataLoader(batches(accumulate), batch_size=None)  # the batches as they are
-        self.trainer.fit(module, loader, ckpt_path=resume)
-        if save is not None:
-            self.trainer.save_checkpoint(save)
+        loader = DataLoader(batches(s.accumulate), batch_size=None)  # the batches as they are
+        self.trainer.fit(module, loader, ckpt_path=s.resume)
+        if s.save is not None:
+            self.trainer.save_checkpoint(s.save)
         engine = self.plugin.optimizer
         export = {k.removeprefix("net."): v for k, v in engine.fp32_state_dict().items()}
         self.module_ = module
@@ -224,41 +214,30 @@ class LightningTrainer:
 class Fabric:
     name = "Fabric"
 
-    def fit(
-        self,
-        epochs,
-        *,
-        inf_at=(),
-        clip=None,
-        accumulate=1,
-        freeze=False,
-        resume=None,
-        save=None,
-        path=None,
-    ):
+    def fit(self, epochs: int, s: Setup) -> Run:
         L, Plugin = _lightning()
-        plugin = Plugin(torch.bfloat16, clip=clip)
+        plugin = Plugin(torch.bfloat16, clip=s.clip)
         fabric = L.Fabric(accelerator="cpu", plugins=[plugin])
-        net = make_net(freeze)
+        net = make_net(s.freeze)
         model, opt = fabric.setup(net, torch.optim.AdamW(net.parameters(), lr=LR))
         start = 0
-        if resume is not None:
+        if s.resume is not None:
             state = {"model": model, "mixprec": plugin}
-            fabric.load(resume, state)
+            fabric.load(s.resume, state)
             start = 1
         step = start * STEPS_PER_EPOCH
-        data = batches(accumulate)
+        data = batches(s.accumulate)
         for _ in range(start, epochs):
             for i in range(STEPS_PER_EPOCH):
-                for x, y in data[i * accumulate : (i + 1) * accumulate]:
-                    fabric.backward(F.cross_entropy(model(x), y) / accumulate)
-                if step in inf_at:
+                for x, y in data[i * s.accumulate : (i + 1) * s.accumulate]:
+                    fabric.backward(F.cross_entropy(model(x), y) / s.accumulate)
+                if step in s.inf_at:
                     poison(net)
                 opt.step()
                 opt.zero_grad()
                 step += 1
-        if save is not None:
-            fabric.save(save, {"model": model, "mixprec": plugin})
+        if s.save is not None:
+            fabric.save(s.save, {"model": model, "mixprec": plugin})
         self.model = model
         return Run(plugin.optimizer, net, plugin.optimizer.fp32_state_dict())
 
@@ -273,53 +252,42 @@ class AccelerateLoop:
 
     name = "Accelerate"
 
-    def fit(
-        self,
-        epochs,
-        *,
-        inf_at=(),
-        clip=None,
-        accumulate=1,
-        freeze=False,
-        resume=None,
-        save=None,
-        path=None,
-    ):
+    def fit(self, epochs: int, s: Setup) -> Run:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(True)  # a fresh Accelerator each run
         GradientState._reset_state()
-        acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
-        net = make_net(freeze)
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=s.accumulate)
+        net = make_net(s.freeze)
         opt = MixedPrecisionOptimizer(
             torch.optim.AdamW(net.parameters(), lr=LR), model=net, dtype=torch.bfloat16
         )
         model, prepared = acc.prepare(net, opt)
         start = 0
-        if resume is not None:
-            acc.load_state(resume)
+        if s.resume is not None:
+            acc.load_state(s.resume)
             start = 1
         step = start * STEPS_PER_EPOCH
-        data = batches(accumulate)
+        data = batches(s.accumulate)
         for _ in range(start, epochs):
             for i in range(STEPS_PER_EPOCH):
-                for x, y in data[i * accumulate : (i + 1) * accumulate]:
+                for x, y in data[i * s.accumulate : (i + 1) * s.accumulate]:
                     with acc.accumulate(model):
                         acc.backward(F.cross_entropy(model(x.bfloat16()).float(), y))
                         if acc.sync_gradients:
-                            if step in inf_at:
+                            if step in s.inf_at:
                                 poison(net)
-                            if clip is not None:
-                                self.norm = acc.clip_grad_norm_(model.parameters(), clip)
+                            if s.clip is not None:
+                                self.norm = acc.clip_grad_norm_(model.parameters(), s.clip)
                         prepared.step()
                         prepared.zero_grad()
                 step += 1
-        if save is not None:
-            acc.save_state(save)
+        if s.save is not None:
+            acc.save_state(s.save)
         self.model = model
         run = Run(opt, net, opt.fp32_state_dict())
-        if clip is not None:
+        if s.clip is not None:
             run.grad_norm = self.norm
         return run
 
@@ -347,18 +315,7 @@ class HFTrainer:
                 out["loss"] = F.cross_entropy(logits, labels)
             return out
 
-    def fit(
-        self,
-        epochs,
-        *,
-        inf_at=(),
-        clip=None,
-        accumulate=1,
-        freeze=False,
-        resume=None,
-        save=None,
-        path=None,
-    ):
+    def fit(self, epochs: int, s: Setup) -> Run:
         from accelerate.state import AcceleratorState, GradientState
         from torch.utils.data import SequentialSampler
         from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -371,34 +328,34 @@ class HFTrainer:
 
         class Poison(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                if state.global_step in inf_at:
+                if state.global_step in s.inf_at:
                     poison(model.net)
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        model = self.Wrapped(freeze)
+        model = self.Wrapped(s.freeze)
         opt = MixedPrecisionOptimizer(
             torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01), model=model,
             dtype=torch.bfloat16,
         )  # fmt: skip
-        data = [{"x": x[i], "labels": y[i]} for x, y in batches(accumulate) for i in range(BATCH)]
+        data = [{"x": x[i], "labels": y[i]} for x, y in batches(s.accumulate) for i in range(BATCH)]
         args = TrainingArguments(
-            output_dir=str(path), report_to=[], use_cpu=True, num_train_epochs=epochs,
-            per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulate,
-            learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=clip or 0.0,
-            logging_steps=1, save_strategy="epoch" if save is not None else "no",
+            output_dir=str(s.path), report_to=[], use_cpu=True, num_train_epochs=epochs,
+            per_device_train_batch_size=BATCH, gradient_accumulation_steps=s.accumulate,
+            learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=s.clip or 0.0,
+            logging_steps=1, save_strategy="epoch" if s.save is not None else "no",
             disable_tqdm=True, seed=0,
         )  # fmt: skip
         self.trainer = InOrder(
             model, args, train_dataset=data, optimizers=(opt, None),
             callbacks=[MixedPrecisionCallback(), Poison()],
         )  # fmt: skip
-        self.trainer.train(resume_from_checkpoint=resume)
+        self.trainer.train(resume_from_checkpoint=s.resume)
         self.model = model
         run = Run(
             opt, model.net, {k.removeprefix("net."): v for k, v in opt.fp32_state_dict().items()}
         )
-        if clip is not None:
+        if s.clip is not None:
             norms = [h["grad_norm"] for h in self.trainer.state.log_history if "grad_norm" in h]
             run.grad_norm = torch.tensor(norms[-1])
         return run
@@ -419,10 +376,8 @@ FRONT_ENDS: dict[str, Callable[[], Any]] = {
 }
 
 
-def _fit(front_end, tmp_path, epochs, **kw):
-    if isinstance(front_end, PlainLoop):
-        return front_end.fit(epochs, **kw)
-    return front_end.fit(epochs, path=tmp_path, **kw)
+def _fit(front_end, tmp_path, epochs, **options):
+    return front_end.fit(epochs, Setup(path=tmp_path, **options))
 
 
 def _state_tensors(engine: MixedPrecisionOptimizer) -> list[torch.Tensor]:
