@@ -3,6 +3,7 @@ built only after the overflow was seen; the persistent-overflow error names them
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -257,3 +258,18 @@ def test_a_learner_in_autocast_mode_names_the_layer(tmp_path):
     learn.add_cb(Poison())
     learn.fit(1)
     assert learn.opt.last_overflow.names == ["3.weight"]
+
+
+def test_loading_masters_beyond_the_fp16_range_warns_naming_them():
+    model, opt = _setup()
+    _backward(model, opt)
+    assert opt.step()
+    opt.zero_grad()
+    state = copy.deepcopy(opt.state_dict())
+    state["masters"][0][0].view(-1)[0] = 7e4  # a checkpoint whose master fp16 cannot hold
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"loaded masters the float16 model cannot hold: encoder\.0\.weight \(its fp32 master reaches \|w\| = 7e\+04",
+    ):
+        opt.load_state_dict(state)
+    assert model.encoder[0].weight.isinf().any()

@@ -161,11 +161,11 @@ def overflow_report(
 
 @torch.no_grad()
 def weight_faults(
-    named_weights: Iterable[tuple[str, torch.Tensor, torch.Tensor | None]],
+    named_weights: Iterable[tuple[str, torch.Tensor, torch.Tensor | None]], warn: bool = True
 ) -> tuple[WeightFault, ...]:
     """The parameters whose weights are not finite, from (name, fp32 weight or master, half
-    copy or None) of each; one host sync. Warns (RuntimeWarning) naming them. Call it only
-    on a skipped step: it costs a pass over the weights."""
+    copy or None) of each; one host sync. Warns (RuntimeWarning) naming them, unless not
+    `warn`. Call it only on a skipped step or a load: it costs a pass over the weights."""
     named = list(named_weights)
     if not named:
         return ()
@@ -183,7 +183,7 @@ def weight_faults(
         for (name, _, _), (nan, inf, half_inf, top) in zip(named, values)
         if nan or inf or half_inf
     )
-    if found:
+    if found and warn:
         warnings.warn(
             "the weights themselves are not finite, so the gradients overflow because of "
             f"them: {', '.join(map(str, found[:SHOWN]))}. Lower the learning rate, clip, add "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -539,6 +540,23 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
                 self._masters.copy_to_model()
             self.zero_grad()
             self.update.invalidate()
+        self._warn_weights_beyond_half()
+
+    def _warn_weights_beyond_half(self) -> None:
+        """An fp16 model: warn (RuntimeWarning) naming the parameters whose loaded masters lie
+        beyond fp16's range, which the half model now holds as inf (one pass, one sync: loads
+        only; during training the next step that uses such a weight overflows and names it)."""
+        if self.dtype != torch.float16:
+            return
+        found = forensics.weight_faults(self._masters.named_weights(), warn=False)
+        if found:
+            warnings.warn(
+                "loaded masters the float16 model cannot hold: "
+                f"{', '.join(map(str, found[: forensics.SHOWN]))}. The forward will overflow "
+                "there; keep these layers in fp32 (PrecisionPolicy), or train in bfloat16.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _keep_state_fp32(self, saved: Mapping[str, Any]) -> None:
         """torch's load_state_dict casts state to each parameter's dtype (bf16 here): put the
