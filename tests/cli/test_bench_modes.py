@@ -16,7 +16,7 @@ def test_measure_compares_accuracy_time_and_memory_of_the_modes():
     result = measure(epochs=1, repeats=1, cases=CASES)
     fp32, master, auto = (result["cases"][c] for c in CASES)
     for c in (fp32, master, auto):
-        assert 0.5 < c["accuracy"] <= 1.0 and c["seconds"] > 0
+        assert 0.5 < c["accuracy"] <= 1.0
     assert (master["mode"], auto["mode"]) == ("master", "autocast")
     # fp32 AdamW: 16 bytes a parameter; half params and grads beside fp32 masters and moments
     # (the fused step keeps no fp32 master grads between steps): 16 too; autocast keeps the

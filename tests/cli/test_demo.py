@@ -12,7 +12,7 @@ def test_train_json_compares_precisions_within_two_points(capsys):
     assert list(by_precision) == ["fp32", "fp16", "bf16"]
     for r in runs:
         assert {"accuracy", "seconds", "skipped_steps", "loss_scale"} <= set(r)
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["seconds"] > 0
+        assert 0.0 <= r["accuracy"] <= 1.0
     assert by_precision["fp32"]["accuracy"] > 0.9
     assert by_precision["fp32"]["loss_scale"] is None
     for half in ("fp16", "bf16"):
