@@ -3,8 +3,8 @@
 `step()` is one sequence over an explicit `StepState`::
 
     check the call -> notice the gradients (a plain `loss.backward()` counts, unscaled)
-      -> fused Adam(W) from the half gradients: check, unscale, clip, one sync, update, copy
-         (one pass over each byte), or
+      -> fused Adam(W) from the half gradients: check, one sync, then chunk by chunk in cache
+         unscale (and clip), update, copy into the model; or
       -> `unscale_()`: gradients into fp32, unscaled and checked; clip
          -> one host sync -> the update strategy, then the copy into the model
       -> the scaler's update
@@ -181,7 +181,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 and update.reads_half_grads
                 and self._step_buffers() is not None
             ):
-                overflow = self._fused_step()  # check, unscale, clip, update: one pass
+                overflow = self._fused_step()  # check, sync, then unscale, clip, update in cache
                 return self._end_step(overflow)
             if self._state is not StepState.UNSCALED:
                 self._unscale()  # gradients into fp32: unscaled, checked, clipped
@@ -247,8 +247,8 @@ class OptimizerWrapper(torch.optim.Optimizer):
         self._state = StepState.UNSCALED
 
     def _fused_step(self) -> bool:
-        """Check, unscale, clip and Adam(W)-step from the half gradients in one pass; return
-        whether a gradient overflowed."""
+        """Check, then unscale, clip and Adam(W)-step from the half gradients chunk by chunk in
+        cache; return whether a gradient overflowed."""
         assert self._buffers is not None
         scale = self._grad_scale
         items = self._half_items()
