@@ -33,7 +33,7 @@ class Update:
     """How a step's update runs; `now()` says which strategy serves the current step."""
 
     fused = False  # runs torch's fused Adam(W) kernel
-    reads_half_grads = False  # can step straight from the half gradients, in one pass
+    reads_half_grads = False  # can step straight from the half gradients (no fp32 copy kept)
 
     def now(self, optimizer: torch.optim.Optimizer, device: torch.device) -> Update:
         """The strategy for this step."""
