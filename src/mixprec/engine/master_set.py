@@ -6,20 +6,25 @@ whatever the layout: `MixedPrecisionOptimizer` runs the loss-scaled step around 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableSequence, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from mixprec.core.chunked import Chunk, master_grad_pairs, pair_chunks
 from mixprec.core.dtypes import HALF_DTYPES
 from mixprec.core.flat_group import FlatGroup
 from mixprec.core.master import (
     ParamGroups,
+    flatten_like,
     load_masters_,
+    make_masters,
     master_views,
     unchecked_master2model,
     unchecked_model_g2master_g,
 )
+from mixprec.core.master_state import move_state_to_masters
 from mixprec.engine.fused_adam import FusedItem, fused_items
 from mixprec.engine.split_master import SplitMasters
 
@@ -27,21 +32,24 @@ __all__ = ["MasterSet"]
 
 
 class MasterSet:
-    """`model_params` and `master_params` per param group and the flat buffers of a `flat`
-    layout (lists shared with the optimizer, which appends to them), the low bits of a split
-    one, and the parameters' names for reports."""
+    """`model_params` and `master_params` per param group (each `master_params[i]` is the
+    wrapped optimizer's group `params` list itself), the frozen parameters of each group (no
+    master), the flat buffers of a `flat` layout, the low bits of a split one, and the
+    parameters' names for reports."""
 
     def __init__(
         self,
         model_params: ParamGroups,
         master_params: ParamGroups,
         flat: bool,
-        flat_groups: Sequence[FlatGroup],
+        flat_groups: MutableSequence[FlatGroup],
         split: SplitMasters | None,
         names: Mapping[torch.Tensor, str],
+        frozen: ParamGroups,
     ) -> None:
         self.model_params = model_params
         self.master_params = master_params
+        self.frozen = frozen
         self.flat = flat
         self.flat_groups = flat_groups
         self.split = split
@@ -162,6 +170,124 @@ class MasterSet:
         """The model's gradients hold nothing of a new step (flat buffers: remember them)."""
         for fg in self.flat_groups:
             fg.mark_clean()
+
+    # -- parameters joining and leaving ------------------------------------------------------
+    def add_group(self, params: Sequence[torch.Tensor], group: dict[str, Any]) -> None:
+        """A new param group `group` (of the wrapped optimizer) for the model parameters
+        `params`: masters for the trainable ones, which become `group["params"]`."""
+        trainable = [p for p in params if p.requires_grad]
+        if self.split is not None:
+            self.split.add_group(trainable)
+            masters = list(trainable)
+        else:
+            (masters,) = make_masters([trainable], self.flat)
+        if self.flat and trainable:
+            self.flat_groups.append(FlatGroup(trainable, masters[0]))
+        group["params"] = masters
+        self.model_params.append(trainable)
+        self.master_params.append(masters)
+        self.frozen.append([p for p in params if not p.requires_grad])
+
+    def unfrozen(self) -> list[torch.Tensor]:
+        """The frozen parameters that have been unfrozen since, checked: a flat group that
+        had masters cannot take more (ValueError, naming the fix)."""
+        taken = [p for g in self.frozen for p in g if p.requires_grad]  # every step: usually []
+        if not taken:
+            return taken
+        for i, (frozen, params) in enumerate(zip(self.frozen, self.model_params)):
+            n = sum(p.requires_grad for p in frozen)
+            if self.flat and params and n:
+                raise ValueError(
+                    f"flat_master=True lays out param group {i} once; {n} of its frozen "
+                    "parameters were unfrozen after the optimizer was built. Unfreeze whole "
+                    "groups before building the wrapper, or use flat_master=False."
+                )
+        return taken
+
+    def take_unfrozen_(self, state: dict) -> None:
+        """Masters for the unfrozen parameters (`unfrozen()`, checked first), from their
+        current values, in the group they were in; their optimizer `state` moves onto them."""
+        for i, frozen in enumerate(self.frozen):
+            unfrozen = [p for p in frozen if p.requires_grad]
+            if not unfrozen:
+                continue
+            self.frozen[i] = [p for p in frozen if not p.requires_grad]
+            if self.split is not None:
+                self.split.add_group(unfrozen)
+                masters = list(unfrozen)
+            else:
+                (masters,) = make_masters([unfrozen], self.flat)
+                move_state_to_masters(state, [unfrozen], [masters], self.flat)
+            self.model_params[i].extend(unfrozen)
+            self.master_params[i].extend(masters)
+            if self.flat:  # the group had none: its flat buffers, in group order
+                by_master = {id(fg.master): fg for fg in self.flat_groups}
+                self.flat_groups[:] = [
+                    by_master.get(id(ms[0])) or FlatGroup(ps, ms[0])
+                    for ps, ms in zip(self.model_params, self.master_params)
+                    if ps
+                ]
+
+    @torch.no_grad()
+    def remove_(self, params: Sequence[torch.Tensor], state: dict) -> None:
+        """`params` (held, checked by the caller) leave their groups with their masters and
+        optimizer `state`; flat groups keep the others' values and per-element state. The new
+        flat masters are made before anything changes."""
+        drop = {id(p) for p in params}
+        changes = []  # (group, kept params, their masters, a new flat master's state)
+        for i, (ps, ms) in enumerate(zip(self.model_params, self.master_params)):
+            if not any(id(p) in drop for p in ps):
+                continue
+            keep = [j for j, p in enumerate(ps) if id(p) not in drop]
+            kept = [ps[j] for j in keep]
+            if not self.flat or not kept:
+                changes.append((i, kept, [] if self.flat else [ms[j] for j in keep], None))
+                continue
+            old = ms[0]
+            master = nn.Parameter(
+                flatten_like([master_views(ps, ms, True)[j] for j in keep], kept, old.device)
+            )
+            master.grad = torch.zeros_like(master)  # as make_masters leaves it
+            cut = {  # per-element entries cut to the kept parameters, per-tensor ones kept
+                k: flatten_like([master_views(ps, [v], True)[j] for j in keep], kept, v.device)
+                if torch.is_tensor(v) and v.shape == old.shape
+                else v
+                for k, v in state.get(old, {}).items()
+            }
+            changes.append((i, kept, [master], cut))
+        for i, kept, masters, cut in changes:
+            ps, ms = self.model_params[i], self.master_params[i]
+            if self.flat:
+                at = next(k for k, fg in enumerate(self.flat_groups) if fg.master is ms[0])
+                del self.flat_groups[at]
+                if kept:
+                    self.flat_groups.insert(at, FlatGroup(kept, masters[0]))
+                    if cut:
+                        state[masters[0]] = cut
+                for p in ps:  # removed ones: out of the flat buffers, on their own storage
+                    if id(p) in drop:
+                        p.data, p.grad = p.data.clone(), None
+            if self.split is not None:  # its masters are the parameters themselves
+                self.split.remove([p for p in ps if id(p) in drop])
+            kept_masters = set(map(id, masters))
+            for m in ms:
+                if id(m) not in kept_masters:
+                    state.pop(m, None)
+            self.model_params[i] = kept
+            ms[:] = masters  # the optimizer's group list, changed in place
+        for i, frozen in enumerate(self.frozen):  # frozen ones have no master
+            self.frozen[i] = [p for p in frozen if id(p) not in drop]
+
+    def reseat_(self) -> None:
+        """Flat layouts: parameters given new storage of the same dtype, shape and device
+        (`model.float()`, then converted back) go back into the buffers, holding the masters'
+        rounding again; per tensor and split, nothing to do."""
+        if not self.flat:
+            return
+        for fg in self.flat_groups:
+            fg.reseat_()
+        self.copy_to_model()
+        self.mark_clean()
 
     # -- for reports --------------------------------------------------------------------------
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:

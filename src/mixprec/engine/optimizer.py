@@ -23,9 +23,7 @@ from mixprec.core.flat_group import FlatGroup
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.master import (
     check_master_params,
-    flatten_like,
     make_masters,
-    master_views,
     masters_by_param,
     new_group_params,
 )
@@ -230,6 +228,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             self._flat_groups,
             self.split,
             self.param_names,
+            self.frozen_params,
         )
         if self.update.fused:
             self._masters.release_master_grads()  # made again only when a step needs them
@@ -284,12 +283,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         its buffers and the model holds the masters' rounding again. A no-op per tensor and
         split (the masters are kept by parameter); refused, changing nothing, for a parameter
         of another dtype, shape or device."""
-        if not self.flat_master:
-            return
-        for fg in self._flat_groups:
-            fg.reseat_()
-        self._masters.copy_to_model()
-        self._masters.mark_clean()
+        self._masters.reseat_()
 
     def release(self) -> None:
         """Stop holding the model's parameters, so another wrapper may take them; this one
@@ -316,18 +310,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         if self.split is not None:
             check_split_options(self.optimizer, [trainable], False, True)
         self.optimizer.add_param_group({**param_group, "params": []})  # checks the options
-        group = self.optimizer.param_groups[-1]
-        if self.split is not None:
-            self.split.add_group(trainable)
-            masters = list(trainable)
-        else:
-            (masters,) = make_masters([trainable], self.flat_master)
-        if self.flat_master and trainable:
-            self._flat_groups.append(FlatGroup(trainable, masters[0]))
-        group["params"] = masters
-        self.model_params.append(trainable)
-        self.master_params.append(masters)
-        self.frozen_params.append([p for p in params if not p.requires_grad])
+        self._masters.add_group(params, self.optimizer.param_groups[-1])
         self._changed_params()
 
     def _changed_params(self) -> None:
@@ -344,47 +327,14 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         flat master; a flat group only partly unfrozen is refused, changing nothing); return
         them. `step()` and `unscale_()` call it; a caller that kept their exact fp32 values
         (the Learner) loads those next, with `load_master_values_`."""
-        if not any(p.requires_grad for g in self.frozen_params for p in g):
-            return []
-        for i, (frozen, params) in enumerate(zip(self.frozen_params, self.model_params)):
-            if self.flat_master and params and any(p.requires_grad for p in frozen):
-                raise ValueError(
-                    f"flat_master=True lays out param group {i} once; {sum(p.requires_grad for p in frozen)} "
-                    "of its frozen parameters were unfrozen after the optimizer was built. "
-                    "Unfreeze whole groups before building the wrapper, or use flat_master=False."
-                )
-        taken = [p for g in self.frozen_params for p in g if p.requires_grad]
-        check_not_held([taken])
-        for i, frozen in enumerate(self.frozen_params):
-            unfrozen = [p for p in frozen if p.requires_grad]
-            if not unfrozen:
-                continue
-            self.frozen_params[i] = [p for p in frozen if not p.requires_grad]
-            if self.split is not None:
-                self.split.add_group(unfrozen)
-                masters = list(unfrozen)
-            else:
-                (masters,) = make_masters([unfrozen], self.flat_master)
-                move_state_to_masters(self.optimizer.state, [unfrozen], [masters], self.flat_master)
-            self.model_params[i].extend(unfrozen)
-            self.master_params[i].extend(masters)
-            if self.flat_master:
-                self._flat_groups.clear()
-                self._flat_groups.extend(
-                    FlatGroup(ps, ms[0]) if fg is None else fg
-                    for ps, ms, fg in self._flat_by_group()
-                )
-        let_go(self)
-        hold(self)
-        self._changed_params()
+        taken = self._masters.unfrozen()  # checked before anything changes
+        if taken:
+            check_not_held([taken])
+            self._masters.take_unfrozen_(self.optimizer.state)
+            let_go(self)
+            hold(self)
+            self._changed_params()
         return taken
-
-    def _flat_by_group(self):
-        """(params, masters, its FlatGroup or None) of every non-empty group, in order."""
-        by_master = {id(fg.master): fg for fg in self._flat_groups}
-        for ps, ms in zip(self.model_params, self.master_params):
-            if ps:
-                yield ps, ms, by_master.get(id(ms[0]))
 
     # -- the layout: a half model, its fp32 masters (see OptimizerWrapper.step) -------------
     def _is_data_parallel(self) -> bool:
@@ -453,7 +403,7 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
         # the model grads are zeroed (flat) or None, ready for the next backward
         if self.split is not None:
             self.split.drop_acc()
-        if self._lean:
+        if self._lean and self._state is StepState.UNSCALED:  # the one-pass step made none
             self._masters.release_master_grads()
         self._masters.mark_clean()
 
@@ -588,57 +538,8 @@ class MixedPrecisionOptimizer(OptimizerWrapper):
             raise RuntimeError(
                 "remove_params() between backward() and step(): call step() or zero_grad() first."
             )
-        drop = {id(p) for p in params}
-        state = self.optimizer.state
-        changes = []  # (group, kept params, their masters, a new flat master's state)
-        with torch.no_grad():
-            for i, (ps, ms) in enumerate(zip(self.model_params, self.master_params)):
-                if not any(id(p) in drop for p in ps):
-                    continue
-                keep = [j for j, p in enumerate(ps) if id(p) not in drop]
-                kept = [ps[j] for j in keep]
-                if not self.flat_master:
-                    changes.append((i, kept, [ms[j] for j in keep], None))
-                    continue
-                if not kept:
-                    changes.append((i, kept, [], None))
-                    continue
-                old = ms[0]
-                master = nn.Parameter(
-                    flatten_like([master_views(ps, ms, True)[j] for j in keep], kept, old.device)
-                )
-                master.grad = torch.zeros_like(master)  # as make_masters leaves it
-                cut = {  # per-element entries cut to the kept parameters, per-tensor ones kept
-                    k: flatten_like([master_views(ps, [v], True)[j] for j in keep], kept, v.device)
-                    if torch.is_tensor(v) and v.shape == old.shape
-                    else v
-                    for k, v in state.get(old, {}).items()
-                }
-                changes.append((i, kept, [master], cut))
-        with deferred_interrupt(), torch.no_grad():
-            for i, kept, masters, cut in changes:
-                ps, ms = self.model_params[i], self.master_params[i]
-                if self.flat_master:
-                    at = next(k for k, fg in enumerate(self._flat_groups) if fg.master is ms[0])
-                    del self._flat_groups[at]
-                    if kept:
-                        self._flat_groups.insert(at, FlatGroup(kept, masters[0]))
-                        if cut:
-                            state[masters[0]] = cut
-                    for p in ps:  # removed ones: out of the flat buffers, on their own storage
-                        if id(p) in drop:
-                            p.data, p.grad = p.data.clone(), None
-                if self.split is not None:  # its masters are the parameters themselves
-                    self.split.remove([p for p in ps if id(p) in drop])
-                kept_masters = set(map(id, masters))
-                for m in ms:
-                    if id(m) not in kept_masters:
-                        state.pop(m, None)
-                self.model_params[i] = kept
-                self.master_params[i] = masters
-                self.optimizer.param_groups[i]["params"] = masters  # one list, as built
-            for i, frozen in enumerate(self.frozen_params):  # frozen ones have no master
-                self.frozen_params[i] = [p for p in frozen if id(p) not in drop]
+        with deferred_interrupt():
+            self._masters.remove_(params, self.optimizer.state)
             for p in params:
                 self.param_names.pop(p, None)
             self._changed_params()

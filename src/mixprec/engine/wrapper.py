@@ -154,8 +154,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         if not grads:
             return torch.zeros((), device=self._device())
         norm = torch.nn.utils.get_total_norm(grads, norm_type, foreach=None)
-        if torch.isfinite(norm):
-            torch.nn.utils.clip_grads_with_norm_(holders, max_norm, norm)
+        forensics.clip_to_norm_(holders, max_norm, norm)  # no host sync; inf/nan: left as is
         return norm
 
     def step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
