@@ -74,6 +74,14 @@ class Run:
             self.grad_norm = self.engine.last_grad_norm
 
 
+def steps(start: int, epochs: int, accumulate: int):
+    """(global step, its micro-batches) of epochs `start` to `epochs` - 1."""
+    data = batches(accumulate)
+    for epoch in range(start, epochs):
+        for i in range(STEPS_PER_EPOCH):
+            yield epoch * STEPS_PER_EPOCH + i, data[i * accumulate : (i + 1) * accumulate]
+
+
 def poison(net: nn.Module) -> None:
     net[3].weight.grad.view(-1)[0] = float("inf")
 
@@ -92,17 +100,13 @@ class PlainLoop:
             state = torch.load(s.resume, weights_only=True)
             opt.load_state_dict(state["opt"])
             start = state["epochs"]
-        step = start * STEPS_PER_EPOCH
-        data = batches(s.accumulate)
-        for _ in range(start, epochs):
-            for i in range(STEPS_PER_EPOCH):
-                for x, y in data[i * s.accumulate : (i + 1) * s.accumulate]:
-                    opt.backward(F.cross_entropy(net(x.bfloat16()).float(), y) / s.accumulate)
-                if step in s.inf_at:
-                    poison(net)
-                opt.step()
-                opt.zero_grad()
-                step += 1
+        for step, micro_batches in steps(start, epochs, s.accumulate):
+            for x, y in micro_batches:
+                opt.backward(F.cross_entropy(net(x.bfloat16()).float(), y) / s.accumulate)
+            if step in s.inf_at:
+                poison(net)
+            opt.step()
+            opt.zero_grad()
         if s.save is not None:
             torch.save({"opt": opt.state_dict(), "epochs": epochs}, s.save)
         return Run(opt, net, opt.fp32_state_dict())
@@ -225,17 +229,13 @@ class Fabric:
             state = {"model": model, "mixprec": plugin}
             fabric.load(s.resume, state)
             start = 1
-        step = start * STEPS_PER_EPOCH
-        data = batches(s.accumulate)
-        for _ in range(start, epochs):
-            for i in range(STEPS_PER_EPOCH):
-                for x, y in data[i * s.accumulate : (i + 1) * s.accumulate]:
-                    fabric.backward(F.cross_entropy(model(x), y) / s.accumulate)
-                if step in s.inf_at:
-                    poison(net)
-                opt.step()
-                opt.zero_grad()
-                step += 1
+        for step, micro_batches in steps(start, epochs, s.accumulate):
+            for x, y in micro_batches:
+                fabric.backward(F.cross_entropy(model(x), y) / s.accumulate)
+            if step in s.inf_at:
+                poison(net)
+            opt.step()
+            opt.zero_grad()
         if s.save is not None:
             fabric.save(s.save, {"model": model, "mixprec": plugin})
         self.model = model
@@ -268,21 +268,17 @@ class AccelerateLoop:
         if s.resume is not None:
             acc.load_state(s.resume)
             start = 1
-        step = start * STEPS_PER_EPOCH
-        data = batches(s.accumulate)
-        for _ in range(start, epochs):
-            for i in range(STEPS_PER_EPOCH):
-                for x, y in data[i * s.accumulate : (i + 1) * s.accumulate]:
-                    with acc.accumulate(model):
-                        acc.backward(F.cross_entropy(model(x.bfloat16()).float(), y))
-                        if acc.sync_gradients:
-                            if step in s.inf_at:
-                                poison(net)
-                            if s.clip is not None:
-                                self.norm = acc.clip_grad_norm_(model.parameters(), s.clip)
-                        prepared.step()
-                        prepared.zero_grad()
-                step += 1
+        for step, micro_batches in steps(start, epochs, s.accumulate):
+            for x, y in micro_batches:
+                with acc.accumulate(model):
+                    acc.backward(F.cross_entropy(model(x.bfloat16()).float(), y))
+                    if acc.sync_gradients:
+                        if step in s.inf_at:
+                            poison(net)
+                        if s.clip is not None:
+                            self.norm = acc.clip_grad_norm_(model.parameters(), s.clip)
+                    prepared.step()
+                    prepared.zero_grad()
         if s.save is not None:
             acc.save_state(s.save)
         self.model = model
