@@ -6,14 +6,14 @@ import math
 import numbers
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
 from mixprec.core.checks import real_number
 
-__all__ = ["LossScaler", "unscale_and_check_"]
+__all__ = ["SUM_CHECK_MIN_NUMEL", "LossScaler", "check_finite_", "unscale_and_check_"]
 
 LossScale = float | Literal["dynamic"]
 
@@ -39,6 +39,39 @@ def unscale_and_check_(grads: Iterable[torch.Tensor], inv_scale: float) -> torch
         return found[0]
     first = found[0]
     return torch.stack([f.to(first.device) for f in found]).amax().reshape(1)
+
+
+SUM_CHECK_MIN_NUMEL = 1 << 15
+"""CPU bf16/fp32 gradients at least this long are checked by a read-only sum."""
+
+
+def _summable(g: torch.Tensor) -> bool:
+    # fp16 is left out: its sum is an fp16 number, which finite scaled gradients overflow
+    return (
+        g.device.type == "cpu"
+        and g.dtype in (torch.bfloat16, torch.float32)
+        and g.numel() >= SUM_CHECK_MIN_NUMEL
+    )
+
+
+def check_finite_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor) -> None:
+    """Set `found_inf` (a 1-element fp32 tensor on the gradients' device) to 1.0 if any of
+    `grads` holds an inf or nan; leave it as it is otherwise. Values are left unchanged.
+
+    Large CPU bf16/fp32 gradients are summed (a read, where the fused check of
+    `unscale_and_check_` also writes them back): an inf or nan makes the sum non-finite, and a
+    non-finite sum of finite values (the sum overflowed) is told apart by the exact check, so
+    the answer is exactly the fused check's. Reading that sum is a host read only on CPU.
+    """
+    summed = [g for g in grads if _summable(g)]
+    rest = [g for g in grads if not _summable(g)]
+    one = torch.ones(1, dtype=torch.float32, device=found_inf.device)
+    if rest:
+        torch._amp_foreach_non_finite_check_and_unscale_(rest, found_inf, one)
+    if summed:
+        total = torch.stack([g.sum() for g in summed]).float().sum()
+        if not bool(torch.isfinite(total)):
+            torch._amp_foreach_non_finite_check_and_unscale_(summed, found_inf, one)
 
 
 # A loss scale and its inverse (the unscale factor) must both be normal fp32 numbers.

@@ -32,6 +32,7 @@ import torch
 from mixprec.core.chunked import CHUNK_NUMEL
 from mixprec.core.flat_group import FlatGroup
 from mixprec.core.master import ParamGroups
+from mixprec.core.scaler import check_finite_
 from mixprec.core.split import Span, join_all_, split_all_
 
 __all__ = [
@@ -175,7 +176,6 @@ class FusedAdamStep:
         # is a reduction per chunk, as slow as the rest of the split bookkeeping together
         self.count_ties = False
         self.ties: dict[torch.device, torch.Tensor] = {}
-        self._one: dict[torch.device, torch.Tensor] = {}
         self._cache: tuple[tuple[int, ...], list[_Chunk], list[torch.Tensor]] | None = None
 
     # -- state ------------------------------------------------------------------------------
@@ -312,13 +312,8 @@ class FusedAdamStep:
     ) -> torch.Tensor | None:
         """Set `found_inf` if any half gradient is inf/nan; with `want_norm` return the global
         2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync."""
-        if not want_norm:  # x * 1.0 == x: a pure check, one kernel over the half grads
-            one = self._one.get(found_inf.device)
-            if one is None:
-                one = self._one[found_inf.device] = torch.ones(1, device=found_inf.device)
-            grads = [g for c in chunks for g in c.grads]
-            if grads:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+        if not want_norm:
+            check_finite_([g for c in chunks for g in c.grads], found_inf)
             return None
         norms: list[torch.Tensor] = []
         for c in chunks:  # norms of half tensors are slow: take them in fp32, in cache
