@@ -311,7 +311,8 @@ class FusedAdamStep:
         self, chunks: Sequence[_Chunk], found_inf: torch.Tensor, want_norm: bool
     ) -> torch.Tensor | None:
         """Set `found_inf` if any half gradient is inf/nan; with `want_norm` return the global
-        2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync."""
+        2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync
+        on a GPU (on CPU, `check_finite_` reads a sum on the host)."""
         if not want_norm:
             check_finite_([g for c in chunks for g in c.grads], found_inf)
             return None
