@@ -221,6 +221,7 @@ def test_the_plan_is_kept_across_steps_and_keeps_no_old_gradient_alive():
         opt.zero_grad()  # set_to_none: the next backward makes new gradients
         plans.append(opt.update.kernel._cache[1])
     assert plans[0] is plans[1] is plans[2]  # re-pointed, not planned again
-    assert all(c.grads == [] for c in plans[0])
+    assert all(c.grads == [] for c in plans[0].chunks)
+    assert all(p.grad is None for p in plans[0].natives)
     gc.collect()
     assert all(g() is None for g in grads)  # the plan held none of them

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mixprec import MixedPrecisionOptimizer, model_to_half
+from mixprec.core import native
 from mixprec.core.split import join, join_, join_all_, split, split_, split_all_
 from mixprec.engine import fused_adam
 
@@ -260,12 +261,13 @@ def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_tie
     params.append(nn.Parameter(torch.zeros(bits.numel() - n, dtype=torch.bfloat16)))
     step = fused_adam.FusedAdamStep(torch.optim.AdamW(params), chunk=bits.numel() + 3)
     step.count_ties = count_ties
+    step.use_native = False  # the passes of torch's path; the native kernel's own test below
     lows = {p: torch.zeros_like(p, dtype=torch.int16) for p in params if p.dtype != torch.float32}
     items = [
         fused_adam.FusedItem(p, p.detach(), None, torch.zeros_like(p), p.detach(), lows.get(p))
         for p in params
     ]
-    (chunk,), _ = step.plan([items], cache=False)
+    (chunk,) = step.plan([items], cache=False).chunks
     assert len(chunk.split_masters) == 2
     for m, part in zip(chunk.split_masters, bits.split([n, bits.numel() - n])):
         m.view(torch.int32).copy_(part)
@@ -289,3 +291,25 @@ def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_tie
     join_all_(*parts, span)
     rebuilt = torch.cat([m.view(torch.int32) for m in chunk.split_masters])
     assert torch.equal(rebuilt, join(want_high, want_low).view(torch.int32))
+
+
+def test_the_native_kernel_stores_masters_as_torchs_passes_do_at_every_boundary():
+    """The native split (shared by the native Adam step) against the torch-op passes, on
+    every high part's edges, the infinities and nans included."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    high = torch.arange(-(2**15), 2**15, dtype=torch.int64)
+    d = torch.tensor([-32768, -32767, -1, 0, 1, 32767, 32768])
+    bits = (high[:, None] * 65536 + d[None, :]).reshape(-1)
+    master = ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
+    want_high = torch.empty(master.numel(), dtype=torch.bfloat16)
+    want_low = torch.empty(master.numel(), dtype=torch.int16)
+    split_all_([master], [want_high], [want_low], [torch.empty_like(master, dtype=torch.int32)])
+    got_high, got_low = torch.empty_like(want_high), torch.empty_like(want_low)
+    split_(master, got_high, got_low)  # the native pass
+    nan = master.isnan()
+    assert torch.equal(got_high.isnan(), nan)  # a nan stays a nan (its payload may differ)
+    assert torch.equal(got_high.view(torch.int16)[~nan], want_high.view(torch.int16)[~nan])
+    assert torch.equal(got_low[~nan], want_low[~nan])
+    assert torch.equal(join(got_high, got_low)[~nan], join(want_high, want_low)[~nan])

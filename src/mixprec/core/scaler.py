@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import torch
 
+from mixprec.core import native
 from mixprec.core.checks import real_number
 
 __all__ = ["SUM_CHECK_MIN_NUMEL", "LossScaler", "check_finite_", "unscale_and_check_"]
@@ -42,7 +43,7 @@ def unscale_and_check_(grads: Iterable[torch.Tensor], inv_scale: float) -> torch
 
 
 SUM_CHECK_MIN_NUMEL = 1 << 15
-"""CPU bf16/fp32 gradients at least this long are checked by a read-only sum."""
+"""Without the native check, CPU bf16/fp32 gradients at least this long are summed."""
 
 
 def _summable(g: torch.Tensor) -> bool:
@@ -54,17 +55,30 @@ def _summable(g: torch.Tensor) -> bool:
     )
 
 
+def _native_checkable(g: torch.Tensor) -> bool:
+    return g.device.type == "cpu" and g.is_contiguous() and g.dtype in native.CHECK_DTYPES
+
+
 def check_finite_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor) -> None:
     """Set `found_inf` (a 1-element fp32 tensor on the gradients' device) to 1.0 if any of
-    `grads` holds an inf or nan; leave it as it is otherwise. Values are left unchanged.
+    `grads` holds an inf or nan; leave it as it is otherwise. Finite values are left as they
+    are.
 
-    Large CPU bf16/fp32 gradients are summed (a read, where the fused check of
+    On CPU, mixprec's native check reads each gradient once (`mixprec.core.native`). Without
+    it, large bf16/fp32 gradients are summed (a read, where the fused check of
     `unscale_and_check_` also writes them back): an inf or nan makes the sum non-finite, and a
-    non-finite sum of finite values (the sum overflowed) is told apart by the exact check, so
+    non-finite sum of finite values (the sum overflowed) is told apart by the fused check, so
     the answer is exactly the fused check's. Reading that sum is a host read only on CPU.
     """
+    if native.library() is not None:
+        checked = [g for g in grads if _native_checkable(g)]
+        if checked and native.any_nonfinite(checked):
+            found_inf.fill_(1.0)
+        grads = [g for g in grads if not _native_checkable(g)]
     summed = [g for g in grads if _summable(g)]
     rest = [g for g in grads if not _summable(g)]
+    if not grads:
+        return
     one = torch.ones(1, dtype=torch.float32, device=found_inf.device)
     if rest:
         torch._amp_foreach_non_finite_check_and_unscale_(rest, found_inf, one)

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mixprec.core import native
+
 __all__ = ["MAX_REMAINDER", "Span", "join", "join_", "join_all_", "split", "split_", "split_all_"]
 
 MAX_REMAINDER = (1 << 15) - 1
@@ -120,9 +122,15 @@ def split_(
 
     `work` is an int32 (or fp32) scratch of the same shape (allocated if None); `ties`, a
     0-dim int64 tensor, is increased by the number of masters stored one ulp towards `high`
-    (see the module docstring). No host sync.
+    (see the module docstring). No host sync. On CPU, one pass of mixprec's native kernel
+    when it is built (`mixprec.core.native`) and ties are not counted.
     """
     _check(high, low, master)
+    parts = (master, high, low)
+    lib = native.library() if ties is None else None
+    if lib is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in parts):
+        lib.mixprec_split(master.data_ptr(), high.data_ptr(), low.data_ptr(), master.numel())
+        return
     d = torch.empty_like(master, dtype=torch.int32) if work is None else work.view(torch.int32)
     split_all_([master], [high], [low], [d], ties)
 

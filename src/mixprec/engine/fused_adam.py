@@ -29,11 +29,21 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mixprec.core import native
 from mixprec.core.chunked import CHUNK_NUMEL
 from mixprec.core.flat_group import FlatGroup
 from mixprec.core.master import ParamGroups
 from mixprec.core.scaler import check_finite_
 from mixprec.core.split import Span, join_all_, split_all_
+from mixprec.engine.native_adam import (
+    ALIGN,
+    GroupFlags,
+    NativePiece,
+    agrees,
+    group_flags,
+    kind_of,
+)
+from mixprec.engine.native_adam import run as run_native
 
 __all__ = [
     "FUSED_TYPES",
@@ -86,6 +96,23 @@ class _Chunk:
     # where each of `grads` comes from: (item index, start of the 1-D piece or None: whole)
     grad_src: list[tuple[int, int | None]] = field(default_factory=list)
     numel: int = 0
+
+
+class _Plan(NamedTuple):
+    """A step's work: torch's kernel over `chunks`, the native kernel over `natives` (each
+    item's elements up to its last multiple of `ALIGN`, on CPU), the distinct step counters,
+    and each param group's flags."""
+
+    chunks: list[_Chunk]
+    steps: list[torch.Tensor]
+    natives: list[NativePiece]
+    flags: list[GroupFlags]
+
+    def grads(self) -> list[torch.Tensor]:
+        """This step's gradient views, every element once."""
+        return [g for c in self.chunks for g in c.grads] + [
+            p.grad for p in self.natives if p.grad is not None
+        ]
 
 
 def fused_unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
@@ -176,7 +203,9 @@ class FusedAdamStep:
         # is a reduction per chunk, as slow as the rest of the split bookkeeping together
         self.count_ties = False
         self.ties: dict[torch.device, torch.Tensor] = {}
-        self._cache: tuple[tuple[int, ...], list[_Chunk], list[torch.Tensor]] | None = None
+        # the one-pass CPU kernel (mixprec.engine.native_adam) where it agrees with torch's
+        self.use_native = True
+        self._cache: tuple[tuple[Any, ...], _Plan] | None = None
 
     # -- state ------------------------------------------------------------------------------
     def _state(self, master: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
@@ -203,20 +232,23 @@ class FusedAdamStep:
 
     # -- the plan: chunks of views, rebuilt only when a tensor behind them changes ---------
     def plan(
-        self, groups: Sequence[Sequence[FusedItem]], cache: bool
-    ) -> tuple[list[_Chunk], list[torch.Tensor]]:
-        """The chunks to run and the distinct step counters, for items per param group."""
+        self, groups: Sequence[Sequence[FusedItem]], cache: bool, clip: bool = False
+    ) -> _Plan:
+        """The work of a step over items per param group; `clip`: the step takes the global
+        norm, over the same chunk pieces whether or not the native kernel could run."""
         states = [
             [self._state(it.master, bool(pg["amsgrad"])) for it in items]
             for items, pg in zip(groups, self.optimizer.param_groups)
         ]
-        key: tuple[int, ...] = ()
+        flags = [group_flags(self.optimizer, pg) for pg in self.optimizer.param_groups]
+        use_native = self.use_native and not clip and native.library() is not None
+        key: tuple[Any, ...] = ()
         grads = [it.grad for items in groups for it in items]
         if cache:
             # The chunks' views keep every object named here alive, so no id can be reused.
             # Gradients are left out: a backward after zero_grad(set_to_none=True) makes new
             # ones, and the plan only re-points its views of them.
-            key = tuple(
+            key = (use_native, self.count_ties, *flags) + tuple(
                 x
                 for items, sts in zip(groups, states)
                 for it, st in zip(items, sts)
@@ -230,26 +262,35 @@ class FusedAdamStep:
                 )
             )
             if self._cache is not None and self._cache[0] == key:
-                chunks = self._cache[1]
-                if _repoint_grads(chunks, grads):
-                    return chunks, self._cache[2]
-        chunks = []
+                plan = self._cache[1]
+                if _repoint_grads(plan, grads):
+                    return plan
+        plan = _Plan([], [], [], flags)
         steps: dict[int, torch.Tensor] = {}
         k = 0
         for g, (items, sts) in enumerate(zip(groups, states)):
             for it, st in zip(items, sts):
                 steps[id(st["step"])] = st["step"]
-                self._add_item(chunks, g, it, st, k)
+                self._add_item(plan, g, it, st, k, use_native)
                 k += 1
-        result = (chunks, list(steps.values()))
+        plan.steps.extend(steps.values())
         # a piece with its own scratch (odd layout) is not kept: it would hold fp32 memory
-        whole = any(src[1] is None for c in chunks for src in c.grad_src)
-        self._cache = (key, *result) if cache and not whole else None
-        return result
+        whole = any(src[1] is None for c in plan.chunks for src in c.grad_src)
+        self._cache = (key, plan) if cache and not whole else None
+        return plan
+
+    def _native_kind(self, it: FusedItem, flags: GroupFlags) -> str | None:
+        """The native kernel for item `it`, if it has one agreeing with torch's kernel."""
+        kind = kind_of(it.view, it.grad, it.half, it.low)
+        if kind is None or (kind == "split" and self.count_ties):
+            return None
+        every = (agrees(kind, flags, scale, zero) for scale in (False, True) for zero in (0, 1))
+        return kind if all(every) else None
 
     def _add_item(
-        self, chunks: list[_Chunk], g: int, it: FusedItem, st: dict[str, Any], k: int
+        self, plan: _Plan, g: int, it: FusedItem, st: dict[str, Any], k: int, use_native: bool
     ) -> None:
+        chunks = plan.chunks
         moments = [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq")]
         if it.offset is not None:  # a slice of a flat master: slice its state the same way
             n = it.view.numel()
@@ -262,7 +303,23 @@ class FusedAdamStep:
         in_place = it.half is it.view  # an fp32 parameter that is its own master
         if contiguous:
             flat = [None if t is None else t.view(-1) for t in every]
-            bounds = range(0, it.view.numel(), self.chunk)
+            kind = self._native_kind(it, plan.flags[g]) if use_native else None
+            n = it.view.numel()
+            native_n = n - n % ALIGN if kind is not None else 0
+            if native_n:
+                view, _, half, low, exp_avg, exp_avg_sq, max_sq = (
+                    None if t is None else t[:native_n] for t in flat
+                )
+                assert view is not None and half is not None and exp_avg is not None
+                assert exp_avg_sq is not None and kind is not None
+                plan.natives.append(
+                    NativePiece(
+                        g, kind, k, native_n, half if low is not None else view, low,
+                        None if low is not None else half, exp_avg, exp_avg_sq, max_sq,
+                        st["step"], it.grad.view(-1)[:native_n],
+                    )
+                )  # fmt: skip
+            bounds = range(native_n, n, self.chunk)
             pieces = [[None if t is None else t[a : a + self.chunk] for t in flat] for a in bounds]
             starts: list[int | None] = list(bounds)
         else:  # an odd layout: one piece with its own scratch (allocated per step)
@@ -308,16 +365,17 @@ class FusedAdamStep:
 
     # -- the two passes ----------------------------------------------------------------------
     def check_(
-        self, chunks: Sequence[_Chunk], found_inf: torch.Tensor, want_norm: bool
+        self, plan: _Plan, found_inf: torch.Tensor, want_norm: bool
     ) -> torch.Tensor | None:
         """Set `found_inf` if any half gradient is inf/nan; with `want_norm` return the global
         2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync
         on a GPU (on CPU, `check_finite_` reads a sum on the host)."""
         if not want_norm:
-            check_finite_([g for c in chunks for g in c.grads], found_inf)
+            check_finite_(plan.grads(), found_inf)
             return None
+        assert not plan.natives  # a clipping step is planned without them
         norms: list[torch.Tensor] = []
-        for c in chunks:  # norms of half tensors are slow: take them in fp32, in cache
+        for c in plan.chunks:  # norms of half tensors are slow: take them in fp32, in cache
             if all(g.dtype == torch.float32 for g in c.grads):
                 norms.extend(torch._foreach_norm(c.grads))
                 continue
@@ -365,20 +423,17 @@ class FusedAdamStep:
         """Forget the cached chunk plan (after a load or a failed step)."""
         self._cache = None
 
-    def update_(
-        self,
-        chunks: Sequence[_Chunk],
-        steps: list[torch.Tensor],
-        grad_scale: torch.Tensor | None,
-        zero_grads: bool,
-    ) -> None:
-        """One Adam(W) step of every chunk from its gradients (half, or fp32 master ones)
+    def update_(self, plan: _Plan, grad_scale: torch.Tensor | None, zero_grads: bool) -> None:
+        """One Adam(W) step of the plan from its gradients (half, or fp32 master ones)
         divided by `grad_scale` (None: as they are); the new masters are rounded into the half
         model, and the gradients zeroed if asked."""
-        if steps:
-            torch._foreach_add_(steps, 1)
+        if plan.steps:
+            torch._foreach_add_(plan.steps, 1)
+        if plan.natives:  # on CPU: reading the scale is no device sync
+            scale = None if grad_scale is None else native.cpu_scalar(grad_scale)
+            run_native(plan.natives, self.optimizer, plan.flags, scale, zero_grads)
         per_group: dict[int, tuple[Any, dict[str, Any]]] = {}  # read once per step, not chunk
-        for c in chunks:
+        for c in plan.chunks:
             span = self._span(c)
             if c.split_masters:  # rebuild the fp32 masters from the bf16 weights and low bits
                 join_all_(c.split_masters, c.split_highs, c.split_lows, c.split_work, span)
@@ -435,8 +490,8 @@ class FusedAdamStep:
         found_inf.zero_()
         state = self.optimizer.state
         fresh = [it.master for group in items for it in group if not state.get(it.master)]
-        chunks, steps = self.plan(items, cache=True)
-        norm = self.check_(chunks, found_inf, want_norm=clip is not None)
+        plan = self.plan(items, cache=True, clip=clip is not None)
+        norm = self.check_(plan, found_inf, want_norm=clip is not None)
         if norm is not None:
             norm = norm / scale
             found_inf.copy_((~torch.isfinite(norm)).reshape(1))
@@ -450,25 +505,32 @@ class FusedAdamStep:
                 grad_scale = scale_buf / torch.clamp(clip / (norm + 1e-6), max=1.0)
             elif scale == 1.0:
                 grad_scale = None  # x / 1 == x: the kernel skips the division and its store
-            self.update_(chunks, steps, grad_scale, zero_grads=flat)
+            self.update_(plan, grad_scale, zero_grads=flat)
         elif fresh:  # a skipped step leaves no trace: drop the state plan() just created
             for master in fresh:
                 state.pop(master, None)
             self._cache = None
-        _release_grads(chunks)
+        _release_grads(plan)
         return overflow, norm
 
 
-def _release_grads(chunks: Sequence[_Chunk]) -> None:
+def _release_grads(plan: _Plan) -> None:
     """Drop a plan's views of this step's gradients, so that zero_grad() frees them."""
-    for c in chunks:
+    for c in plan.chunks:
         c.grads = []
+    for piece in plan.natives:
+        piece.grad = None
 
 
-def _repoint_grads(chunks: Sequence[_Chunk], grads: Sequence[torch.Tensor]) -> bool:
+def _repoint_grads(plan: _Plan, grads: Sequence[torch.Tensor]) -> bool:
     """Point a cached plan's gradient views at this step's `grads` (same shapes and dtypes,
     one per item); False if one cannot be viewed as the plan needs (plan again)."""
-    for c in chunks:
+    for piece in plan.natives:
+        g = grads[piece.item]
+        if not g.is_contiguous():
+            return False
+        piece.grad = g.view(-1)[: piece.n]
+    for c in plan.chunks:
         new = []
         for k, start in c.grad_src:
             g = grads[k]
@@ -483,6 +545,6 @@ def step_from_master_grads_(step: FusedAdamStep, items: Sequence[Sequence[FusedI
     """Adam(W)-step masters whose fp32 gradients are unscaled (and clipped) already, chunk by
     chunk, rounding the new masters into the half model while still in cache: the wrapped
     optimizer's `step()` and the master-to-model copy in one pass. Call under no_grad()."""
-    chunks, steps = step.plan(items, cache=True)
-    step.update_(chunks, steps, None, zero_grads=False)
-    _release_grads(chunks)
+    plan = step.plan(items, cache=True)
+    step.update_(plan, None, zero_grads=False)
+    _release_grads(plan)

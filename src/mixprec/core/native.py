@@ -1,0 +1,199 @@
+"""mixprec's CPU kernels (native_kernels.c), compiled at first use and loaded with ctypes.
+
+Torch has no kernel that steps fp32 masters from half gradients and writes the half weights
+in one pass, so mixprec carries one for the CPU: `native_kernels.c`, built once per machine
+(`cc -O3 -march=native -ffp-contract=off`) into `~/.cache/mixprec` (or `$MIXPREC_CACHE_DIR`),
+keyed by the source, the compiler and the CPU. Without a C compiler, or with
+`MIXPREC_NATIVE=0`, `library()` is None and mixprec runs torch's kernels instead: the same
+numbers, more passes. `unavailable_reason()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CHECK_DTYPES",
+    "AdamArgs",
+    "any_nonfinite",
+    "cpu_scalar",
+    "library",
+    "run_split",
+    "unavailable_reason",
+]
+
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+"""No -ffast-math and no contraction: every rounding is the one the source writes."""
+
+_P = ctypes.c_void_p
+
+
+class AdamArgs(ctypes.Structure):
+    """The per-step constants of one Adam(W) param group (see native_kernels.c)."""
+
+    _fields_ = [
+        *((name, ctypes.c_float) for name in (
+            "c1", "b2", "c2", "bc2s", "eps", "neg_step", "c7", "wd", "scale", "sign"
+        )),
+        *((name, ctypes.c_int32) for name in ("l2", "amsgrad", "has_scale", "zero_grad")),
+        ("mxcsr", ctypes.c_uint32),
+    ]  # fmt: skip
+
+
+_SIGNATURES: dict[str, tuple[list, type | None]] = {
+    "mixprec_adam_bf16": ([_P] * 6 + [ctypes.c_int64, ctypes.POINTER(AdamArgs)], None),
+    "mixprec_adam_f16": ([_P] * 6 + [ctypes.c_int64, ctypes.POINTER(AdamArgs)], None),
+    "mixprec_adam_split": ([_P] * 6 + [ctypes.c_int64, ctypes.POINTER(AdamArgs)], None),
+    "mixprec_split": ([_P, _P, _P, ctypes.c_int64], None),
+    "mixprec_nonfinite_16": ([_P, ctypes.c_int64, ctypes.c_uint32], ctypes.c_int32),
+    "mixprec_nonfinite_32": ([_P, ctypes.c_int64], ctypes.c_int32),
+    "mixprec_mxcsr": ([], ctypes.c_uint32),
+}
+
+_reason: list[str] = []  # why library() is None, once it has been asked
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels are not in use (None: they are, or were not needed yet)."""
+    return _reason[0] if _reason else None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        path = shutil.which(name.split()[0]) if name else None
+        if path:
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    try:  # -march=native: the build is only good for this kind of CPU
+        text = Path("/proc/cpuinfo").read_text()
+        return next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _build(source: bytes, compiler: str, target: Path) -> None:
+    """Compile `source` into `target`, atomically (other processes may race to build it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        c_file = Path(tmp) / "native_kernels.c"
+        c_file.write_bytes(source)
+        out = Path(tmp) / target.name
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", str(out), str(c_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
+        os.replace(out, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built first if this machine has none yet; None if they cannot be
+    (no C compiler, a failed build, `MIXPREC_NATIVE=0`): see `unavailable_reason()`."""
+    if os.environ.get("MIXPREC_NATIVE", "1") == "0":
+        _reason[:] = ["turned off by MIXPREC_NATIVE=0"]
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _reason[:] = ["no C compiler found (set CC to one)"]
+        return None
+    source = resources.files("mixprec.core").joinpath("native_kernels.c").read_bytes()
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+        key = hashlib.sha256(
+            b"\0".join(
+                s.encode() if isinstance(s, str) else s
+                for s in (source, compiler, version, " ".join(FLAGS), _cpu_signature())
+            )
+        ).hexdigest()[:20]
+        cache = Path(os.environ.get("MIXPREC_CACHE_DIR") or Path.home() / ".cache" / "mixprec")
+        target = cache / f"native-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+        if not target.exists():
+            _build(source, compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _reason[:] = [f"the build failed: {error}"]
+        return None
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    _reason[:] = []
+    return lib
+
+
+def cpu_scalar(t: torch.Tensor) -> float:
+    """The value of a one-element fp32 CPU tensor, read from its memory (no dispatched op:
+    what a device sync would be on a GPU is a load here)."""
+    if t.device.type != "cpu" or t.dtype != torch.float32 or t.numel() != 1:
+        raise ValueError(f"expected a one-element fp32 CPU tensor; got {t.dtype} {t.device}")
+    return ctypes.c_float.from_address(t.data_ptr()).value
+
+
+_EXPONENT_16 = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+CHECK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any of the contiguous CPU `tensors` (bf16, fp16 or fp32) holds an inf or nan:
+    one read of each, exact (an all-ones exponent). Needs `library()`."""
+    lib = library()
+    assert lib is not None
+    for t in tensors:
+        if t.dtype == torch.float32:
+            found = lib.mixprec_nonfinite_32(t.data_ptr(), t.numel())
+        else:
+            found = lib.mixprec_nonfinite_16(t.data_ptr(), t.numel(), _EXPONENT_16[t.dtype])
+        if found:
+            return True
+    return False
+
+
+PARALLEL_MIN = 1 << 16
+"""Elements of one call below which a kernel runs in the calling thread only."""
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_split(calls: Sequence[tuple[Callable[[int, int], None], int]]) -> None:
+    """Run each `(fn, n)`: `fn(start, stop)` over `[0, n)`, split into `torch.get_num_threads()`
+    ranges (multiples of 64 elements) run side by side when `n` is large; ctypes lets go of
+    the GIL while a kernel runs."""
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        for fn, n in calls:
+            fn(0, n)
+        return
+    pool = _pools.get(threads)
+    if pool is None:
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mixprec")
+    futures = []
+    for fn, n in calls:
+        if n < PARALLEL_MIN:
+            fn(0, n)
+            continue
+        step = -(-(-(-n // threads)) // 64) * 64  # ceil(ceil(n / threads) / 64) * 64
+        futures += [pool.submit(fn, a, min(a + step, n)) for a in range(0, n, step)]
+    for f in futures:
+        f.result()

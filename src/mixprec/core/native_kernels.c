@@ -1,0 +1,208 @@
+/* mixprec's CPU kernels: one pass of Adam(W) from half gradients, and the overflow check.
+
+   Built at first use by mixprec/core/native.py with -ffp-contract=off: every rounding is the
+   one written here. The Adam(W) arithmetic is that of torch's fused CPU kernel as its wheels
+   compute it (an FMA exactly where theirs has one); mixprec checks that bit for bit against
+   torch's kernel in each configuration before using it (mixprec/engine/native_adam.py).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define HAVE_MXCSR 1
+#endif
+
+typedef struct {
+    float c1;       /* 1 - beta1 */
+    float b2;       /* beta2 */
+    float c2;       /* 1 - beta2 */
+    float bc2s;     /* sqrt(1 - beta2 ** step) */
+    float eps;
+    float neg_step; /* -lr / (1 - beta1 ** step) */
+    float c7;       /* AdamW: 1 - lr * weight_decay; else 1 */
+    float wd;       /* Adam: weight_decay (L2, added to the gradient) */
+    float scale;    /* the gradients are divided by it when has_scale */
+    float sign;     /* -1 to maximize, else 1 */
+    int32_t l2, amsgrad, has_scale, zero_grad;
+    uint32_t mxcsr; /* the calling thread's floating-point mode, for worker threads */
+} adam_args;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's copy_ */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    uint16_t r = (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0xffff : r;
+}
+
+static inline uint32_t f32_bits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+
+static inline float bits_f32(uint32_t b) {
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* One element's update: returns the new master; m, v and mx are updated in place. */
+static inline __attribute__((always_inline)) float adam_element(
+    float p, float g, float *m, float *v, float *mx, const adam_args *a, const int l2,
+    const int ams, const int hs) {
+    if (hs) g = g / a->scale;
+    g = g * a->sign;
+    if (l2) g = fmaf(p, a->wd, g);
+    p = p * a->c7;
+    float mi = *m;
+    float e = fmaf(a->c1, g - mi, mi);
+    float s = fmaf(a->c2 * g, g, *v * a->b2);
+    *m = e;
+    *v = s;
+    float d;
+    if (ams) {
+        float o = *mx;
+        float x = (o != o || o > s) ? o : s;
+        *mx = x;
+        d = sqrtf(x) / a->bc2s + a->eps;
+    } else {
+        d = sqrtf(s) / a->bc2s + a->eps;
+    }
+    return p + a->neg_step * e / d;
+}
+
+#define DISPATCH(impl, ...)                                                                  \
+    do {                                                                                     \
+        switch ((a->l2 << 3) | (a->amsgrad << 2) | (a->has_scale << 1) | a->zero_grad) {     \
+        case 0: impl(__VA_ARGS__, 0, 0, 0, 0); break;                                         \
+        case 1: impl(__VA_ARGS__, 0, 0, 0, 1); break;                                         \
+        case 2: impl(__VA_ARGS__, 0, 0, 1, 0); break;                                         \
+        case 3: impl(__VA_ARGS__, 0, 0, 1, 1); break;                                         \
+        case 4: impl(__VA_ARGS__, 0, 1, 0, 0); break;                                         \
+        case 5: impl(__VA_ARGS__, 0, 1, 0, 1); break;                                         \
+        case 6: impl(__VA_ARGS__, 0, 1, 1, 0); break;                                         \
+        case 7: impl(__VA_ARGS__, 0, 1, 1, 1); break;                                         \
+        case 8: impl(__VA_ARGS__, 1, 0, 0, 0); break;                                         \
+        case 9: impl(__VA_ARGS__, 1, 0, 0, 1); break;                                         \
+        case 10: impl(__VA_ARGS__, 1, 0, 1, 0); break;                                        \
+        case 11: impl(__VA_ARGS__, 1, 0, 1, 1); break;                                        \
+        case 12: impl(__VA_ARGS__, 1, 1, 0, 0); break;                                        \
+        case 13: impl(__VA_ARGS__, 1, 1, 0, 1); break;                                        \
+        case 14: impl(__VA_ARGS__, 1, 1, 1, 0); break;                                        \
+        default: impl(__VA_ARGS__, 1, 1, 1, 1); break;                                        \
+        }                                                                                    \
+    } while (0)
+
+#ifdef HAVE_MXCSR
+#define ENTER(a)                                                                             \
+    const unsigned int saved_mxcsr = _mm_getcsr();                                           \
+    _mm_setcsr((a)->mxcsr)
+#define LEAVE() _mm_setcsr(saved_mxcsr)
+#else
+#define ENTER(a) (void)(a)
+#define LEAVE() (void)0
+#endif
+
+/* fp32 masters, bf16 gradients and weights */
+static inline __attribute__((always_inline)) void adam_bf16_impl(
+    float *restrict master, uint16_t *restrict grad, float *restrict m, float *restrict v,
+    float *restrict mx, uint16_t *restrict half, int64_t n, const adam_args *a, const int l2,
+    const int ams, const int hs, const int zg) {
+    for (int64_t i = 0; i < n; i++) {
+        float g = bf16_to_f32(grad[i]);
+        if (zg) grad[i] = 0;
+        float p = adam_element(master[i], g, m + i, v + i, mx + i, a, l2, ams, hs);
+        master[i] = p;
+        half[i] = f32_to_bf16(p);
+    }
+}
+
+void mixprec_adam_bf16(float *master, uint16_t *grad, float *m, float *v, float *mx,
+                       uint16_t *half, int64_t n, const adam_args *a) {
+    ENTER(a);
+    DISPATCH(adam_bf16_impl, master, grad, m, v, mx, half, n, a);
+    LEAVE();
+}
+
+/* fp32 masters, fp16 gradients and weights */
+static inline __attribute__((always_inline)) void adam_f16_impl(
+    float *restrict master, _Float16 *restrict grad, float *restrict m, float *restrict v,
+    float *restrict mx, _Float16 *restrict half, int64_t n, const adam_args *a, const int l2,
+    const int ams, const int hs, const int zg) {
+    for (int64_t i = 0; i < n; i++) {
+        float g = (float)grad[i];
+        if (zg) grad[i] = 0;
+        float p = adam_element(master[i], g, m + i, v + i, mx + i, a, l2, ams, hs);
+        master[i] = p;
+        half[i] = (_Float16)p;
+    }
+}
+
+void mixprec_adam_f16(float *master, _Float16 *grad, float *m, float *v, float *mx,
+                      _Float16 *half, int64_t n, const adam_args *a) {
+    ENTER(a);
+    DISPATCH(adam_f16_impl, master, grad, m, v, mx, half, n, a);
+    LEAVE();
+}
+
+/* split masters (mixprec/core/split.py): the bf16 weight and its int16 remainder */
+static inline void store_split(float p, uint16_t *high, int16_t *low) {
+    uint16_t h = f32_to_bf16(p);
+    int32_t r = (int32_t)(f32_bits(p) - ((uint32_t)h << 16));
+    *high = h;
+    *low = (int16_t)(r > 32767 ? 32767 : r); /* the upper tie of an even high: one ulp down */
+}
+
+void mixprec_split(const float *restrict master, uint16_t *restrict high,
+                   int16_t *restrict low, int64_t n) {
+    for (int64_t i = 0; i < n; i++) store_split(master[i], high + i, low + i);
+}
+
+static inline __attribute__((always_inline)) void adam_split_impl(
+    uint16_t *restrict high, int16_t *restrict low, uint16_t *restrict grad, float *restrict m,
+    float *restrict v, float *restrict mx, int64_t n, const adam_args *a, const int l2,
+    const int ams, const int hs, const int zg) {
+    for (int64_t i = 0; i < n; i++) {
+        float master = bits_f32(((uint32_t)high[i] << 16) + (uint32_t)(int32_t)low[i]);
+        float g = bf16_to_f32(grad[i]);
+        if (zg) grad[i] = 0;
+        float p = adam_element(master, g, m + i, v + i, mx + i, a, l2, ams, hs);
+        store_split(p, high + i, low + i);
+    }
+}
+
+void mixprec_adam_split(uint16_t *high, int16_t *low, uint16_t *grad, float *m, float *v,
+                        float *mx, int64_t n, const adam_args *a) {
+    ENTER(a);
+    DISPATCH(adam_split_impl, high, low, grad, m, v, mx, n, a);
+    LEAVE();
+}
+
+/* 1 if any of the n values holds an inf or nan (its exponent bits all set), else 0 */
+int32_t mixprec_nonfinite_16(const uint16_t *x, int64_t n, uint32_t exponent) {
+    uint16_t e = (uint16_t)exponent, any = 0;
+    for (int64_t i = 0; i < n; i++) any |= (uint16_t)((x[i] & e) == e);
+    return any != 0;
+}
+
+int32_t mixprec_nonfinite_32(const uint32_t *x, int64_t n) {
+    uint32_t any = 0;
+    for (int64_t i = 0; i < n; i++) any |= (uint32_t)((x[i] & 0x7f800000u) == 0x7f800000u);
+    return any != 0;
+}
+
+uint32_t mixprec_mxcsr(void) {
+#ifdef HAVE_MXCSR
+    return _mm_getcsr();
+#else
+    return 0;
+#endif
+}
