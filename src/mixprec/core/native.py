@@ -193,7 +193,8 @@ def run_split(calls: Sequence[tuple[Callable[[int, int], None], int]]) -> None:
         if n < PARALLEL_MIN:
             fn(0, n)
             continue
-        step = -(-(-(-n // threads)) // 64) * 64  # ceil(ceil(n / threads) / 64) * 64
+        per_thread = -(-n // threads)
+        step = -(-per_thread // 64) * 64  # rounded up to a multiple of 64
         futures += [pool.submit(fn, a, min(a + step, n)) for a in range(0, n, step)]
     for f in futures:
         f.result()

@@ -231,9 +231,7 @@ class FusedAdamStep:
         return self._scratch[key]
 
     # -- the plan: chunks of views, rebuilt only when a tensor behind them changes ---------
-    def plan(
-        self, groups: Sequence[Sequence[FusedItem]], cache: bool, clip: bool = False
-    ) -> _Plan:
+    def plan(self, groups: Sequence[Sequence[FusedItem]], cache: bool, clip: bool = False) -> _Plan:
         """The work of a step over items per param group; `clip`: the step takes the global
         norm, over the same chunk pieces whether or not the native kernel could run."""
         states = [
@@ -248,18 +246,23 @@ class FusedAdamStep:
             # The chunks' views keep every object named here alive, so no id can be reused.
             # Gradients are left out: a backward after zero_grad(set_to_none=True) makes new
             # ones, and the plan only re-points its views of them.
-            key = (use_native, self.count_ties, *flags) + tuple(
-                x
-                for items, sts in zip(groups, states)
-                for it, st in zip(items, sts)
-                for x in (
-                    id(it.master),
-                    it.offset,
-                    id(it.half),
-                    id(it.low),
-                    it.grad.dtype,
-                    *map(id, st.values()),
-                )
+            key = (
+                use_native,
+                self.count_ties,
+                *flags,
+                *(
+                    x
+                    for items, sts in zip(groups, states)
+                    for it, st in zip(items, sts)
+                    for x in (
+                        id(it.master),
+                        it.offset,
+                        id(it.half),
+                        id(it.low),
+                        it.grad.dtype,
+                        *map(id, st.values()),
+                    )
+                ),
             )
             if self._cache is not None and self._cache[0] == key:
                 plan = self._cache[1]
@@ -364,9 +367,7 @@ class FusedAdamStep:
             c.grad_src.append((k, start))
 
     # -- the two passes ----------------------------------------------------------------------
-    def check_(
-        self, plan: _Plan, found_inf: torch.Tensor, want_norm: bool
-    ) -> torch.Tensor | None:
+    def check_(self, plan: _Plan, found_inf: torch.Tensor, want_norm: bool) -> torch.Tensor | None:
         """Set `found_inf` if any half gradient is inf/nan; with `want_norm` return the global
         2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync
         on a GPU (on CPU, `check_finite_` reads a sum on the host)."""

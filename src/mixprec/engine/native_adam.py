@@ -183,12 +183,14 @@ def _split_eagerly(master: torch.Tensor, high: torch.Tensor, low: torch.Tensor) 
     split_all_([master], [high], [low], [torch.empty_like(master, dtype=torch.int32)])
 
 
-@functools.cache
 def agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
     """Whether the native kernel computes torch's fused kernel's numbers, bit for bit, for
     this configuration (two steps on a random probe; the answer is kept for the process)."""
-    if native.library() is None:
-        return False
+    return native.library() is not None and _agrees(kind, flags, scale, zero)
+
+
+@functools.cache
+def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
     gen = torch.Generator().manual_seed(0)
     n, half_dtype = _PROBE, _HALF[kind]
     master = torch.randn(n, generator=gen)

@@ -1,0 +1,199 @@
+"""The native one-pass Adam(W) step: torch's path's numbers, bit for bit, in every layout."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mixprec import MixedPrecisionOptimizer
+from mixprec.core import native
+from mixprec.engine import native_adam
+
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason=f"no native kernels here: {native.unavailable_reason()}"
+)
+
+CONFIGS = {
+    "bf16": dict(opt=(torch.optim.AdamW, {"weight_decay": 0.1}), dtype=torch.bfloat16),
+    "bf16_flat": dict(
+        opt=(torch.optim.AdamW, {"weight_decay": 0.1}), dtype=torch.bfloat16, flat_master=True
+    ),
+    "split": dict(opt=(torch.optim.AdamW, {}), dtype=torch.bfloat16, master="split"),
+    "fp16_dynamic": dict(
+        opt=(torch.optim.AdamW, {"weight_decay": 0.01}), dtype=torch.float16, loss_scale="dynamic"
+    ),
+    "adam_l2_amsgrad_maximize": dict(
+        opt=(torch.optim.Adam, {"weight_decay": 0.05, "amsgrad": True, "maximize": True}),
+        dtype=torch.bfloat16,
+        loss_scale=8.0,
+    ),
+    "split_adam_amsgrad": dict(
+        opt=(torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.02}),
+        dtype=torch.bfloat16,
+        master="split",
+    ),
+}
+
+
+def _model(width: int = 24, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # 24 x 40 = 960 weights: native; 40 biases: torch's kernel
+    return nn.Sequential(nn.Linear(width, 40), nn.LayerNorm(40), nn.ReLU(), nn.Linear(40, 4))
+
+
+def _run(config, native_on, steps=5, width=24, inf_step=2, threads=None):
+    model = _model(width)
+    opt_cls, kw = config["opt"]
+    groups = [
+        {"params": model[0].parameters(), "lr": 1e-2},
+        {"params": [*model[1].parameters(), *model[3].parameters()], "lr": 3e-3},
+    ]
+    extra = {k: v for k, v in config.items() if k not in ("opt", "dtype")}
+    opt = MixedPrecisionOptimizer(
+        opt_cls(groups, **kw), model=model, dtype=config["dtype"], **extra
+    )
+    opt.update.kernel.use_native = native_on
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    used = []
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(6, width, generator=g).to(config["dtype"])
+        loss = (model(x).float() - torch.randn(6, 4, generator=g)).square().mean()
+        opt.backward(loss * float("inf") if i == inf_step else loss)
+        if threads is not None:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        try:
+            taken = opt.step()
+        finally:
+            if threads is not None:
+                torch.set_num_threads(before)
+        cache = opt.update.kernel._cache
+        used.append(bool(cache and cache[1].natives))
+        if taken:
+            sched.step()
+        opt.zero_grad()
+    state = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in model.parameters()]
+    return state, weights, used, opt
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _assert_same(a, b):
+    (state_a, weights_a, _, opt_a), (state_b, weights_b, _, opt_b) = a, b
+    for wa, wb in zip(weights_a, weights_b):
+        assert torch.equal(_bits(wa), _bits(wb))
+    for ma, mb in zip(opt_a.master_values().values(), opt_b.master_values().values()):
+        assert torch.equal(_bits(ma), _bits(mb))
+    sa, sb = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(_bits(sa[k][name]), _bits(sb[k][name])), (k, name)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_native_step_is_torchs_path_bit_for_bit(name):
+    ours, theirs = _run(CONFIGS[name], True), _run(CONFIGS[name], False)
+    assert any(ours[2]) and not any(theirs[2])  # the native kernel ran, then did not
+    _assert_same(ours, theirs)
+
+
+def test_several_threads_split_the_work_and_keep_the_numbers():
+    config = CONFIGS["bf16"]  # 256 x 40 weights over 2 threads, pieces of PARALLEL_MIN
+    old = native.PARALLEL_MIN
+    native.PARALLEL_MIN = 1024
+    try:
+        two = _run(config, True, width=256, threads=2)
+        one = _run(config, True, width=256, threads=1)
+    finally:
+        native.PARALLEL_MIN = old
+    assert all(two[2][i] for i in (0, 1, 3, 4))
+    _assert_same(two, one)
+    _assert_same(two, _run(config, False, width=256))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flush_denormal_reaches_the_native_kernel(threads):
+    """Under torch.set_flush_denormal(True), torch's kernel reads subnormal masters as zero;
+    so does the native one, in the calling thread and in its worker threads."""
+    runs, opts = [], []
+    for native_on in (True, False):  # built before flushing: the masters stay subnormal
+        model = _model()
+        for p in model.parameters():
+            p.data.mul_(1e-39)
+        opt = MixedPrecisionOptimizer(
+            # an update of about 1e-36: a subnormal master read as zero shows
+            torch.optim.AdamW(model.parameters(), lr=1e-36),
+            model=model,
+            dtype=torch.bfloat16,
+        )
+        opt.update.kernel.use_native = native_on
+        opts.append((model, opt))
+    subnormal = [m for m in opts[0][1].master_values().values() if m.dtype == torch.float32]
+    assert any(bool(((m != 0) & (m.abs() < torch.finfo().tiny)).any()) for m in subnormal)
+    old, before = native.PARALLEL_MIN, torch.get_num_threads()
+    native.PARALLEL_MIN = 64
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no flush-denormal mode on this CPU")
+    try:
+        torch.set_num_threads(threads)
+        for model, opt in opts:
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 1e-3)
+            assert opt.step()
+            runs.append([m.clone() for m in opt.master_values().values()])
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+        native.PARALLEL_MIN = old
+    assert opts[0][1].update.kernel._cache[1].natives
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_a_configuration_where_torchs_kernel_differs_stays_on_torchs_kernel(monkeypatch):
+    """A torch build whose kernel rounds differently (simulated: a last-bit change after
+    torch's kernel) fails the probe, and the step keeps torch's numbers."""
+    real = torch._fused_adamw_
+
+    def other_build(params, *args, **kwargs):
+        real(params, *args, **kwargs)
+        for p in params:
+            p.view(torch.int32).bitwise_xor_(1)
+
+    native_adam._agrees.cache_clear()
+    monkeypatch.setattr(torch, "_fused_adamw_", other_build)
+    try:
+        ours = _run(CONFIGS["bf16"], True)
+        theirs = _run(CONFIGS["bf16"], False)
+    finally:
+        monkeypatch.undo()
+        native_adam._agrees.cache_clear()
+    assert not any(ours[2])
+    _assert_same(ours, theirs)
+
+
+def test_accumulated_and_clipped_steps_run_torchs_kernel_with_the_same_numbers():
+    """Master gradients (accumulation) and a clipped step take torch's kernel; the plan
+    switches and the numbers are those of a run that never used the native kernel."""
+    runs = []
+    for native_on in (True, False):
+        model = _model()
+        opt = MixedPrecisionOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
+        )
+        opt.update.kernel.use_native = native_on
+        for i in range(6):
+            g = torch.Generator().manual_seed(i)
+            for _ in range(1 + (i % 3 == 1)):  # every third step accumulates two
+                opt.backward(model(torch.randn(6, 24, generator=g).bfloat16()).float().mean())
+            opt.clip = 0.05 if i % 3 == 2 else None
+            assert opt.step()
+            opt.zero_grad()
+        runs.append([m.clone() for m in opt.master_values().values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
