@@ -119,10 +119,13 @@ def test_several_threads_split_the_work_and_keep_the_numbers():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_flush_denormal_reaches_the_native_kernel(threads):
     """Under torch.set_flush_denormal(True), torch's kernel reads subnormal masters as zero;
-    so does the native one, in the calling thread and in its worker threads."""
+    so does the native one, in the calling thread and in its worker threads. (torch's kernel
+    runs on one thread here: its OpenMP workers keep the mode of the moment they were made,
+    so on several its numbers depend on that moment.)"""
     runs, opts = [], []
     for native_on in (True, False):  # built before flushing: the masters stay subnormal
-        model = _model()
+        torch.manual_seed(0)  # every element native (multiples of 64): no torch kernel below
+        model = nn.Sequential(nn.Linear(24, 64, bias=False), nn.Linear(64, 4, bias=False))
         for p in model.parameters():
             p.data.mul_(1e-39)
         opt = MixedPrecisionOptimizer(
@@ -133,15 +136,15 @@ def test_flush_denormal_reaches_the_native_kernel(threads):
         )
         opt.update.kernel.use_native = native_on
         opts.append((model, opt))
-    subnormal = [m for m in opts[0][1].master_values().values() if m.dtype == torch.float32]
+    subnormal = list(opts[0][1].master_values().values())
     assert any(bool(((m != 0) & (m.abs() < torch.finfo().tiny)).any()) for m in subnormal)
     old, before = native.PARALLEL_MIN, torch.get_num_threads()
     native.PARALLEL_MIN = 64
     if not torch.set_flush_denormal(True):
         pytest.skip("no flush-denormal mode on this CPU")
     try:
-        torch.set_num_threads(threads)
-        for model, opt in opts:
+        for (model, opt), n in zip(opts, (threads, 1)):
+            torch.set_num_threads(n)
             for p in model.parameters():
                 p.grad = torch.full_like(p, 1e-3)
             assert opt.step()
@@ -150,7 +153,8 @@ def test_flush_denormal_reaches_the_native_kernel(threads):
         torch.set_flush_denormal(False)
         torch.set_num_threads(before)
         native.PARALLEL_MIN = old
-    assert opts[0][1].update.kernel._cache[1].natives
+    plan = opts[0][1].update.kernel._cache[1]
+    assert plan.natives and not plan.chunks
     for a, b in zip(*runs):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
@@ -197,3 +201,41 @@ def test_accumulated_and_clipped_steps_run_torchs_kernel_with_the_same_numbers()
         runs.append([m.clone() for m in opt.master_values().values()])
     for a, b in zip(*runs):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "dtype,flat",
+    [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)],
+    ids=["bf16", "bf16_flat_unaligned", "fp16"],
+)
+def test_large_tensors_stream_their_half_weights_with_the_same_bits(dtype, flat):
+    """A call of at least 2^19 elements streams its half weights (after an unaligned start,
+    in a flat buffer); the weights, masters and moments are those of torch's path."""
+    runs = []
+    for native_on in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), nn.Linear(1024, 513, bias=False))
+        opt = MixedPrecisionOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+            16.0,
+            model=model,
+            dtype=dtype,
+            flat_master=flat,
+        )
+        opt.update.kernel.use_native = native_on
+        for i in range(2):
+            g = torch.Generator().manual_seed(i)
+            for p in model.parameters():
+                p.grad = (torch.randn(p.shape, generator=g) * 16).to(p.dtype)
+            assert opt.step()
+            opt.zero_grad()
+        plan = opt.update.kernel._cache[1]
+        assert bool(plan.natives) == native_on
+        assert not native_on or max(piece.n for piece in plan.natives) >= 1 << 19
+        runs.append(
+            [_bits(p.detach().clone()) for p in model.parameters()]
+            + [_bits(m.clone()) for m in opt.master_values().values()]
+            + [_bits(s[k].clone()) for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        )
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

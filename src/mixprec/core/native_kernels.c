@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #define HAVE_MXCSR 1
 #endif
 
@@ -111,18 +111,45 @@ static inline __attribute__((always_inline)) float adam_element(
 #define LEAVE() (void)0
 #endif
 
+/* Over [0, n): STEP(i, out) updates element i and sets `out` to its half weight. A large call
+   streams the half weights past the cache in 64-byte stores: they are only written, and a
+   plain store would first read each line for ownership (2 bytes a parameter more traffic,
+   the step's whole gap to torch's fp32 kernel). A small one keeps them in cache for the next
+   forward. */
+#define STREAM_MIN ((int64_t)1 << 19)
+#ifdef __AVX512F__
+#define STREAMED_LOOP(T, STEP)                                                               \
+    int64_t i = 0;                                                                           \
+    if (n >= STREAM_MIN) {                                                                   \
+        for (; i < n && ((uintptr_t)(half + i) & 63); i++) STEP(i, half[i]);                 \
+        for (; i + 32 <= n; i += 32) {                                                       \
+            T buf[32] __attribute__((aligned(64)));                                          \
+            for (int j = 0; j < 32; j++) STEP(i + j, buf[j]);                                \
+            _mm512_stream_si512((__m512i *)(half + i), _mm512_load_si512((const void *)buf)); \
+        }                                                                                    \
+        _mm_sfence();                                                                        \
+    }                                                                                        \
+    for (; i < n; i++) STEP(i, half[i])
+#else
+#define STREAMED_LOOP(T, STEP)                                                               \
+    for (int64_t i = 0; i < n; i++) STEP(i, half[i])
+#endif
+
 /* fp32 masters, bf16 gradients and weights */
 static inline __attribute__((always_inline)) void adam_bf16_impl(
     float *restrict master, uint16_t *restrict grad, float *restrict m, float *restrict v,
     float *restrict mx, uint16_t *restrict half, int64_t n, const adam_args *a, const int l2,
     const int ams, const int hs, const int zg) {
-    for (int64_t i = 0; i < n; i++) {
-        float g = bf16_to_f32(grad[i]);
-        if (zg) grad[i] = 0;
-        float p = adam_element(master[i], g, m + i, v + i, mx + i, a, l2, ams, hs);
-        master[i] = p;
-        half[i] = f32_to_bf16(p);
-    }
+#define BF16_STEP(i, out)                                                                    \
+    do {                                                                                     \
+        float g = bf16_to_f32(grad[i]);                                                      \
+        if (zg) grad[i] = 0;                                                                 \
+        float p = adam_element(master[i], g, m + (i), v + (i), mx + (i), a, l2, ams, hs);    \
+        master[i] = p;                                                                       \
+        out = f32_to_bf16(p);                                                                \
+    } while (0)
+    STREAMED_LOOP(uint16_t, BF16_STEP);
+#undef BF16_STEP
 }
 
 void mixprec_adam_bf16(float *master, uint16_t *grad, float *m, float *v, float *mx,
@@ -137,13 +164,16 @@ static inline __attribute__((always_inline)) void adam_f16_impl(
     float *restrict master, _Float16 *restrict grad, float *restrict m, float *restrict v,
     float *restrict mx, _Float16 *restrict half, int64_t n, const adam_args *a, const int l2,
     const int ams, const int hs, const int zg) {
-    for (int64_t i = 0; i < n; i++) {
-        float g = (float)grad[i];
-        if (zg) grad[i] = 0;
-        float p = adam_element(master[i], g, m + i, v + i, mx + i, a, l2, ams, hs);
-        master[i] = p;
-        half[i] = (_Float16)p;
-    }
+#define F16_STEP(i, out)                                                                     \
+    do {                                                                                     \
+        float g = (float)grad[i];                                                            \
+        if (zg) grad[i] = 0;                                                                 \
+        float p = adam_element(master[i], g, m + (i), v + (i), mx + (i), a, l2, ams, hs);    \
+        master[i] = p;                                                                       \
+        out = (_Float16)p;                                                                   \
+    } while (0)
+    STREAMED_LOOP(_Float16, F16_STEP);
+#undef F16_STEP
 }
 
 void mixprec_adam_f16(float *master, _Float16 *grad, float *m, float *v, float *mx,
