@@ -1,9 +1,14 @@
 """Adam(W) on fp32 masters straight from half gradients, with no fp32 gradient kept.
 
-A step streams over the parameters in cache-sized chunks. Each chunk's half gradients are
-cast into a small fp32 scratch buffer, torch's fused Adam(W) kernel unscales (and clips)
-them through its `grad_scale` argument and updates the masters and moments, and the new
-masters are rounded straight back into the half model while still in cache. The only fp32
+On CPU, most elements take one pass of mixprec's native kernel
+(`mixprec.engine.native_adam`): half gradient in, master and moments updated, half weight
+out, bit for bit the path below. The rest (other devices, odd layouts, clipped steps, fp32
+gradients, each tensor's last elements past a multiple of 64, a machine without a C
+compiler) takes torch's kernel: a step streams over the parameters in cache-sized chunks.
+Each chunk's half gradients are cast into a small fp32 scratch buffer, torch's fused
+Adam(W) kernel unscales (and clips) them through its `grad_scale` argument and updates the
+masters and moments, and the new masters are rounded straight back into the half model
+while still in cache. The only fp32
 gradient memory is the scratch (`CHUNK_NUMEL` elements per device), so Adam's training
 state is 16 bytes per parameter: half params and grads, fp32 masters and two moments.
 
@@ -11,8 +16,8 @@ The numbers are those of the wrapped `torch.optim.Adam`/`AdamW` stepping unscale
 gradients, within fp32 rounding; its `state` and `param_groups` are used as they are, so
 schedulers, `state_dict()` and the unfused path all see one optimizer.
 
-This module is the only one that calls torch's private fused kernels (`torch._fused_adam_`,
-`torch._fused_adamw_`). The public path, `torch.optim.AdamW(fused=True).step()` with its
+This module (and native_adam's probe of them) is the only one that calls torch's private
+fused kernels (`torch._fused_adam_`, `torch._fused_adamw_`). The public path, `torch.optim.AdamW(fused=True).step()` with its
 `grad_scale` and `found_inf` attributes set, needs whole fp32 gradients on the masters: 4
 bytes more per parameter held, and a step 15 to 21 % slower than this one on 8.4M
 parameters (the half gradients checked, cast into the fp32 gradients, stepped, the masters
