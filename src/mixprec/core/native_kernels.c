@@ -118,70 +118,54 @@ static inline __attribute__((always_inline)) float adam_element(
    forward. */
 #define STREAM_MIN ((int64_t)1 << 19)
 #ifdef __AVX512F__
-#define STREAMED_LOOP(T, STEP)                                                               \
+#define STREAMED_LOOP(T, STEP, ...)                                                          \
     int64_t i = 0;                                                                           \
     if (n >= STREAM_MIN) {                                                                   \
-        for (; i < n && ((uintptr_t)(half + i) & 63); i++) STEP(i, half[i]);                 \
+        for (; i < n && ((uintptr_t)(half + i) & 63); i++) STEP(i, half[i], __VA_ARGS__);    \
         for (; i + 32 <= n; i += 32) {                                                       \
             T buf[32] __attribute__((aligned(64)));                                          \
-            for (int j = 0; j < 32; j++) STEP(i + j, buf[j]);                                \
+            for (int j = 0; j < 32; j++) STEP(i + j, buf[j], __VA_ARGS__);                   \
             _mm512_stream_si512((__m512i *)(half + i), _mm512_load_si512((const void *)buf)); \
         }                                                                                    \
         _mm_sfence();                                                                        \
     }                                                                                        \
-    for (; i < n; i++) STEP(i, half[i])
+    for (; i < n; i++) STEP(i, half[i], __VA_ARGS__)
 #else
-#define STREAMED_LOOP(T, STEP)                                                               \
-    for (int64_t i = 0; i < n; i++) STEP(i, half[i])
+#define STREAMED_LOOP(T, STEP, ...)                                                          \
+    for (int64_t i = 0; i < n; i++) STEP(i, half[i], __VA_ARGS__)
 #endif
 
-/* fp32 masters, bf16 gradients and weights */
-static inline __attribute__((always_inline)) void adam_bf16_impl(
-    float *restrict master, uint16_t *restrict grad, float *restrict m, float *restrict v,
-    float *restrict mx, uint16_t *restrict half, int64_t n, const adam_args *a, const int l2,
-    const int ams, const int hs, const int zg) {
-#define BF16_STEP(i, out)                                                                    \
+static inline float f16_to_f32(_Float16 h) { return (float)h; }
+static inline _Float16 f32_to_f16(float f) { return (_Float16)f; } /* round to nearest even */
+
+/* One element of a half model: the gradient read (and zeroed), the master stepped, `out`
+   set to the new half weight. */
+#define HALF_STEP(i, out, TO_F32, FROM_F32)                                                  \
     do {                                                                                     \
-        float g = bf16_to_f32(grad[i]);                                                      \
+        float g = TO_F32(grad[i]);                                                           \
         if (zg) grad[i] = 0;                                                                 \
         float p = adam_element(master[i], g, m + (i), v + (i), mx + (i), a, l2, ams, hs);    \
         master[i] = p;                                                                       \
-        out = f32_to_bf16(p);                                                                \
+        out = FROM_F32(p);                                                                   \
     } while (0)
-    STREAMED_LOOP(uint16_t, BF16_STEP);
-#undef BF16_STEP
-}
 
-void mixprec_adam_bf16(float *master, uint16_t *grad, float *m, float *v, float *mx,
-                       uint16_t *half, int64_t n, const adam_args *a) {
-    ENTER(a);
-    DISPATCH(adam_bf16_impl, master, grad, m, v, mx, half, n, a);
-    LEAVE();
-}
+/* mixprec_adam_<NAME>: fp32 masters, gradients and weights of the half type T */
+#define HALF_KERNEL(NAME, T, TO_F32, FROM_F32)                                               \
+    static inline __attribute__((always_inline)) void adam_##NAME##_impl(                    \
+        float *restrict master, T *restrict grad, float *restrict m, float *restrict v,      \
+        float *restrict mx, T *restrict half, int64_t n, const adam_args *a, const int l2,   \
+        const int ams, const int hs, const int zg) {                                         \
+        STREAMED_LOOP(T, HALF_STEP, TO_F32, FROM_F32);                                       \
+    }                                                                                        \
+    void mixprec_adam_##NAME(float *master, T *grad, float *m, float *v, float *mx, T *half, \
+                             int64_t n, const adam_args *a) {                                \
+        ENTER(a);                                                                            \
+        DISPATCH(adam_##NAME##_impl, master, grad, m, v, mx, half, n, a);                    \
+        LEAVE();                                                                             \
+    }
 
-/* fp32 masters, fp16 gradients and weights */
-static inline __attribute__((always_inline)) void adam_f16_impl(
-    float *restrict master, _Float16 *restrict grad, float *restrict m, float *restrict v,
-    float *restrict mx, _Float16 *restrict half, int64_t n, const adam_args *a, const int l2,
-    const int ams, const int hs, const int zg) {
-#define F16_STEP(i, out)                                                                     \
-    do {                                                                                     \
-        float g = (float)grad[i];                                                            \
-        if (zg) grad[i] = 0;                                                                 \
-        float p = adam_element(master[i], g, m + (i), v + (i), mx + (i), a, l2, ams, hs);    \
-        master[i] = p;                                                                       \
-        out = (_Float16)p;                                                                   \
-    } while (0)
-    STREAMED_LOOP(_Float16, F16_STEP);
-#undef F16_STEP
-}
-
-void mixprec_adam_f16(float *master, _Float16 *grad, float *m, float *v, float *mx,
-                      _Float16 *half, int64_t n, const adam_args *a) {
-    ENTER(a);
-    DISPATCH(adam_f16_impl, master, grad, m, v, mx, half, n, a);
-    LEAVE();
-}
+HALF_KERNEL(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+HALF_KERNEL(f16, _Float16, f16_to_f32, f32_to_f16)
 
 /* split masters (mixprec/core/split.py): the bf16 weight and its int16 remainder */
 static inline void store_split(float p, uint16_t *high, int16_t *low) {
