@@ -239,3 +239,31 @@ def test_large_tensors_stream_their_half_weights_with_the_same_bits(dtype, flat)
         )
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_a_gradient_laid_out_otherwise_is_planned_again_on_torchs_kernel():
+    """A non-contiguous gradient (a transposed copy) after native steps: the cached plan is
+    not reused for it, the step runs torch's kernel for that tensor, and the numbers stay."""
+    runs = []
+    for native_on in (True, False):
+        model = _model()
+        opt = MixedPrecisionOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
+        )
+        opt.update.kernel.use_native = native_on
+        natives = []
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            for p in model.parameters():
+                grad = torch.randn(p.shape, generator=g).to(p.dtype)
+                p.grad = grad.t().contiguous().t() if (i == 1 and p.dim() == 2) else grad
+            assert opt.step()
+            natives.append(
+                len(opt.update.kernel._cache[1].natives) if opt.update.kernel._cache else 0
+            )
+            opt.zero_grad()
+        runs.append(([m.clone() for m in opt.master_values().values()], natives))
+    (ours, natives_on), (theirs, _) = runs
+    assert natives_on[0] > 0 and natives_on[1] < natives_on[0]
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
