@@ -238,7 +238,9 @@ def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
             ours_mx if flags.amsgrad else None, torch.tensor(float(step)), grad,
         )  # fmt: skip
         _call(piece, adam_args(group, flags, float(step), 3.0 if scale else None, zero), 0, n)
-        if zero and bool(grad.view(torch.int16).any()):
+        if zero and not torch.equal(
+            grad.view(torch.int16), torch.zeros_like(grad, dtype=torch.int16)
+        ):
             return False
     if kind == "split":
         want_high, want_low = torch.empty_like(high), torch.empty_like(low)
