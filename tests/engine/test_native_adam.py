@@ -78,6 +78,15 @@ def _run(config, native_on, steps=5, width=24, inf_step=2, threads=None):
     return state, weights, used, opt
 
 
+def _bf16_adamw(native_on):
+    model = _model()
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
+    )
+    opt.update.kernel.use_native = native_on
+    return model, opt
+
+
 def _bits(t):
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
@@ -186,11 +195,7 @@ def test_accumulated_and_clipped_steps_run_torchs_kernel_with_the_same_numbers()
     switches and the numbers are those of a run that never used the native kernel."""
     runs = []
     for native_on in (True, False):
-        model = _model()
-        opt = MixedPrecisionOptimizer(
-            torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
-        )
-        opt.update.kernel.use_native = native_on
+        model, opt = _bf16_adamw(native_on)
         for i in range(6):
             g = torch.Generator().manual_seed(i)
             for _ in range(1 + (i % 3 == 1)):  # every third step accumulates two
@@ -246,11 +251,7 @@ def test_a_gradient_laid_out_otherwise_is_planned_again_on_torchs_kernel():
     not reused for it, the step runs torch's kernel for that tensor, and the numbers stay."""
     runs = []
     for native_on in (True, False):
-        model = _model()
-        opt = MixedPrecisionOptimizer(
-            torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
-        )
-        opt.update.kernel.use_native = native_on
+        model, opt = _bf16_adamw(native_on)
         natives = []
         for i in range(3):
             g = torch.Generator().manual_seed(i)

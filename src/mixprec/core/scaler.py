@@ -6,7 +6,7 @@ import math
 import numbers
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -59,6 +59,16 @@ def _native_checkable(g: torch.Tensor) -> bool:
     return g.device.type == "cpu" and g.is_contiguous() and g.dtype in native.CHECK_DTYPES
 
 
+def _partition(
+    grads: Sequence[torch.Tensor], test: Callable[[torch.Tensor], bool]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    yes: list[torch.Tensor] = []
+    no: list[torch.Tensor] = []
+    for g in grads:
+        (yes if test(g) else no).append(g)
+    return yes, no
+
+
 def check_finite_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor) -> None:
     """Set `found_inf` (a 1-element fp32 tensor on the gradients' device) to 1.0 if any of
     `grads` holds an inf or nan; leave it as it is otherwise. Finite values are left as they
@@ -71,12 +81,10 @@ def check_finite_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor) -> Non
     the answer is exactly the fused check's. Reading that sum is a host read only on CPU.
     """
     if native.library() is not None:
-        checked = [g for g in grads if _native_checkable(g)]
+        checked, grads = _partition(grads, _native_checkable)
         if checked and native.any_nonfinite(checked):
             found_inf.fill_(1.0)
-        grads = [g for g in grads if not _native_checkable(g)]
-    summed = [g for g in grads if _summable(g)]
-    rest = [g for g in grads if not _summable(g)]
+    summed, rest = _partition(grads, _summable)
     if not grads:
         return
     one = torch.ones(1, dtype=torch.float32, device=found_inf.device)
