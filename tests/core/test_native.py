@@ -102,18 +102,14 @@ def test_run_split_covers_every_element_once_in_aligned_ranges(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        seen = []
-        native.run_split(
-            [
-                (lambda a, b: seen.append(("x", a, b)), 64 * 100),
-                (lambda a, b: seen.append(("y", a, b)), 64),
-            ]
-        )
+        seen: list[tuple[int, int]] = []
+        native.run_split(lambda a, b: seen.append((a, b)), 64 * 100 + 64)
+        small: list[tuple[int, int]] = []
+        native.run_split(lambda a, b: small.append((a, b)), 63)
     finally:
         torch.set_num_threads(before)
-    for name, n in (("x", 6400), ("y", 64)):
-        ranges = sorted((a, b) for k, a, b in seen if k == name)
-        assert ranges[0][0] == 0 and ranges[-1][1] == n
-        assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
-        assert all(a % 64 == 0 for a, _ in ranges)
-    assert len([s for s in seen if s[0] == "x"]) == 3
+    ranges = sorted(seen)
+    assert len(ranges) == 3 and ranges[0][0] == 0 and ranges[-1][1] == 6464
+    assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
+    assert all(a % 64 == 0 for a, _ in ranges)
+    assert small == [(0, 63)]  # below PARALLEL_MIN: one call in this thread

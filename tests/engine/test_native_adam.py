@@ -268,3 +268,60 @@ def test_a_gradient_laid_out_otherwise_is_planned_again_on_torchs_kernel():
     assert natives_on[0] > 0 and natives_on[1] < natives_on[0]
     for a, b in zip(ours, theirs):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _pieces(seed: int) -> tuple[native_adam.NativeSet, list[list[torch.Tensor]]]:
+    """Three native pieces of different kinds and param groups, and the tensors they step."""
+    gen = torch.Generator().manual_seed(seed)
+    pieces, tensors = native_adam.NativeSet(), []
+    for k, (kind, n, group) in enumerate(
+        (("bf16", 64 * 5, 0), ("f16", 64 * 7, 1), ("split", 64 * 3, 0))
+    ):
+        dtype = torch.float16 if kind == "f16" else torch.bfloat16
+        master = torch.randn(n, generator=gen)
+        grad = torch.randn(n, generator=gen).to(dtype)
+        m, v = torch.zeros(n), torch.zeros(n)
+        step = torch.tensor(float(k + 1))  # the pieces are at different steps
+        if kind == "split":
+            high, low = master.to(dtype), torch.zeros(n, dtype=torch.int16)
+            piece = native_adam.NativePiece(
+                group, kind, k, n, high, low, None, m, v, None, step, grad
+            )
+            tensors.append([high.view(torch.int16), low, m, v])
+        else:
+            half = master.to(dtype)
+            piece = native_adam.NativePiece(
+                group, kind, k, n, master, None, half, m, v, None, step, grad
+            )
+            tensors.append([master, half.view(torch.int16), m, v])
+        pieces.add(piece)
+    return pieces, tensors
+
+
+def test_one_call_steps_every_piece_as_its_own_call_would_whatever_the_ranges(monkeypatch):
+    groups = [
+        {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1},
+        {"lr": 3e-3, "betas": (0.8, 0.999), "eps": 1e-6, "weight_decay": 0.0},
+    ]
+    for g in groups:
+        g.update(amsgrad=False, maximize=False)
+    flags = [native_adam.GroupFlags(True, True, False, False)] * 2
+    together, stepped = _pieces(0)
+    together.step(groups, flags, 2.0, False)
+    pieces, alone = _pieces(0)
+    for piece in pieces:
+        one = native_adam.NativeSet()
+        one.add(piece)
+        one.step(groups, flags, 2.0, False)
+    monkeypatch.setattr(native, "PARALLEL_MIN", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # three ranges that cut across the pieces
+    try:
+        threaded, split_up = _pieces(0)
+        threaded.step(groups, flags, 2.0, False)
+    finally:
+        torch.set_num_threads(before)
+    untouched = _pieces(0)[1]
+    for ours, one, three, old in zip(stepped, alone, split_up, untouched):
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(ours, one, three))
+        assert not torch.equal(ours[0], old[0]) and not torch.equal(ours[2], old[2])

@@ -28,9 +28,12 @@ import torch
 
 __all__ = [
     "CHECK_DTYPES",
+    "KINDS",
     "AdamArgs",
+    "AdamPiece",
     "any_nonfinite",
     "cpu_scalar",
+    "cpu_scalar_view",
     "library",
     "run_split",
     "unavailable_reason",
@@ -54,13 +57,27 @@ class AdamArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
+class AdamPiece(ctypes.Structure):
+    """One tensor's share of a step (see native_kernels.c): `master` is the fp32 master (split
+    masters: the bf16 weight), `half` the half weight (split masters: the int16 low bits),
+    `args` the index of its `AdamArgs` in the call."""
+
+    _fields_ = [
+        *((name, _P) for name in ("master", "grad", "m", "v", "mx", "half")),
+        ("n", ctypes.c_int64),
+        ("kind", ctypes.c_int32),
+        ("args", ctypes.c_int32),
+    ]
+
+
+KINDS = {"bf16": 0, "f16": 1, "split": 2}
+"""`AdamPiece.kind` of each kernel."""
+
+_I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[list, type | None]] = {
-    "mixprec_adam_bf16": ([_P] * 6 + [ctypes.c_int64, ctypes.POINTER(AdamArgs)], None),
-    "mixprec_adam_f16": ([_P] * 6 + [ctypes.c_int64, ctypes.POINTER(AdamArgs)], None),
-    "mixprec_adam_split": ([_P] * 6 + [ctypes.c_int64, ctypes.POINTER(AdamArgs)], None),
-    "mixprec_split": ([_P, _P, _P, ctypes.c_int64], None),
-    "mixprec_nonfinite_16": ([_P, ctypes.c_int64, ctypes.c_uint32], ctypes.c_int32),
-    "mixprec_nonfinite_32": ([_P, ctypes.c_int64], ctypes.c_int32),
+    "mixprec_adam": ([ctypes.POINTER(AdamPiece), _I64, ctypes.POINTER(AdamArgs), _I64, _I64], None),
+    "mixprec_split": ([_P, _P, _P, _I64], None),
+    "mixprec_nonfinite": ([_P, _P, _P, _I64], ctypes.c_int32),
     "mixprec_mxcsr": ([], ctypes.c_uint32),
 }
 
@@ -143,31 +160,34 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def cpu_scalar(t: torch.Tensor) -> float:
-    """The value of a one-element fp32 CPU tensor, read from its memory (no dispatched op:
-    what a device sync would be on a GPU is a load here)."""
+def cpu_scalar_view(t: torch.Tensor) -> ctypes.c_float:
+    """The memory of a one-element fp32 CPU tensor as a `ctypes.c_float`, whose `value` reads
+    it without a dispatched op (what a device sync would be on a GPU is a load here); valid
+    while `t` lives."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or t.numel() != 1:
         raise ValueError(f"expected a one-element fp32 CPU tensor; got {t.dtype} {t.device}")
-    return ctypes.c_float.from_address(t.data_ptr()).value
+    return ctypes.c_float.from_address(t.data_ptr())
 
 
-_EXPONENT_16 = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-CHECK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+def cpu_scalar(t: torch.Tensor) -> float:
+    """The value of a one-element fp32 CPU tensor (see `cpu_scalar_view`)."""
+    return cpu_scalar_view(t).value
+
+
+_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+CHECK_DTYPES = tuple(_EXPONENT)
 
 
 def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether any of the contiguous CPU `tensors` (bf16, fp16 or fp32) holds an inf or nan:
-    one read of each, exact (an all-ones exponent). Needs `library()`."""
+    one read of each, exact (an all-ones exponent), in one call. Needs `library()`."""
     lib = library()
     assert lib is not None
-    for t in tensors:
-        if t.dtype == torch.float32:
-            found = lib.mixprec_nonfinite_32(t.data_ptr(), t.numel())
-        else:
-            found = lib.mixprec_nonfinite_16(t.data_ptr(), t.numel(), _EXPONENT_16[t.dtype])
-        if found:
-            return True
-    return False
+    count = len(tensors)
+    pointers = (ctypes.c_void_p * count)(*(t.data_ptr() for t in tensors))
+    sizes = (ctypes.c_int64 * count)(*(t.numel() for t in tensors))
+    exponents = (ctypes.c_uint32 * count)(*(_EXPONENT[t.dtype] for t in tensors))
+    return bool(lib.mixprec_nonfinite(pointers, sizes, exponents, count))
 
 
 PARALLEL_MIN = 1 << 16
@@ -176,25 +196,18 @@ PARALLEL_MIN = 1 << 16
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def run_split(calls: Sequence[tuple[Callable[[int, int], None], int]]) -> None:
-    """Run each `(fn, n)`: `fn(start, stop)` over `[0, n)`, split into `torch.get_num_threads()`
-    ranges (multiples of 64 elements) run side by side when `n` is large; ctypes lets go of
-    the GIL while a kernel runs."""
+def run_split(fn: Callable[[int, int], None], n: int) -> None:
+    """`fn(start, stop)` over `[0, n)`, split into `torch.get_num_threads()` ranges (multiples
+    of 64 elements) run side by side when `n` is large; ctypes lets go of the GIL while a
+    kernel runs."""
     threads = torch.get_num_threads()
-    if threads <= 1:
-        for fn, n in calls:
-            fn(0, n)
+    if threads <= 1 or n < PARALLEL_MIN:
+        fn(0, n)
         return
     pool = _pools.get(threads)
     if pool is None:
         pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mixprec")
-    futures = []
-    for fn, n in calls:
-        if n < PARALLEL_MIN:
-            fn(0, n)
-            continue
-        per_thread = -(-n // threads)
-        step = -(-per_thread // 64) * 64  # rounded up to a multiple of 64
-        futures += [pool.submit(fn, a, min(a + step, n)) for a in range(0, n, step)]
-    for f in futures:
-        f.result()
+    per_thread = -(-n // threads)
+    step = -(-per_thread // 64) * 64  # rounded up to a multiple of 64
+    for future in [pool.submit(fn, a, min(a + step, n)) for a in range(0, n, step)]:
+        future.result()

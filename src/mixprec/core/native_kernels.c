@@ -111,16 +111,16 @@ static inline __attribute__((always_inline)) float adam_element(
 #define LEAVE() (void)0
 #endif
 
-/* Over [0, n): STEP(i, out) updates element i and sets `out` to its half weight. A large call
-   streams the half weights past the cache in 64-byte stores: they are only written, and a
-   plain store would first read each line for ownership (2 bytes a parameter more traffic,
-   the step's whole gap to torch's fp32 kernel). A small one keeps them in cache for the next
-   forward. */
+/* Over [0, n): STEP(i, out) updates element i and sets `out` to its half weight. With
+   `stream` (a large call) the half weights go past the cache in 64-byte stores: they are only
+   written, and a plain store would first read each line for ownership (2 bytes a parameter
+   more traffic, the step's whole gap to torch's fp32 kernel). A small call keeps them in
+   cache for the next forward. */
 #define STREAM_MIN ((int64_t)1 << 19)
 #ifdef __AVX512F__
 #define STREAMED_LOOP(T, STEP, ...)                                                          \
     int64_t i = 0;                                                                           \
-    if (n >= STREAM_MIN) {                                                                   \
+    if (stream) {                                                                            \
         for (; i < n && ((uintptr_t)(half + i) & 63); i++) STEP(i, half[i], __VA_ARGS__);    \
         for (; i + 32 <= n; i += 32) {                                                       \
             T buf[32] __attribute__((aligned(64)));                                          \
@@ -132,6 +132,7 @@ static inline __attribute__((always_inline)) float adam_element(
     for (; i < n; i++) STEP(i, half[i], __VA_ARGS__)
 #else
 #define STREAMED_LOOP(T, STEP, ...)                                                          \
+    (void)stream;                                                                            \
     for (int64_t i = 0; i < n; i++) STEP(i, half[i], __VA_ARGS__)
 #endif
 
@@ -149,19 +150,13 @@ static inline _Float16 f32_to_f16(float f) { return (_Float16)f; } /* round to n
         out = FROM_F32(p);                                                                   \
     } while (0)
 
-/* mixprec_adam_<NAME>: fp32 masters, gradients and weights of the half type T */
+/* adam_<NAME>_impl: fp32 masters, gradients and weights of the half type T */
 #define HALF_KERNEL(NAME, T, TO_F32, FROM_F32)                                               \
     static inline __attribute__((always_inline)) void adam_##NAME##_impl(                    \
         float *restrict master, T *restrict grad, float *restrict m, float *restrict v,      \
-        float *restrict mx, T *restrict half, int64_t n, const adam_args *a, const int l2,   \
-        const int ams, const int hs, const int zg) {                                         \
+        float *restrict mx, T *restrict half, int64_t n, int stream, const adam_args *a,    \
+        const int l2, const int ams, const int hs, const int zg) {                           \
         STREAMED_LOOP(T, HALF_STEP, TO_F32, FROM_F32);                                       \
-    }                                                                                        \
-    void mixprec_adam_##NAME(float *master, T *grad, float *m, float *v, float *mx, T *half, \
-                             int64_t n, const adam_args *a) {                                \
-        ENTER(a);                                                                            \
-        DISPATCH(adam_##NAME##_impl, master, grad, m, v, mx, half, n, a);                    \
-        LEAVE();                                                                             \
     }
 
 HALF_KERNEL(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
@@ -193,24 +188,66 @@ static inline __attribute__((always_inline)) void adam_split_impl(
     }
 }
 
-void mixprec_adam_split(uint16_t *high, int16_t *low, uint16_t *grad, float *m, float *v,
-                        float *mx, int64_t n, const adam_args *a) {
-    ENTER(a);
-    DISPATCH(adam_split_impl, high, low, grad, m, v, mx, n, a);
-    LEAVE();
+/* One tensor's share of a step: its elements [0, n). */
+typedef struct {
+    void *master; /* the fp32 master; split masters: the bf16 weight */
+    void *grad;   /* the half gradient */
+    float *m, *v, *mx;
+    void *half;   /* the half weight; split masters: the int16 low bits */
+    int64_t n;
+    int32_t kind; /* 0: bf16, 1: fp16, 2: split */
+    int32_t args; /* which of the call's adam_args */
+} adam_piece;
+
+/* Adam(W) over elements [start, stop) of the pieces laid end to end: a call steps every
+   tensor of an optimizer step, or one thread's share of them. */
+void mixprec_adam(const adam_piece *pieces, int64_t count, const adam_args *args,
+                  int64_t start, int64_t stop) {
+    const int stream = stop - start >= STREAM_MIN;
+    int64_t offset = 0;
+    for (int64_t k = 0; k < count && offset < stop; offset += pieces[k].n, k++) {
+        const adam_piece *p = pieces + k;
+        const int64_t lo = start > offset ? start - offset : 0;
+        const int64_t hi = stop - offset < p->n ? stop - offset : p->n;
+        if (lo >= hi) continue;
+        const adam_args *a = args + p->args;
+        const int64_t n = hi - lo;
+        float *m = p->m + lo, *v = p->v + lo, *mx = p->mx + lo;
+        ENTER(a);
+        if (p->kind == 0) {
+            DISPATCH(adam_bf16_impl, (float *)p->master + lo, (uint16_t *)p->grad + lo, m, v, mx,
+                     (uint16_t *)p->half + lo, n, stream, a);
+        } else if (p->kind == 1) {
+            DISPATCH(adam_f16_impl, (float *)p->master + lo, (_Float16 *)p->grad + lo, m, v, mx,
+                     (_Float16 *)p->half + lo, n, stream, a);
+        } else {
+            DISPATCH(adam_split_impl, (uint16_t *)p->master + lo, (int16_t *)p->half + lo,
+                     (uint16_t *)p->grad + lo, m, v, mx, n, a);
+        }
+        LEAVE();
+    }
 }
 
-/* 1 if any of the n values holds an inf or nan (its exponent bits all set), else 0 */
-int32_t mixprec_nonfinite_16(const uint16_t *x, int64_t n, uint32_t exponent) {
-    uint16_t e = (uint16_t)exponent, any = 0;
-    for (int64_t i = 0; i < n; i++) any |= (uint16_t)((x[i] & e) == e);
-    return any != 0;
-}
-
-int32_t mixprec_nonfinite_32(const uint32_t *x, int64_t n) {
-    uint32_t any = 0;
-    for (int64_t i = 0; i < n; i++) any |= (uint32_t)((x[i] & 0x7f800000u) == 0x7f800000u);
-    return any != 0;
+/* 1 if any of the count tensors holds an inf or nan (its exponent bits all set), else 0:
+   tensor k is n[k] values at x[k], fp32 if exponent[k] is 0x7f800000, else 16-bit ones
+   whose exponent bits are exponent[k]. */
+int32_t mixprec_nonfinite(const void *const *x, const int64_t *n, const uint32_t *exponent,
+                          int64_t count) {
+    for (int64_t k = 0; k < count; k++) {
+        if (exponent[k] == 0x7f800000u) {
+            const uint32_t *y = (const uint32_t *)x[k];
+            uint32_t any = 0;
+            for (int64_t i = 0; i < n[k]; i++)
+                any |= (uint32_t)((y[i] & 0x7f800000u) == 0x7f800000u);
+            if (any) return 1;
+        } else {
+            const uint16_t *y = (const uint16_t *)x[k], e = (uint16_t)exponent[k];
+            uint16_t any = 0;
+            for (int64_t i = 0; i < n[k]; i++) any |= (uint16_t)((y[i] & e) == e);
+            if (any) return 1;
+        }
+    }
+    return 0;
 }
 
 uint32_t mixprec_mxcsr(void) {

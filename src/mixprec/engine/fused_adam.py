@@ -44,11 +44,11 @@ from mixprec.engine.native_adam import (
     ALIGN,
     GroupFlags,
     NativePiece,
+    NativeSet,
     agrees,
     group_flags,
     kind_of,
 )
-from mixprec.engine.native_adam import run as run_native
 
 __all__ = [
     "FUSED_TYPES",
@@ -110,7 +110,7 @@ class _Plan(NamedTuple):
 
     chunks: list[_Chunk]
     steps: list[torch.Tensor]
-    natives: list[NativePiece]
+    natives: NativeSet
     flags: list[GroupFlags]
 
     def grads(self) -> list[torch.Tensor]:
@@ -273,7 +273,7 @@ class FusedAdamStep:
                 plan = self._cache[1]
                 if _repoint_grads(plan, grads):
                     return plan
-        plan = _Plan([], [], [], flags)
+        plan = _Plan([], [], NativeSet(), flags)
         steps: dict[int, torch.Tensor] = {}
         k = 0
         for g, (items, sts) in enumerate(zip(groups, states)):
@@ -320,11 +320,11 @@ class FusedAdamStep:
                 )
                 assert view is not None and half is not None and exp_avg is not None
                 assert exp_avg_sq is not None and kind is not None
-                plan.natives.append(
+                plan.natives.add(
                     NativePiece(
                         g, kind, k, native_n, half if low is not None else view, low,
                         None if low is not None else half, exp_avg, exp_avg_sq, max_sq,
-                        st["step"], it.grad.view(-1)[:native_n],
+                        st["step"], _first(it.grad, native_n),
                     )
                 )  # fmt: skip
             bounds = range(native_n, n, self.chunk)
@@ -437,7 +437,7 @@ class FusedAdamStep:
             torch._foreach_add_(plan.steps, 1)
         if plan.natives:  # on CPU: reading the scale is no device sync
             scale = None if grad_scale is None else native.cpu_scalar(grad_scale)
-            run_native(plan.natives, self.optimizer, plan.flags, scale, zero_grads)
+            plan.natives.step(self.optimizer.param_groups, plan.flags, scale, zero_grads)
         per_group: dict[int, tuple[Any, dict[str, Any]]] = {}  # read once per step, not chunk
         for c in plan.chunks:
             span = self._span(c)
@@ -528,6 +528,11 @@ def _release_grads(plan: _Plan) -> None:
         piece.grad = None
 
 
+def _first(grad: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` elements of the contiguous `grad` (itself when it has n: no view made)."""
+    return grad if grad.numel() == n else grad.view(-1)[:n]
+
+
 def _repoint_grads(plan: _Plan, grads: Sequence[torch.Tensor]) -> bool:
     """Point a cached plan's gradient views at this step's `grads` (same shapes and dtypes,
     one per item); False if one cannot be viewed as the plan needs (plan again)."""
@@ -535,7 +540,7 @@ def _repoint_grads(plan: _Plan, grads: Sequence[torch.Tensor]) -> bool:
         g = grads[piece.item]
         if not g.is_contiguous() or g.numel() < piece.n:  # the kernel reads n elements
             return False
-        piece.grad = g.view(-1)[: piece.n]
+        piece.grad = _first(g, piece.n)
     for c in plan.chunks:
         new = []
         for k, start in c.grad_src:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from mixprec.core import native
 from mixprec.core.split import split_all_
 
-__all__ = ["ALIGN", "GroupFlags", "NativePiece", "agrees", "group_flags", "kind_of", "run"]
+__all__ = ["ALIGN", "GroupFlags", "NativePiece", "NativeSet", "agrees", "group_flags", "kind_of"]
 
 ALIGN = 64
 """Native pieces end at a multiple of this many elements (a multiple of any SIMD width)."""
@@ -121,58 +121,70 @@ def adam_args(
     )
 
 
-def _call(piece: NativePiece, args: native.AdamArgs, start: int, stop: int) -> None:
-    lib = native.library()
-    assert lib is not None and piece.grad is not None
-    g = piece.grad.element_size()
-    mx = piece.max_exp_avg_sq if piece.max_exp_avg_sq is not None else piece.exp_avg_sq
-    n = stop - start
-    if piece.kind == "split":
-        assert piece.low is not None
-        lib.mixprec_adam_split(
-            piece.master.data_ptr() + 2 * start,
-            piece.low.data_ptr() + 2 * start,
-            piece.grad.data_ptr() + g * start,
-            piece.exp_avg.data_ptr() + 4 * start,
-            piece.exp_avg_sq.data_ptr() + 4 * start,
-            mx.data_ptr() + 4 * start,
-            n,
-            ctypes.byref(args),
-        )
-        return
-    assert piece.half is not None
-    fn = lib.mixprec_adam_bf16 if piece.kind == "bf16" else lib.mixprec_adam_f16
-    fn(
-        piece.master.data_ptr() + 4 * start,
-        piece.grad.data_ptr() + g * start,
-        piece.exp_avg.data_ptr() + 4 * start,
-        piece.exp_avg_sq.data_ptr() + 4 * start,
-        mx.data_ptr() + 4 * start,
-        piece.half.data_ptr() + 2 * start,
-        n,
-        ctypes.byref(args),
-    )
+def _table(pieces: Sequence[NativePiece]) -> ctypes.Array[native.AdamPiece]:
+    table = (native.AdamPiece * len(pieces))()
+    for row, piece in zip(table, pieces):
+        sq = piece.exp_avg_sq
+        out = piece.low if piece.kind == "split" else piece.half
+        assert out is not None
+        row.master, row.half = piece.master.data_ptr(), out.data_ptr()
+        row.m, row.v = piece.exp_avg.data_ptr(), sq.data_ptr()
+        row.mx = (piece.max_exp_avg_sq if piece.max_exp_avg_sq is not None else sq).data_ptr()
+        row.n, row.kind = piece.n, native.KINDS[piece.kind]
+    return table
 
 
-def run(
-    pieces: Sequence[NativePiece],
-    optimizer: torch.optim.Optimizer,
-    flags: Sequence[GroupFlags],
-    scale: float | None,
-    zero: bool,
-) -> None:
-    """One Adam(W) step of every piece from its half gradient divided by `scale` (None: as
-    it is); the step counters are already advanced. Gradients zeroed as read if `zero`."""
-    by_key: dict[tuple[int, float], native.AdamArgs] = {}
-    calls = []
-    for piece in pieces:
-        key = (piece.group, native.cpu_scalar(piece.step))
-        args = by_key.get(key)
-        if args is None:
-            group = optimizer.param_groups[piece.group]
-            args = by_key[key] = adam_args(group, flags[piece.group], key[1], scale, zero)
-        calls.append((functools.partial(_call, piece, args), piece.n))
-    native.run_split(calls)
+class NativeSet:
+    """A step's native pieces and the table the kernel reads them from: built once per plan,
+    a step sets only each piece's gradient and constants, and one call steps them all."""
+
+    def __init__(self) -> None:
+        self.pieces: list[NativePiece] = []
+        self.numel = 0
+        self._table: ctypes.Array[native.AdamPiece] | None = None
+        self._steps: list[ctypes.c_float] = []  # each piece's step counter, in place
+
+    def add(self, piece: NativePiece) -> None:
+        """Step `piece` too."""
+        self.pieces.append(piece)
+        self.numel += piece.n
+        self._table = None
+
+    def __iter__(self) -> Iterator[NativePiece]:
+        return iter(self.pieces)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def step(
+        self,
+        groups: Sequence[dict[str, Any]],
+        flags: Sequence[GroupFlags],
+        scale: float | None,
+        zero: bool,
+    ) -> None:
+        """One Adam(W) step of every piece from its half gradient divided by `scale` (None:
+        as it is), with its param group's hyper-parameters; the step counters are already
+        advanced. Gradients zeroed as read if `zero`."""
+        if self._table is None:
+            self._table = _table(self.pieces)
+            self._steps = [native.cpu_scalar_view(piece.step) for piece in self.pieces]
+        table = self._table
+        index: dict[tuple[int, float], int] = {}
+        args: list[native.AdamArgs] = []
+        for row, piece, step in zip(table, self.pieces, self._steps):
+            assert piece.grad is not None
+            row.grad = piece.grad.data_ptr()
+            key = (piece.group, step.value)
+            if key not in index:
+                index[key] = len(args)
+                g = piece.group
+                args.append(adam_args(groups[g], flags[g], key[1], scale, zero))
+            row.args = index[key]
+        lib = native.library()
+        assert lib is not None
+        arrays = (native.AdamArgs * len(args))(*args)
+        native.run_split(functools.partial(lib.mixprec_adam, table, len(table), arrays), self.numel)
 
 
 # -- the check against torch's kernel ---------------------------------------------------------
@@ -237,7 +249,9 @@ def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
             0, kind, 0, n, ours_master, low, ours_half, ours_m, ours_v,
             ours_mx if flags.amsgrad else None, torch.tensor(float(step)), grad,
         )  # fmt: skip
-        _call(piece, adam_args(group, flags, float(step), 3.0 if scale else None, zero), 0, n)
+        pieces = NativeSet()
+        pieces.add(piece)
+        pieces.step([group], [flags], 3.0 if scale else None, zero)
         if zero and not torch.equal(
             grad.view(torch.int16), torch.zeros_like(grad, dtype=torch.int16)
         ):
