@@ -225,3 +225,31 @@ def test_the_plan_is_kept_across_steps_and_keeps_no_old_gradient_alive():
     assert all(p.grad is None for p in plans[0].natives)
     gc.collect()
     assert all(g() is None for g in grads)  # the plan held none of them
+
+
+@pytest.mark.parametrize("master", ["fp32", "split"])
+@pytest.mark.parametrize("native", [True, False])
+def test_a_parameter_given_new_memory_is_stepped_there(master, native):
+    """`p.data = ...` keeps the Parameter (and its id) but not its memory: the step writes
+    where the model reads, with the numbers of a run where nothing moved."""
+    runs = []
+    for move in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = MixedPrecisionOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2),
+            model=model,
+            dtype=torch.bfloat16,
+            master=master,
+        )
+        opt.update.kernel.use_native = native
+        x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+        for i in range(3):
+            if move and i == 1:
+                for p in model.parameters():
+                    p.data = p.data.clone()
+            opt.backward(model(x).float().pow(2).mean())
+            assert opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

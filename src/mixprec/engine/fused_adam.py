@@ -248,7 +248,8 @@ class FusedAdamStep:
         key: tuple[Any, ...] = ()
         grads = [it.grad for items in groups for it in items]
         if cache:
-            # The chunks' views keep every object named here alive, so no id can be reused.
+            # The chunks' views keep every object named here alive, so no id can be reused;
+            # a parameter given new memory (`p.data = ...`) keeps its id, not its data_ptr.
             # Gradients are left out: a backward after zero_grad(set_to_none=True) makes new
             # ones, and the plan only re-points its views of them.
             key = (
@@ -261,8 +262,10 @@ class FusedAdamStep:
                     for it, st in zip(items, sts)
                     for x in (
                         id(it.master),
+                        it.master.data_ptr(),
                         it.offset,
                         id(it.half),
+                        it.half.data_ptr(),
                         id(it.low),
                         it.grad.dtype,
                         *map(id, st.values()),
