@@ -69,6 +69,9 @@ def test_memory_counts_state_per_parameter_and_saved_activations(capsys):
         "mixprec_unfused": 20.0,
         "mixprec_fused": 16.0,  # no fp32 grads: half params and grads, masters, moments
         "mixprec_split": 14.0,  # bf16 weights + 16 low bits, bf16 grads, moments
+        # after zero_grad, and after fit: bf16 weights, fp32 masters, moments; no gradient
+        "plain_loop_bf16": 14.0,
+        "learner_bf16": 14.0,
     }
     fused_line = next(line for line in out.splitlines() if "mixprec_fused" in line)
     assert "1,048," in fused_line  # its fixed 1 MiB fp32 scratch

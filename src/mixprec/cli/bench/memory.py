@@ -6,7 +6,11 @@ model sizes: the slope is the bytes per parameter, the intercept the fixed works
 Layouts: fp32 Adam; fastai v1 (half model, fp32 masters with fp32 grads, built with the
 documented primitives); mixprec unfused (`flat_master=True, fused=False`), fused
 (`flat_master=True, fused=True`) and split (`master="split"`, bf16: the fp32 masters kept
-as the bf16 weights plus 16 low bits), each with its half gradients counted.
+as the bf16 weights plus 16 low bits), each with its half gradients counted; and the same
+stack of `nn.Linear` layers trained two bf16 steps with AdamW by the plain loop
+(`MixedPrecisionOptimizer(..., model=model, dtype=torch.bfloat16)`, backward, step,
+zero_grad) and by the Learner (`learn.to_fp16(dtype=torch.bfloat16)`, `fit(1)`), counted
+after the loop and after `fit`.
 
 Activation memory is the bytes saved for backward (`saved_tensors_hooks`, parameters left
 out, each storage once) by one forward pass of a small ResNet and a small GPT, in fp32 and
@@ -17,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from mixprec.cli.bench.common import (
     add_common_arguments,
@@ -36,6 +43,8 @@ from mixprec.cli.options import count, positive_int
 from mixprec.core.convert import model_to_half
 from mixprec.core.master import get_master, master2model, model_g2master_g
 from mixprec.engine.optimizer import MixedPrecisionOptimizer
+from mixprec.learner.data import DataBunch
+from mixprec.learner.learner import Learner
 
 __all__ = [
     "KEYS",
@@ -119,12 +128,62 @@ def _mixprec_split(shapes) -> Any:
     return params, opt
 
 
+class _Widen(nn.Module):
+    """Broadcasts a one-column input to the stack's width: the data stays 16 numbers, so
+    only the training state grows with the model."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, self.width)
+
+
+def _linear_stack(shapes) -> nn.Module:
+    """The (d, d) weight and (d,) bias pairs of `shapes` as a stack of nn.Linear(d, d)."""
+    torch.manual_seed(0)
+    return nn.Sequential(_Widen(shapes[0][1]), *(nn.Linear(w[1], w[0]) for w in shapes[::2]))
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out.float(), y.expand_as(out))
+
+
+def _batches() -> DataLoader:
+    x = torch.randn(16, 1)
+    return DataLoader(TensorDataset(x, -x), batch_size=8)
+
+
+def _plain_loop(shapes) -> Any:
+    model = _linear_stack(shapes)
+    opt = MixedPrecisionOptimizer(torch.optim.AdamW(model.parameters()), model=model,
+                                  dtype=torch.bfloat16)  # fmt: skip
+    for x, y in _batches():
+        opt.backward(_loss(model(x.bfloat16()), y))
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _learner(shapes) -> Any:
+    model = _linear_stack(shapes)
+    with tempfile.TemporaryDirectory() as path:
+        learn = Learner(DataBunch(_batches(), device="cpu"), model, torch.optim.AdamW, _loss,
+                        path=path, progress=False)  # fmt: skip
+        learn.to_fp16(dtype=torch.bfloat16)
+        learn.fit(1, lr=1e-3)
+    return learn
+
+
 LAYOUTS: dict[str, Callable[[Any], Any]] = {
     "fp32_adam": _fp32_adam,
     "fastai_v1": _fastai_v1,
     "mixprec_unfused": _mixprec(fused=False),
     "mixprec_fused": _mixprec(fused=True),
     "mixprec_split": _mixprec_split,
+    "plain_loop_bf16": _plain_loop,
+    "learner_bf16": _learner,
 }
 
 
@@ -226,7 +285,8 @@ def format_report(result: dict[str, Any], d: dict[str, Any]) -> str:
     )  # fmt: skip
     return (
         f"training state with AdamW, {d['n_params']:,} params ({describe_machine()})\n{state}\n"
-        "target: mixprec_fused <= 16 bytes/param, mixprec_split <= 14\n\n"
+        "target: mixprec_fused <= 16 bytes/param, mixprec_split <= 14, learner_bf16 <= "
+        "plain_loop_bf16\n\n"
         f"activations saved for backward, one forward\n{saved}\ntarget: cnn fp16/fp32 <= 0.52"
     )
 
