@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from mixprec.core.chunked import copy_unscale_check_, pair_chunks
+from mixprec.core.chunked import (
+    CHUNK_NUMEL,
+    GPU_CHUNK_NUMEL,
+    copy_unscale_check_,
+    pair_chunks,
+)
+from mixprec.engine.fused_adam import FusedAdamStep
 
 
 def _halves(*shapes):
@@ -26,6 +32,20 @@ def test_pair_chunks_splits_large_and_batches_small_tensors():
     )
     for ds, ss in chunks:
         assert [d.shape for d in ds] == [s.shape for s in ss]
+
+
+def test_chunks_are_cache_sized_on_a_cpu_and_launch_sized_on_other_devices():
+    n = 3 * GPU_CHUNK_NUMEL // 2
+    for device, size in (("cpu", CHUNK_NUMEL), ("meta", GPU_CHUNK_NUMEL)):
+        dst = [torch.empty(n, device=device), torch.empty(5, device=device)]
+        src = [torch.empty(n, device=device, dtype=torch.bfloat16), dst[1].bfloat16()]
+        chunks = pair_chunks(dst, src)
+        sizes = [sum(t.numel() for t in d) for d, _ in chunks]
+        assert sizes[0] == size and max(sizes) == size
+        assert sum(t.numel() for d, _ in chunks for t in d) == n + 5
+    step = FusedAdamStep(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
+    assert step._scratch_for(torch.device("meta")).numel() == GPU_CHUNK_NUMEL
+    assert step._scratch_for(torch.device("cpu")).numel() == CHUNK_NUMEL
 
 
 def test_pair_chunks_rejects_mismatched_shapes():

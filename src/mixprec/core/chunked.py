@@ -17,7 +17,9 @@ from mixprec.core.master import ParamGroups
 
 __all__ = [
     "CHUNK_NUMEL",
+    "GPU_CHUNK_NUMEL",
     "Chunk",
+    "chunk_numel",
     "copy_unscale_check_",
     "master_grad_pairs",
     "pair_chunks",
@@ -25,7 +27,18 @@ __all__ = [
 ]
 
 CHUNK_NUMEL = 1 << 18
-"""Elements per chunk: 1 MiB of fp32, which stays in a CPU core's L2 or a GPU's L2."""
+"""Elements per chunk on a CPU: 1 MiB of fp32, which stays in a core's L2."""
+
+GPU_CHUNK_NUMEL = 1 << 23
+"""Elements per chunk on other devices (GPUs): each chunk costs a few kernel launches and
+tens of microseconds of Python, while a GPU moves a 2**18-element chunk in a few
+microseconds; at 2**23 (32 MiB of fp32 scratch) the kernels outlast the launches."""
+
+
+def chunk_numel(device: torch.device) -> int:
+    """Elements per chunk on `device`: cache-sized on a CPU, launch-sized elsewhere."""
+    return CHUNK_NUMEL if device.type == "cpu" else GPU_CHUNK_NUMEL
+
 
 Chunk = tuple[list[torch.Tensor], list[torch.Tensor]]
 
@@ -38,13 +51,16 @@ def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:
 
 
 def pair_chunks(
-    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], chunk: int = CHUNK_NUMEL
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], chunk: int | None = None
 ) -> list[Chunk]:
-    """Group matching (dst, src) tensors into chunks of about `chunk` elements.
+    """Group matching (dst, src) tensors into chunks of about `chunk` elements (None: the
+    `chunk_numel` of their device).
 
     Large tensors are split into 1-D pieces; small ones are batched so that one foreach
     kernel handles many of them.
     """
+    if chunk is None:
+        chunk = chunk_numel(dst[0].device) if dst else CHUNK_NUMEL
     chunks: list[Chunk] = []
     cur_dst: list[torch.Tensor] = []
     cur_src: list[torch.Tensor] = []

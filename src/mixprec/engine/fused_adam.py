@@ -4,13 +4,14 @@ On CPU, most elements take one pass of mixprec's native kernel
 (`mixprec.engine.native_adam`): half gradient in, master and moments updated, half weight
 out, bit for bit the path below. The rest (other devices, odd layouts, clipped steps, fp32
 gradients, each tensor's last elements past a multiple of 64, a machine without a C
-compiler) takes torch's kernel: a step streams over the parameters in cache-sized chunks.
-Each chunk's half gradients are cast into a small fp32 scratch buffer, torch's fused
-Adam(W) kernel unscales (and clips) them through its `grad_scale` argument and updates the
-masters and moments, and the new masters are rounded straight back into the half model
-while still in cache. The only fp32
-gradient memory is the scratch (`CHUNK_NUMEL` elements per device), so Adam's training
-state is 16 bytes per parameter: half params and grads, fp32 masters and two moments.
+compiler) takes torch's kernel: a step streams over the parameters in chunks
+(`mixprec.core.chunked.chunk_numel`: cache-sized on a CPU; on a GPU large enough that the
+kernels outlast their launches). Each chunk's half gradients are cast into an fp32 scratch
+buffer, torch's fused Adam(W) kernel unscales (and clips) them through its `grad_scale`
+argument and updates the masters and moments, and the new masters are rounded straight
+back into the half model (on a CPU while still in cache). The only fp32 gradient memory is
+the scratch (one chunk per device), so Adam's training state is 16 bytes per parameter:
+half params and grads, fp32 masters and two moments.
 
 The numbers are those of the wrapped `torch.optim.Adam`/`AdamW` stepping unscaled fp32
 gradients, within fp32 rounding; its `state` and `param_groups` are used as they are, so
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from mixprec.core import native
-from mixprec.core.chunked import CHUNK_NUMEL
+from mixprec.core.chunked import chunk_numel
 from mixprec.core.flat_group import FlatGroup
 from mixprec.core.master import ParamGroups
 from mixprec.core.scaler import check_finite_
@@ -197,12 +198,12 @@ def fused_items(
 class FusedAdamStep:
     """Runs the wrapped Adam/AdamW's update from half gradients, chunk by chunk."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, chunk: int = CHUNK_NUMEL) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, chunk: int | None = None) -> None:
         reason = fused_unsupported_reason(optimizer)
         if reason is not None:
             raise ValueError(f"fused=True cannot be used: {reason}. Pass fused=False.")
         self.optimizer = optimizer
-        self.chunk = int(chunk)
+        self.chunk = None if chunk is None else int(chunk)  # None: chunk_numel(device)
         self._scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
         # split masters stored one ulp off (mixprec.core.split), counted if asked: the count
         # is a reduction per chunk, as slow as the rest of the split bookkeeping together
@@ -227,12 +228,17 @@ class FusedAdamStep:
             state["max_exp_avg_sq"] = torch.zeros_like(master, **fp32)
         return state
 
+    def _chunk_for(self, device: torch.device) -> int:
+        return chunk_numel(device) if self.chunk is None else self.chunk
+
     def _scratch_for(self, device: torch.device, which: int = 0) -> torch.Tensor:
         """fp32 scratch `which` of `chunk` elements on `device`: 0 for gradients, 1 for
         rebuilt split masters."""
         key = (device, which)
         if key not in self._scratch:
-            self._scratch[key] = torch.empty(self.chunk, dtype=torch.float32, device=device)
+            self._scratch[key] = torch.empty(
+                self._chunk_for(device), dtype=torch.float32, device=device
+            )
         return self._scratch[key]
 
     # -- the plan: chunks of views, rebuilt only when a tensor behind them changes ---------
@@ -302,6 +308,7 @@ class FusedAdamStep:
         self, plan: _Plan, g: int, it: FusedItem, st: dict[str, Any], k: int, use_native: bool
     ) -> None:
         chunks = plan.chunks
+        chunk = self._chunk_for(it.view.device)
         moments = [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq")]
         if it.offset is not None:  # a slice of a flat master: slice its state the same way
             n = it.view.numel()
@@ -330,15 +337,15 @@ class FusedAdamStep:
                         st["step"], _first(it.grad, native_n),
                     )
                 )  # fmt: skip
-            bounds = range(native_n, n, self.chunk)
-            pieces = [[None if t is None else t[a : a + self.chunk] for t in flat] for a in bounds]
+            bounds = range(native_n, n, chunk)
+            pieces = [[None if t is None else t[a : a + chunk] for t in flat] for a in bounds]
             starts: list[int | None] = list(bounds)
         else:  # an odd layout: one piece with its own scratch (allocated per step)
             pieces = [list(every)]
             starts = [None]
         for (view, grad, half, low, exp_avg, exp_avg_sq, max_sq), start in zip(pieces, starts):
             n = view.numel()
-            if not chunks or chunks[-1].group != g or chunks[-1].numel + n > self.chunk:
+            if not chunks or chunks[-1].group != g or chunks[-1].numel + n > chunk:
                 chunks.append(_Chunk(group=g))
             c = chunks[-1]
             if contiguous:
