@@ -11,6 +11,7 @@ import torch
 
 from mixprec import cli
 from mixprec.cli.bench import gpu, memory, overhead
+from mixprec.core import native
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,3 +105,15 @@ def test_gpu_bench_without_cuda_says_what_to_do(capsys):
         pytest.skip("a GPU is present")
     assert cli.main(["bench", "gpu"]) == 2
     assert "--device cpu --tiny" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(native.library() is None, reason="no native kernels here")
+def test_step_parts_script_times_each_part_of_the_native_step():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_parts.py"), "--layers", "1",
+         "--repeats", "2"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    row = proc.stdout.strip().splitlines()[-1].split()
+    assert row[0] == f"{2**20:,}" and len(row) == 7
+    assert all(float(v) >= 0 for v in row[1:])
