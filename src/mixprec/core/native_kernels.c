@@ -111,30 +111,54 @@ static inline __attribute__((always_inline)) float adam_element(
 #define LEAVE() (void)0
 #endif
 
-/* Over [0, n): STEP(i, out) updates element i and sets `out` to its half weight. With
-   `stream` (a large call) the half weights go past the cache in 64-byte stores: they are only
-   written, and a plain store would first read each line for ownership (2 bytes a parameter
-   more traffic, the step's whole gap to torch's fp32 kernel). A small call keeps them in
-   cache for the next forward. */
+/* Every loop asks for its data AHEAD elements before it reaches them (4 KiB ahead in an fp32
+   array, 2 KiB in a 16-bit one): one core's hardware prefetchers leave its streaming bandwidth
+   bound by memory latency, on a Xeon most of all (benchmarks/RESULTS.md measures the step with
+   and without). Lines the step rewrites are fetched for writing. A prefetch is only a hint: one
+   past the end of an array never faults. */
+#define AHEAD 1024
+#define FETCH_R(p) __builtin_prefetch((p), 0, 3)
+#define FETCH_W(p) __builtin_prefetch((p), 1, 3)
+#define FETCH_F32(p, k) (FETCH_W((p) + (k)), FETCH_W((p) + (k) + 16)) /* 32 floats: 2 lines */
+
+/* Over [0, n) in blocks of 32 (one 64-byte line of each 16-bit array): FETCH(k) prefetches
+   the block at element k, STEP(i, out) updates element i and sets `out` to its half weight.
+   With `stream` (a large call) the half weights go past the cache in 64-byte stores: they are
+   only written, and a plain store would first read each line for ownership (2 bytes a
+   parameter more traffic). A small call keeps them in cache for the next forward. */
 #define STREAM_MIN ((int64_t)1 << 19)
 #ifdef __AVX512F__
-#define STREAMED_LOOP(T, STEP, ...)                                                          \
-    int64_t i = 0;                                                                           \
+#define STREAMED_BLOCKS(T, FETCH, STEP, ...)                                                 \
     if (stream) {                                                                            \
         for (; i < n && ((uintptr_t)(half + i) & 63); i++) STEP(i, half[i], __VA_ARGS__);    \
         for (; i + 32 <= n; i += 32) {                                                       \
             T buf[32] __attribute__((aligned(64)));                                          \
+            FETCH(i + AHEAD);                                                                \
             for (int j = 0; j < 32; j++) STEP(i + j, buf[j], __VA_ARGS__);                   \
             _mm512_stream_si512((__m512i *)(half + i), _mm512_load_si512((const void *)buf)); \
         }                                                                                    \
         _mm_sfence();                                                                        \
+    }
+#else
+#define STREAMED_BLOCKS(T, FETCH, STEP, ...) (void)stream;
+#endif
+#define STREAMED_LOOP(T, FETCH, STEP, ...)                                                   \
+    int64_t i = 0;                                                                           \
+    STREAMED_BLOCKS(T, FETCH, STEP, __VA_ARGS__)                                             \
+    for (; i + 32 <= n; i += 32) {                                                           \
+        FETCH(i + AHEAD);                                                                    \
+        FETCH_W(half + i + AHEAD);                                                           \
+        for (int j = 0; j < 32; j++) STEP(i + j, half[i + j], __VA_ARGS__);                  \
     }                                                                                        \
     for (; i < n; i++) STEP(i, half[i], __VA_ARGS__)
-#else
-#define STREAMED_LOOP(T, STEP, ...)                                                          \
-    (void)stream;                                                                            \
-    for (int64_t i = 0; i < n; i++) STEP(i, half[i], __VA_ARGS__)
-#endif
+
+/* The moments of the block at element k, and the max of their squares with amsgrad */
+#define FETCH_MOMENTS(k)                                                                     \
+    do {                                                                                     \
+        FETCH_F32(m, k);                                                                     \
+        FETCH_F32(v, k);                                                                     \
+        if (ams) FETCH_F32(mx, k);                                                           \
+    } while (0)
 
 static inline float f16_to_f32(_Float16 h) { return (float)h; }
 static inline _Float16 f32_to_f16(float f) { return (_Float16)f; } /* round to nearest even */
@@ -150,13 +174,21 @@ static inline _Float16 f32_to_f16(float f) { return (_Float16)f; } /* round to n
         out = FROM_F32(p);                                                                   \
     } while (0)
 
+#define HALF_FETCH(k)                                                                        \
+    do {                                                                                     \
+        if (zg) FETCH_W(grad + (k));                                                         \
+        else FETCH_R(grad + (k));                                                            \
+        FETCH_F32(master, k);                                                                \
+        FETCH_MOMENTS(k);                                                                    \
+    } while (0)
+
 /* adam_<NAME>_impl: fp32 masters, gradients and weights of the half type T */
 #define HALF_KERNEL(NAME, T, TO_F32, FROM_F32)                                               \
     static inline __attribute__((always_inline)) void adam_##NAME##_impl(                    \
         float *restrict master, T *restrict grad, float *restrict m, float *restrict v,      \
         float *restrict mx, T *restrict half, int64_t n, int stream, const adam_args *a,    \
         const int l2, const int ams, const int hs, const int zg) {                           \
-        STREAMED_LOOP(T, HALF_STEP, TO_F32, FROM_F32);                                       \
+        STREAMED_LOOP(T, HALF_FETCH, HALF_STEP, TO_F32, FROM_F32);                           \
     }
 
 HALF_KERNEL(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
@@ -175,17 +207,31 @@ void mixprec_split(const float *restrict master, uint16_t *restrict high,
     for (int64_t i = 0; i < n; i++) store_split(master[i], high + i, low + i);
 }
 
+/* One element of split masters: the weight and its low bits read, stepped and written back */
+#define SPLIT_STEP(i)                                                                        \
+    do {                                                                                     \
+        float master = bits_f32(((uint32_t)high[i] << 16) + (uint32_t)(int32_t)low[i]);       \
+        float g = bf16_to_f32(grad[i]);                                                      \
+        if (zg) grad[i] = 0;                                                                 \
+        float p = adam_element(master, g, m + (i), v + (i), mx + (i), a, l2, ams, hs);       \
+        store_split(p, high + (i), low + (i));                                               \
+    } while (0)
+
 static inline __attribute__((always_inline)) void adam_split_impl(
     uint16_t *restrict high, int16_t *restrict low, uint16_t *restrict grad, float *restrict m,
     float *restrict v, float *restrict mx, int64_t n, const adam_args *a, const int l2,
     const int ams, const int hs, const int zg) {
-    for (int64_t i = 0; i < n; i++) {
-        float master = bits_f32(((uint32_t)high[i] << 16) + (uint32_t)(int32_t)low[i]);
-        float g = bf16_to_f32(grad[i]);
-        if (zg) grad[i] = 0;
-        float p = adam_element(master, g, m + i, v + i, mx + i, a, l2, ams, hs);
-        store_split(p, high + i, low + i);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const int64_t k = i + AHEAD;
+        FETCH_W(high + k);
+        FETCH_W(low + k);
+        if (zg) FETCH_W(grad + k);
+        else FETCH_R(grad + k);
+        FETCH_MOMENTS(k);
+        for (int64_t j = i; j < i + 32; j++) SPLIT_STEP(j);
     }
+    for (; i < n; i++) SPLIT_STEP(i);
 }
 
 /* One tensor's share of a step: its elements [0, n). */
@@ -228,6 +274,16 @@ void mixprec_adam(const adam_piece *pieces, int64_t count, const adam_args *args
     }
 }
 
+/* any |= whether y[i] has all of e's bits set, over [0, n[k]) in 64-byte lines of W values,
+   prefetching 4 KiB (`ahead` values) ahead */
+#define NONFINITE_LOOP(W, ahead)                                                             \
+    int64_t i = 0;                                                                           \
+    for (; i + (W) <= n[k]; i += (W)) {                                                      \
+        FETCH_R(y + i + (ahead));                                                            \
+        for (int j = 0; j < (W); j++) any |= (y[i + j] & e) == e;                            \
+    }                                                                                        \
+    for (; i < n[k]; i++) any |= (y[i] & e) == e
+
 /* 1 if any of the count tensors holds an inf or nan (its exponent bits all set), else 0:
    tensor k is n[k] values at x[k], fp32 if exponent[k] is 0x7f800000, else 16-bit ones
    whose exponent bits are exponent[k]. */
@@ -235,15 +291,14 @@ int32_t mixprec_nonfinite(const void *const *x, const int64_t *n, const uint32_t
                           int64_t count) {
     for (int64_t k = 0; k < count; k++) {
         if (exponent[k] == 0x7f800000u) {
-            const uint32_t *y = (const uint32_t *)x[k];
+            const uint32_t *y = (const uint32_t *)x[k], e = 0x7f800000u;
             uint32_t any = 0;
-            for (int64_t i = 0; i < n[k]; i++)
-                any |= (uint32_t)((y[i] & 0x7f800000u) == 0x7f800000u);
+            NONFINITE_LOOP(16, AHEAD);
             if (any) return 1;
         } else {
             const uint16_t *y = (const uint16_t *)x[k], e = (uint16_t)exponent[k];
             uint16_t any = 0;
-            for (int64_t i = 0; i < n[k]; i++) any |= (uint16_t)((y[i] & e) == e);
+            NONFINITE_LOOP(32, 2 * AHEAD);
             if (any) return 1;
         }
     }
