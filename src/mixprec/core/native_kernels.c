@@ -274,15 +274,19 @@ void mixprec_adam(const adam_piece *pieces, int64_t count, const adam_args *args
     }
 }
 
-/* any |= whether y[i] has all of e's bits set, over [0, n[k]) in 64-byte lines of W values,
-   prefetching 4 KiB (`ahead` values) ahead */
-#define NONFINITE_LOOP(W, ahead)                                                             \
+/* any = whether some y[i] over [0, n[k]) has all of e's bits set: in 64-byte lines of W
+   values, one flag a lane (a vector OR, no reduction a line), prefetching 4 KiB (`ahead`
+   values) ahead */
+#define NONFINITE_LOOP(T, W, ahead)                                                          \
+    T lane[W] = {0};                                                                         \
     int64_t i = 0;                                                                           \
     for (; i + (W) <= n[k]; i += (W)) {                                                      \
         FETCH_R(y + i + (ahead));                                                            \
-        for (int j = 0; j < (W); j++) any |= (y[i + j] & e) == e;                            \
+        for (int j = 0; j < (W); j++) lane[j] |= (T)((y[i + j] & e) == e);                   \
     }                                                                                        \
-    for (; i < n[k]; i++) any |= (y[i] & e) == e
+    T any = 0;                                                                               \
+    for (int j = 0; j < (W); j++) any |= lane[j];                                            \
+    for (; i < n[k]; i++) any |= (T)((y[i] & e) == e)
 
 /* 1 if any of the count tensors holds an inf or nan (its exponent bits all set), else 0:
    tensor k is n[k] values at x[k], fp32 if exponent[k] is 0x7f800000, else 16-bit ones
@@ -292,13 +296,11 @@ int32_t mixprec_nonfinite(const void *const *x, const int64_t *n, const uint32_t
     for (int64_t k = 0; k < count; k++) {
         if (exponent[k] == 0x7f800000u) {
             const uint32_t *y = (const uint32_t *)x[k], e = 0x7f800000u;
-            uint32_t any = 0;
-            NONFINITE_LOOP(16, AHEAD);
+            NONFINITE_LOOP(uint32_t, 16, AHEAD);
             if (any) return 1;
         } else {
             const uint16_t *y = (const uint16_t *)x[k], e = (uint16_t)exponent[k];
-            uint16_t any = 0;
-            NONFINITE_LOOP(32, 2 * AHEAD);
+            NONFINITE_LOOP(uint16_t, 32, 2 * AHEAD);
             if (any) return 1;
         }
     }
