@@ -68,6 +68,20 @@ def test_the_native_check_over_every_16_bit_pattern():
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_native_check_finds_one_bad_value_wherever_it_lies(dtype):
+    """In any lane of any 64-byte line, in the tail after the last line, in any tensor."""
+    if native.library() is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    clean = [torch.ones(n, dtype=dtype) for n in (3, 100, 4096 + 37)]
+    assert not native.any_nonfinite(clean)
+    for which, grad in enumerate(clean):
+        for i in list(range(min(grad.numel(), 100))) + list(range(4096, grad.numel())):
+            grads = [g.clone() for g in clean]
+            grads[which][i] = float("nan") if i % 2 else float("-inf")
+            assert native.any_nonfinite(grads), (which, i)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_gradient_whose_sum_overflows_is_no_overflow(path, dtype):
     big = torch.full((BIG,), torch.finfo(dtype).max / 4).to(dtype)  # sums to inf, all finite
