@@ -15,7 +15,7 @@ default) as soon as the block ends::
 Only in the main thread (where Python runs signal handlers), and only when the current
 SIGINT handler is Python's default or another Python callable: a handler set to SIG_IGN or
 SIG_DFL is left alone. Nested blocks are one section, delivered when the outermost ends. A
-block costs two `signal.signal` calls, nothing per parameter.
+block costs two handler swaps (about a microsecond), nothing per parameter.
 
 `atomic_region(cm)` does the same for the two halves of a context manager that changes global
 state (`torch.autocast`, whose `__enter__` and `__exit__` are several Python calls): a Ctrl-C
@@ -26,6 +26,14 @@ from __future__ import annotations
 
 import signal
 import threading
+
+# Handlers are swapped through signal's C core: `signal.signal` and `signal.getsignal` look
+# the handler up in an enum, which raises and catches a ValueError for any Python callable
+# (about 6 us a call, 20 us a step, against 0.3 us).
+try:
+    import _signal as _handlers
+except ImportError:
+    _handlers = signal
 from contextlib import AbstractContextManager
 from types import FrameType, TracebackType
 from typing import Any
@@ -50,11 +58,11 @@ class _Deferred:
         global _active
         if _active or threading.current_thread() is not threading.main_thread():
             return self
-        previous = signal.getsignal(signal.SIGINT)
+        previous = _handlers.getsignal(signal.SIGINT)
         if previous is not signal.default_int_handler and not callable(previous):
             return self  # SIG_IGN / SIG_DFL / None (not set from Python): not ours to change
         self._previous = previous
-        signal.signal(signal.SIGINT, self._hold)
+        _handlers.signal(signal.SIGINT, self._hold)
         self._on = True
         _active += 1
         return self
@@ -75,7 +83,7 @@ class _Deferred:
             return
         _active -= 1
         self._on = False
-        signal.signal(signal.SIGINT, self._previous)
+        _handlers.signal(signal.SIGINT, self._previous)
         if self._frames:  # delivered now, once, to the handler the user had
             frame = self._frames[0]
             self._frames = []
