@@ -1,5 +1,6 @@
 """`mixprec bench step` on its tiny config: every family and mode runs, the JSON holds."""
 
+import dataclasses
 import json
 
 import pytest
@@ -16,14 +17,15 @@ def test_every_family_and_mode_trains_one_tiny_step_and_reports_one_json_object(
     out = capsys.readouterr().out
     assert "x autocast" in out and "default mode" in out
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result) == {"rows", "default_mode"}
+    assert set(result) == {"rows", "default_mode", "steps"}
     assert result["default_mode"] == step.default_mode() == "per-tensor+fused"
     rows = result["rows"]
     assert {(r["model"], r["mode"]) for r in rows} == {(f, m) for f in FAMILIES for m in step.MODES}
-    assert "x best" in out
+    assert "x best" in out and "NOT A TRAINING STEP" not in out
     for r in rows:
         assert {"model", "mode", "ms", "vs_fp32", "vs_best", "vs_autocast", "peak_mib"} <= set(r)
         assert r["ms"] > 0 and r["peak_mib"] is None and r["compiled"] is False
+        assert r["skipped"] == (None if r["mode"] in step.BASELINES else 0)
         fp32 = next(x for x in rows if x["model"] == r["model"] and x["mode"] == "fp32")
         amp = next(x for x in rows if x["model"] == r["model"] and x["mode"] == "autocast")
         best = next(
@@ -86,3 +88,20 @@ def test_a_split_mode_in_fp16_is_left_out():
     result = step.measure(("gpt",), ("autocast", "split"), ("fp16",), tiny=True, repeats=1,
                           warmup=0, memory=False)  # fmt: skip
     assert [r["mode"] for r in result["rows"]] == ["autocast"]
+
+
+def test_a_mode_whose_steps_are_skipped_is_reported_as_not_training(monkeypatch):
+    def nan_family(name, tiny=False, device="cpu"):  # every gradient non-finite
+        fam = family(name, tiny, device)
+        return dataclasses.replace(fam, loss=lambda out, y: fam.loss(out, y) * float("nan"))
+
+    monkeypatch.setattr(step, "family", nan_family)
+    modes = ("autocast+fusedadamw", "default", "to_fp16")
+    result = step.measure(("gpt",), modes, ("bf16",), tiny=True, repeats=2, warmup=1,
+                          memory=False)  # fmt: skip
+    assert result["steps"] == 3
+    skipped = {r["mode"]: r["skipped"] for r in result["rows"]}
+    assert skipped == {"autocast+fusedadamw": None, "default": 3, "to_fp16": 3}
+    text = step.format_report(result, "title")
+    assert "NOT A TRAINING STEP: gpt bf16 default skipped 3 of 3 steps" in text
+    assert "NOT A TRAINING STEP: gpt bf16 autocast" not in text

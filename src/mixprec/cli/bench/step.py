@@ -21,6 +21,9 @@ The headline ratio, `x best`, is against torch's best: `autocast+fusedadamw` of 
 dtype; `x autocast` (torch's default AdamW) is kept beside it. With `compile`, every mode
 also runs with its model under `torch.compile` (the optimizers stay eager, on both sides),
 and the compiled rows' ratios are to the compiled baselines.
+
+A mixprec step that a non-finite gradient skips (`step()` returns False) is counted: a row
+whose steps were skipped timed a check and a skip, not training, and the report says so.
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ def _supported(mode: str, dtype: torch.dtype) -> bool:
 
 def build_step(
     fam: Family, mode: str, dtype: torch.dtype, device: torch.device, compile: bool = False
-) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """A fresh model and optimizer for `mode` (in `dtype`), and one training-step callable;
-    with `compile`, the step runs the model under `torch.compile`."""
+) -> tuple[torch.nn.Module, Callable[[], bool | None]]:
+    """A fresh model and optimizer for `mode` (in `dtype`), and one training-step callable
+    that returns whether the step was applied (None for torch's modes: not told); with
+    `compile`, the step runs the model under `torch.compile`."""
     torch.manual_seed(0)
     model = fam.make().to(device)
     x, y = fam.inputs, fam.targets
@@ -92,12 +96,13 @@ def build_step(
         if mode == "autocast-mode":
             opt = AutocastOptimizer(inner, dtype=dtype)
 
-            def engine_autocast() -> None:
+            def engine_autocast() -> bool:
                 with opt.autocast():
                     loss = fam.loss(forward(x), y)
                 opt.backward(loss)
-                opt.step()
+                applied = opt.step()
                 opt.zero_grad()
+                return applied
 
             return model, engine_autocast
         amp = None if mode == "fp32" else dtype
@@ -120,19 +125,21 @@ def build_step(
     if mode == "to_fp16":
         opt = MixedPrecisionOptimizer(inner, 512.0)
 
-        def callback_step() -> None:  # MixedPrecision's events, in the Learner's order
+        def callback_step() -> bool:  # MixedPrecision's events, in the Learner's order
             opt.backward(fam.loss(forward(x), y))
             opt.unscale_()  # on_backward_end: master grads filled, as documented
-            opt.step()
+            applied = opt.step()
             opt.zero_grad()
+            return applied
 
         return model, callback_step
     opt = MixedPrecisionOptimizer(inner, **MIXPREC[mode])
 
-    def mixprec_step() -> None:
+    def mixprec_step() -> bool:
         opt.backward(fam.loss(forward(x), y))
-        opt.step()
+        applied = opt.step()
         opt.zero_grad()
+        return applied
 
     return model, mixprec_step
 
@@ -221,22 +228,25 @@ def measure(
     memory: bool = True,
     compile: bool = False,
 ) -> dict[str, Any]:
-    """`{"rows": [...], "default_mode": ...}`: per model, dtype, mode (and with `compile`,
-    eager and compiled) the median step (ms), its ratio to fp32, to torch's best
+    """`{"rows": [...], "default_mode": ..., "steps": ...}`: per model, dtype, mode (and with
+    `compile`, eager and compiled) the median step (ms), its ratio to fp32, to torch's best
     (`autocast+fusedadamw`) and to torch.autocast with the default AdamW, of that dtype and
-    compilation, and the peak memory (MiB, eager only)."""
+    compilation, the peak memory (MiB, eager only) and how many of the `steps` steps each
+    mode ran (warm-up included) were skipped (None for torch's modes: not told)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows: list[dict[str, Any]] = []
     for name in models:
         fam = family(name, tiny, device)
         cases: dict[tuple[str, str, bool], Any] = {}
+        skipped: dict[tuple[str, str, bool], int | None] = {}
         for compiled in (False, True) if compile else (False,):
             for dt in dtypes:
                 for mode in modes:
                     if _supported(mode, DTYPES[dt]) and (mode != "fp32" or dt == dtypes[0]):
                         step = build_step(fam, mode, DTYPES[dt], device, compiled)[1]
-                        cases[("fp32" if mode == "fp32" else dt, mode, compiled)] = (None, step)
+                        key = ("fp32" if mode == "fp32" else dt, mode, compiled)
+                        cases[key] = (None, _counting_skips(step, key, skipped))
         times = side_by_side(cases, repeats=repeats, warmup=warmup, sync=sync)
         for (dt, mode, compiled), ms in times.items():
             fp32 = times.get(("fp32", "fp32", compiled))
@@ -251,26 +261,51 @@ def measure(
                 "vs_autocast": None if amp is None or not half else round(ms / amp, 3),
                 "peak_mib": round(peak_mib(name, mode, dt, str(device), tiny), 1)
                 if memory and not compiled else None,
+                "skipped": skipped[(dt, mode, compiled)],
             })  # fmt: skip
         del cases
-    return {"rows": rows, "default_mode": default_mode()}
+    return {"rows": rows, "default_mode": default_mode(), "steps": warmup + repeats}
+
+
+def _counting_skips(
+    step: Callable[[], bool | None], key: Any, skipped: dict[Any, int | None]
+) -> Callable[[], None]:
+    """`step`, counting into `skipped[key]` the calls that said they skipped the update."""
+    skipped[key] = None
+
+    def counted() -> None:
+        applied = step()
+        if applied is not None:
+            skipped[key] = (skipped[key] or 0) + (not applied)
+
+    return counted
 
 
 def format_report(result: dict[str, Any], title: str) -> str:
     """One table: step time, ratios, peak memory per model and mode."""
     headers = ["model", "dtype", "mode", "compile", "ms", "x best", "x autocast", "x fp32",
-               "peak MiB"]  # fmt: skip
+               "peak MiB", "skipped"]  # fmt: skip
     rows = [
         [r["model"], r["dtype"], r["mode"], "yes" if r["compiled"] else "no", r["ms"],
-         r["vs_best"], r["vs_autocast"], r["vs_fp32"], r["peak_mib"]]
+         r["vs_best"], r["vs_autocast"], r["vs_fp32"], r["peak_mib"], r["skipped"]]
         for r in result["rows"]
     ]  # fmt: skip
-    return (
+    text = (
         f"{title}\n{format_table(headers, rows)}\n"
         "x best: the time over torch's best, autocast + AdamW(fused=True), of the same dtype "
-        "and compilation; x autocast: over autocast with torch's default AdamW\n"
+        "and compilation; x autocast: over autocast with torch's default AdamW; skipped: of "
+        f"the {result['steps']} steps each mode ran (warm-up included), those a non-finite "
+        "gradient skipped (-: torch's modes do not tell)\n"
         f"default mode: {result['default_mode']}; target: default <= 0.9x best"
     )
+    bad = [r for r in result["rows"] if r["skipped"]]
+    for r in bad:
+        text += (
+            f"\nNOT A TRAINING STEP: {r['model']} {r['dtype']} {r['mode']}"
+            f"{' compiled' if r['compiled'] else ''} skipped {r['skipped']} of "
+            f"{result['steps']} steps (non-finite gradients): its time is a check and a skip"
+        )
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
