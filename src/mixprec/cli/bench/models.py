@@ -6,7 +6,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GPT", "ResNet", "gpt2_small", "resnet50_like", "tiny_gpt", "tiny_resnet"]
+__all__ = [
+    "GPT", "ResNet", "gpt2_small", "init_like_gpt2_", "resnet50_like", "tiny_gpt", "tiny_resnet",
+]  # fmt: skip
+
+
+def init_like_gpt2_(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """Initialize `model` in place as GPT-2 and BERT are: every Linear and Embedding weight
+    normal(0, `std`), biases zero (LayerNorms keep ones and zeros).
+
+    torch's defaults (an Embedding of N(0, 1), tied to the output layer) give logits of
+    standard deviation ~sqrt(d): softmax probabilities underflow to 1e-38, Adam's first
+    moments decay into subnormal floats within a few steps, and a CPU step then times the
+    subnormal penalty (the step of either side grew by half within ten steps)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
 
 
 class _Block(nn.Module):
@@ -29,7 +47,8 @@ class _Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-2-like language model: token + position embeddings, blocks, LayerNorm, head."""
+    """A GPT-2-like language model: token + position embeddings, blocks, LayerNorm, head,
+    initialized as GPT-2 is (`init_like_gpt2_`)."""
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int) -> None:
         super().__init__()
@@ -38,6 +57,7 @@ class GPT(nn.Module):
         self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
+        init_like_gpt2_(self)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)

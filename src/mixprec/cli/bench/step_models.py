@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mixprec.cli.bench.models import GPT, ResNet
+from mixprec.cli.bench.models import GPT, ResNet, init_like_gpt2_
 
 __all__ = ["FAMILIES", "Family", "LayerNorm2d", "family"]
 
@@ -108,7 +108,8 @@ class ViT(nn.Module):
 
 class BERT(nn.Module):
     """A BERT encoder: token, position and segment embeddings with LayerNorm, post-LN
-    blocks, and a masked-LM head (dense, GELU, LayerNorm) tied to the token embedding."""
+    blocks, and a masked-LM head (dense, GELU, LayerNorm) tied to the token embedding;
+    initialized as BERT is (`init_like_gpt2_`)."""
 
     def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int) -> None:
         super().__init__()
@@ -122,6 +123,7 @@ class BERT(nn.Module):
         self.dense, self.head_ln = nn.Linear(d, d), nn.LayerNorm(d)
         self.decoder = nn.Linear(d, vocab)
         self.decoder.weight = self.tok.weight
+        init_like_gpt2_(self)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
