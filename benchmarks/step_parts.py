@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from mixprec.cli.bench import optimizer  # noqa: E402
 from mixprec.core import native  # noqa: E402
 
-CALLS = ("mixprec_nonfinite", "mixprec_adam")
+CALLS = ("mixprec_nonfinite", "mixprec_nonfinite_pieces", "mixprec_adam")  # one check runs
 PARTS = ("Python before", "check", "Python between", "Adam(W) kernel", "Python after")
 
 

@@ -113,3 +113,22 @@ def test_run_split_covers_every_element_once_in_aligned_ranges(monkeypatch):
     assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
     assert all(a % 64 == 0 for a, _ in ranges)
     assert small == [(0, 63)]  # below PARALLEL_MIN: one call in this thread
+
+
+def test_step_counters_advance_as_torchs_foreach_add_does():
+    if native.library() is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    values = [0.0, 1.0, 41.0, 2.0**24 - 1, 2.0**24, 2.0**24 + 2, 3.5e38]
+    ours = [torch.tensor(v) for v in values]
+    theirs = [t.clone() for t in ours]
+    counters = native.StepCounters(ours)
+    for _ in range(3):
+        counters.advance()
+        torch._foreach_add_(theirs, 1)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert native.StepCounters.possible(ours)
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor(1.0, dtype=torch.float64)):
+        assert not native.StepCounters.possible([ours[0], bad])
+        with pytest.raises(ValueError, match="expected a one-element fp32 CPU tensor"):
+            native.StepCounters([ours[0], bad])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.dispatch import OpRecorder
 from mixprec import MixedPrecisionOptimizer
 from mixprec.core import native
 from mixprec.engine import native_adam
@@ -37,8 +38,11 @@ CONFIGS = {
 
 
 def _model(width: int = 24, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)  # 24 x 40 = 960 weights: native; 40 biases: torch's kernel
-    return nn.Sequential(nn.Linear(width, 40), nn.LayerNorm(40), nn.ReLU(), nn.Linear(40, 4))
+    # 24 x 72 weights: native; 72 biases and the fp32 LayerNorm's 72 weights and biases: 64
+    # native, 8 on torch's kernel; the last layer's 288 weights: 256 and 32; its 4 biases:
+    # torch's kernel
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, 72), nn.LayerNorm(72), nn.ReLU(), nn.Linear(72, 4))
 
 
 def _run(config, native_on, steps=5, width=24, inf_step=2, threads=None):
@@ -325,3 +329,59 @@ def test_one_call_steps_every_piece_as_its_own_call_would_whatever_the_ranges(mo
     for ours, one, three, old in zip(stepped, alone, split_up, untouched):
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(ours, one, three))
         assert not torch.equal(ours[0], old[0]) and not torch.equal(ours[2], old[2])
+
+
+def test_a_half_models_fp32_norm_layers_step_in_the_same_native_call():
+    """LayerNorm weights a half model keeps in fp32 (a multiple of 64 elements) join the one
+    native call: no torch kernel runs, and the numbers are torch's path's."""
+    results = []
+    for native_on in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 64), nn.LayerNorm(64), nn.Linear(64, 64))
+        opt = MixedPrecisionOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
+        )
+        opt.update.kernel.use_native = native_on
+        for i in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i))
+            opt.backward(model(x.to(torch.bfloat16)).float().square().mean())
+            with OpRecorder() as rec:
+                assert opt.step()
+            opt.zero_grad()
+        plan = opt.update.kernel._cache[1]
+        if native_on:
+            assert {p.kind for p in plan.natives} == {"bf16", "f32"} and not plan.chunks
+            assert rec.count("_fused_adamw_") == 0
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert model[1].weight.dtype == torch.float32
+    for a, b in zip(*results):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f16", "split", "f32"])
+def test_the_step_tables_check_finds_a_bad_gradient_in_any_piece(kind):
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "split": torch.bfloat16}.get(
+        kind, torch.float32
+    )
+    n = 64 * 3
+
+    def piece(item: int) -> native_adam.NativePiece:
+        z = torch.zeros(n)
+        low = torch.zeros(n, dtype=torch.int16) if kind == "split" else None
+        half = None if kind == "f32" else torch.zeros(n, dtype=torch.bfloat16)
+        return native_adam.NativePiece(0, kind, item, n, z, low, half, z.clone(), z.clone(),
+                                       None, torch.zeros(()))  # fmt: skip
+
+    pieces = native_adam.NativeSet()
+    for item in range(3):
+        pieces.add(piece(item))
+    grads = [torch.ones(n + 5, dtype=dtype) for _ in range(3)]  # the tail past n: not read
+    assert pieces.set_grads(grads) and not pieces.any_nonfinite()
+    grads[1][n] = float("nan")
+    assert not pieces.any_nonfinite()
+    for item, at in ((0, 0), (1, n - 1), (2, 77)):
+        grads[item][at] = float("inf")
+        assert pieces.any_nonfinite(), (item, at)
+        grads[item][at] = 1.0
+    assert not pieces.set_grads([grads[0], grads[1][:-6], grads[2]])  # too short: refused
+    assert pieces.pieces[1].grad is not None and pieces.pieces[1].grad.numel() == n

@@ -8,6 +8,7 @@ from torch import nn
 
 from helpers.dispatch import OpRecorder
 from mixprec import MixedPrecisionOptimizer, model_to_half
+from mixprec.core import native
 
 
 def _model(widths=(16, 32, 8)) -> nn.Module:
@@ -96,5 +97,7 @@ def test_fused_step_allocates_no_parameter_sized_memory_and_syncs_once():
             assert opt.step()
         assert rec.host_syncs == 1
         assert sum(b for _, b in rec.allocations) < 1024 < 4 * n
-        assert rec.count("_fused_adamw_") == 1
+        # one kernel: mixprec's native one on CPU (its fp32 LayerNorms too), else torch's
+        native_step = clip is None and native.library() is not None
+        assert rec.count("_fused_adamw_") == (0 if native_step else 1)
         model = _model((64, 128, 64))

@@ -31,6 +31,7 @@ __all__ = [
     "KINDS",
     "AdamArgs",
     "AdamPiece",
+    "StepCounters",
     "any_nonfinite",
     "cpu_scalar",
     "cpu_scalar_view",
@@ -70,7 +71,7 @@ class AdamPiece(ctypes.Structure):
     ]
 
 
-KINDS = {"bf16": 0, "f16": 1, "split": 2}
+KINDS = {"bf16": 0, "f16": 1, "split": 2, "f32": 3}
 """`AdamPiece.kind` of each kernel."""
 
 _I64 = ctypes.c_int64
@@ -78,6 +79,8 @@ _SIGNATURES: dict[str, tuple[list, type | None]] = {
     "mixprec_adam": ([ctypes.POINTER(AdamPiece), _I64, ctypes.POINTER(AdamArgs), _I64, _I64], None),
     "mixprec_split": ([_P, _P, _P, _I64], None),
     "mixprec_nonfinite": ([_P, _P, _P, _I64], ctypes.c_int32),
+    "mixprec_nonfinite_pieces": ([ctypes.POINTER(AdamPiece), _I64], ctypes.c_int32),
+    "mixprec_count_steps": ([_P, _I64], None),
     "mixprec_mxcsr": ([], ctypes.c_uint32),
 }
 
@@ -172,6 +175,33 @@ def cpu_scalar_view(t: torch.Tensor) -> ctypes.c_float:
 def cpu_scalar(t: torch.Tensor) -> float:
     """The value of a one-element fp32 CPU tensor (see `cpu_scalar_view`)."""
     return cpu_scalar_view(t).value
+
+
+class StepCounters:
+    """fp32 CPU step counters (Adam's `state["step"]`), advanced by one in one call, as
+    torch's `_foreach_add_(steps, 1)` would (which dispatches an op per counter)."""
+
+    def __init__(self, steps: Sequence[torch.Tensor]) -> None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError(f"no native kernels: {unavailable_reason()}")
+        for t in steps:
+            cpu_scalar_view(t)  # validates: one fp32 CPU value
+        self._steps = list(steps)  # kept alive: the pointers below are into them
+        self._pointers = (ctypes.c_void_p * len(steps))(*(t.data_ptr() for t in steps))
+        self._advance = lib.mixprec_count_steps
+
+    @staticmethod
+    def possible(steps: Sequence[torch.Tensor]) -> bool:
+        """Whether `steps` can be counted natively: the kernels are here, every counter is
+        one fp32 value on the CPU."""
+        return library() is not None and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1 for t in steps
+        )
+
+    def advance(self) -> None:
+        """Add one to every counter."""
+        self._advance(self._pointers, len(self._steps))
 
 
 _EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}

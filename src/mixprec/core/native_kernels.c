@@ -234,6 +234,33 @@ static inline __attribute__((always_inline)) void adam_split_impl(
     for (; i < n; i++) SPLIT_STEP(i);
 }
 
+/* fp32 weights (the norm layers a half model keeps in fp32): fp32 gradients, the master
+   stepped and copied into the weight (`weight` NULL: the weight is the master) */
+#define F32_STEP(i)                                                                          \
+    do {                                                                                     \
+        float g = grad[i];                                                                   \
+        if (zg) grad[i] = 0;                                                                 \
+        float p = adam_element(master[i], g, m + (i), v + (i), mx + (i), a, l2, ams, hs);    \
+        master[i] = p;                                                                       \
+        if (weight) weight[i] = p;                                                           \
+    } while (0)
+
+static inline __attribute__((always_inline)) void adam_f32_impl(
+    float *restrict master, float *restrict grad, float *restrict m, float *restrict v,
+    float *restrict mx, float *restrict weight, int64_t n, const adam_args *a, const int l2,
+    const int ams, const int hs, const int zg) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const int64_t k = i + AHEAD;
+        FETCH_F32(grad, k);
+        FETCH_F32(master, k);
+        if (weight) FETCH_F32(weight, k);
+        FETCH_MOMENTS(k);
+        for (int64_t j = i; j < i + 32; j++) F32_STEP(j);
+    }
+    for (; i < n; i++) F32_STEP(i);
+}
+
 /* One tensor's share of a step: its elements [0, n). */
 typedef struct {
     void *master; /* the fp32 master; split masters: the bf16 weight */
@@ -241,7 +268,7 @@ typedef struct {
     float *m, *v, *mx;
     void *half;   /* the half weight; split masters: the int16 low bits */
     int64_t n;
-    int32_t kind; /* 0: bf16, 1: fp16, 2: split */
+    int32_t kind; /* 0: bf16, 1: fp16, 2: split, 3: fp32 (half: the weight, or NULL) */
     int32_t args; /* which of the call's adam_args */
 } adam_piece;
 
@@ -266,6 +293,9 @@ void mixprec_adam(const adam_piece *pieces, int64_t count, const adam_args *args
         } else if (p->kind == 1) {
             DISPATCH(adam_f16_impl, (float *)p->master + lo, (_Float16 *)p->grad + lo, m, v, mx,
                      (_Float16 *)p->half + lo, n, stream, a);
+        } else if (p->kind == 3) {
+            DISPATCH(adam_f32_impl, (float *)p->master + lo, (float *)p->grad + lo, m, v, mx,
+                     p->half ? (float *)p->half + lo : NULL, n, a);
         } else {
             DISPATCH(adam_split_impl, (uint16_t *)p->master + lo, (int16_t *)p->half + lo,
                      (uint16_t *)p->grad + lo, m, v, mx, n, a);
@@ -305,6 +335,25 @@ int32_t mixprec_nonfinite(const void *const *x, const int64_t *n, const uint32_t
         }
     }
     return 0;
+}
+
+/* 1 if the gradient of any of the count pieces (a step's table, see mixprec_adam) holds an
+   inf or nan, else 0: the check of a step whose every gradient element the table holds. */
+int32_t mixprec_nonfinite_pieces(const adam_piece *pieces, int64_t count) {
+    for (int64_t k = 0; k < count; k++) {
+        const void *x[1] = {pieces[k].grad};
+        const int64_t n[1] = {pieces[k].n};
+        const int32_t kind = pieces[k].kind;
+        const uint32_t exponent[1] = {kind == 3 ? 0x7f800000u : kind == 1 ? 0x7c00u : 0x7f80u};
+        if (mixprec_nonfinite(x, n, exponent, 1)) return 1;
+    }
+    return 0;
+}
+
+/* Each of the count fp32 step counters plus one, as torch's _foreach_add_ adds (one call,
+   not a dispatched op per counter). */
+void mixprec_count_steps(float *const *steps, int64_t count) {
+    for (int64_t k = 0; k < count; k++) *steps[k] += 1.0f;
 }
 
 uint32_t mixprec_mxcsr(void) {

@@ -47,6 +47,7 @@ from mixprec.engine.native_adam import (
     NativePiece,
     NativeSet,
     agrees,
+    first_elements,
     group_flags,
     kind_of,
 )
@@ -113,6 +114,7 @@ class _Plan(NamedTuple):
     steps: list[torch.Tensor]
     natives: NativeSet
     flags: list[GroupFlags]
+    counters: native.StepCounters | None = None  # `steps`, advanced in one native call
 
     def grads(self) -> list[torch.Tensor]:
         """This step's gradient views, every element once."""
@@ -291,6 +293,8 @@ class FusedAdamStep:
                 self._add_item(plan, g, it, st, k, use_native)
                 k += 1
         plan.steps.extend(steps.values())
+        if native.StepCounters.possible(plan.steps):
+            plan = plan._replace(counters=native.StepCounters(plan.steps))
         # a piece with its own scratch (odd layout) is not kept: it would hold fp32 memory
         whole = any(src[1] is None for c in plan.chunks for src in c.grad_src)
         self._cache = (key, plan) if cache and not whole else None
@@ -333,8 +337,9 @@ class FusedAdamStep:
                 plan.natives.add(
                     NativePiece(
                         g, kind, k, native_n, half if low is not None else view, low,
-                        None if low is not None else half, exp_avg, exp_avg_sq, max_sq,
-                        st["step"], _first(it.grad, native_n),
+                        None if low is not None or half.data_ptr() == view.data_ptr() else half,
+                        exp_avg, exp_avg_sq, max_sq,
+                        st["step"], first_elements(it.grad, native_n),
                     )
                 )  # fmt: skip
             bounds = range(native_n, n, chunk)
@@ -387,7 +392,11 @@ class FusedAdamStep:
         2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync
         on a GPU (on CPU, `check_finite_` reads a sum on the host)."""
         if not want_norm:
-            check_finite_(plan.grads(), found_inf)
+            if plan.natives and not plan.chunks:  # the native table holds every element
+                if plan.natives.any_nonfinite():
+                    found_inf.fill_(1.0)
+            else:
+                check_finite_(plan.grads(), found_inf)
             return None
         assert not plan.natives  # a clipping step is planned without them
         norms: list[torch.Tensor] = []
@@ -443,7 +452,9 @@ class FusedAdamStep:
         """One Adam(W) step of the plan from its gradients (half, or fp32 master ones)
         divided by `grad_scale` (None: as they are); the new masters are rounded into the half
         model, and the gradients zeroed if asked."""
-        if plan.steps:
+        if plan.counters is not None:
+            plan.counters.advance()
+        elif plan.steps:
             torch._foreach_add_(plan.steps, 1)
         if plan.natives:  # on CPU: reading the scale is no device sync
             scale = None if grad_scale is None else native.cpu_scalar(grad_scale)
@@ -534,23 +545,14 @@ def _release_grads(plan: _Plan) -> None:
     """Drop a plan's views of this step's gradients, so that zero_grad() frees them."""
     for c in plan.chunks:
         c.grads = []
-    for piece in plan.natives:
-        piece.grad = None
-
-
-def _first(grad: torch.Tensor, n: int) -> torch.Tensor:
-    """The first `n` elements of the contiguous `grad` (itself when it has n: no view made)."""
-    return grad if grad.numel() == n else grad.view(-1)[:n]
+    plan.natives.release_grads()
 
 
 def _repoint_grads(plan: _Plan, grads: Sequence[torch.Tensor]) -> bool:
     """Point a cached plan's gradient views at this step's `grads` (same shapes and dtypes,
     one per item); False if one cannot be viewed as the plan needs (plan again)."""
-    for piece in plan.natives:
-        g = grads[piece.item]
-        if not g.is_contiguous() or g.numel() < piece.n:  # the kernel reads n elements
-            return False
-        piece.grad = _first(g, piece.n)
+    if not plan.natives.set_grads(grads):
+        return False
     for c in plan.chunks:
         new = []
         for k, start in c.grad_src:

@@ -29,12 +29,20 @@ import torch
 from mixprec.core import native
 from mixprec.core.split import split_all_
 
-__all__ = ["ALIGN", "GroupFlags", "NativePiece", "NativeSet", "agrees", "group_flags", "kind_of"]
+__all__ = [
+    "ALIGN", "GroupFlags", "NativePiece", "NativeSet", "agrees", "first_elements", "group_flags",
+    "kind_of",
+]  # fmt: skip
 
 ALIGN = 64
 """Native pieces end at a multiple of this many elements (a multiple of any SIMD width)."""
 
-_HALF = {"bf16": torch.bfloat16, "f16": torch.float16, "split": torch.bfloat16}
+_HALF = {
+    "bf16": torch.bfloat16,
+    "f16": torch.float16,
+    "split": torch.bfloat16,
+    "f32": torch.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,11 @@ def group_flags(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Grou
 class NativePiece:
     """Elements `[0, n)` of one item, updated natively: `master` is the fp32 master (or for
     split masters the bf16 weight, with its int16 `low` bits), `half` the half weight the
-    master is rounded into (None for split masters)."""
+    master is rounded into (None for split masters, and for an fp32 parameter that is its
+    own master)."""
 
     group: int
-    kind: str  # "bf16", "f16" or "split"
+    kind: str  # "bf16", "f16", "split" or "f32"
     item: int  # which of the step's gradients feeds it
     n: int
     master: torch.Tensor
@@ -81,16 +90,17 @@ class NativePiece:
 def kind_of(
     view: torch.Tensor, grad: torch.Tensor, half: torch.Tensor, low: torch.Tensor | None
 ) -> str | None:
-    """The native kernel for an item (its master `view`, half `grad` and weight `half`), or
-    None if it has none: CPU, contiguous, bf16 or fp16 gradients of the weight's dtype."""
+    """The native kernel for an item (its master `view`, gradient `grad` and weight `half`),
+    or None if it has none: CPU, contiguous, gradients of the weight's dtype, bf16 or fp16
+    weights of an fp32 master, or an fp32 weight that is its own master."""
     parts = (view, grad, half) if low is None else (view, grad, half, low)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in parts):
         return None
     if low is not None:
         return "split" if grad.dtype == half.dtype == torch.bfloat16 else None
-    if view.dtype != torch.float32 or half is view or grad.dtype != half.dtype:
+    if view.dtype != torch.float32 or grad.dtype != half.dtype:
         return None
-    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(half.dtype)
+    return {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}.get(half.dtype)
 
 
 def adam_args(
@@ -126,17 +136,23 @@ def _table(pieces: Sequence[NativePiece]) -> ctypes.Array[native.AdamPiece]:
     for row, piece in zip(table, pieces):
         sq = piece.exp_avg_sq
         out = piece.low if piece.kind == "split" else piece.half
-        assert out is not None
-        row.master, row.half = piece.master.data_ptr(), out.data_ptr()
+        assert out is not None or piece.kind == "f32"
+        row.master, row.half = piece.master.data_ptr(), 0 if out is None else out.data_ptr()
         row.m, row.v = piece.exp_avg.data_ptr(), sq.data_ptr()
         row.mx = (piece.max_exp_avg_sq if piece.max_exp_avg_sq is not None else sq).data_ptr()
         row.n, row.kind = piece.n, native.KINDS[piece.kind]
     return table
 
 
+def first_elements(grad: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` elements of the contiguous `grad` (itself when it has n: no view made)."""
+    return grad if grad.numel() == n else grad.view(-1)[:n]
+
+
 class NativeSet:
-    """A step's native pieces and the table the kernel reads them from: built once per plan,
-    a step sets only each piece's gradient and constants, and one call steps them all."""
+    """A step's native pieces and the table the kernels read them from: built once per plan,
+    a step points it at the step's gradients, checks them and steps every piece, one call
+    each."""
 
     def __init__(self) -> None:
         self.pieces: list[NativePiece] = []
@@ -156,6 +172,38 @@ class NativeSet:
     def __len__(self) -> int:
         return len(self.pieces)
 
+    def _ready(self) -> ctypes.Array[native.AdamPiece]:
+        if self._table is None:
+            self._table = _table(self.pieces)
+            self._steps = [native.cpu_scalar_view(piece.step) for piece in self.pieces]
+            for row, piece in zip(self._table, self.pieces):
+                if piece.grad is not None:
+                    row.grad = piece.grad.data_ptr()
+        return self._table
+
+    def set_grads(self, grads: Sequence[torch.Tensor]) -> bool:
+        """Point every piece at its item's gradient among `grads` (one per item); False,
+        changing nothing, if one is not contiguous or too short."""
+        for piece in self.pieces:
+            g = grads[piece.item]
+            if not g.is_contiguous() or g.numel() < piece.n:  # the kernel reads n elements
+                return False
+        for row, piece in zip(self._ready(), self.pieces):
+            piece.grad = first_elements(grads[piece.item], piece.n)
+            row.grad = piece.grad.data_ptr()
+        return True
+
+    def release_grads(self) -> None:
+        """Drop the views of this step's gradients (so that zero_grad() frees them)."""
+        for piece in self.pieces:
+            piece.grad = None
+
+    def any_nonfinite(self) -> bool:
+        """Whether a piece's gradient holds an inf or nan: one read of each, one call."""
+        lib = native.library()
+        assert lib is not None and all(piece.grad is not None for piece in self.pieces)
+        return bool(lib.mixprec_nonfinite_pieces(self._ready(), len(self.pieces)))
+
     def step(
         self,
         groups: Sequence[dict[str, Any]],
@@ -166,15 +214,11 @@ class NativeSet:
         """One Adam(W) step of every piece from its half gradient divided by `scale` (None:
         as it is), with its param group's hyper-parameters; the step counters are already
         advanced. Gradients zeroed as read if `zero`."""
-        if self._table is None:
-            self._table = _table(self.pieces)
-            self._steps = [native.cpu_scalar_view(piece.step) for piece in self.pieces]
-        table = self._table
+        table = self._ready()
         index: dict[tuple[int, float], int] = {}
         args: list[native.AdamArgs] = []
         for row, piece, step in zip(table, self.pieces, self._steps):
             assert piece.grad is not None
-            row.grad = piece.grad.data_ptr()
             key = (piece.group, step.value)
             if key not in index:
                 index[key] = len(args)
@@ -221,6 +265,8 @@ def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
         _split_eagerly(master, high, low)
         ref[0] = high.float().view(torch.int32).add_(low.to(torch.int32)).view(torch.float32)
         ours_master, ours_half = high, None
+    elif kind == "f32":  # into a copy: the weight a half model keeps in fp32
+        ours_master, low, ours_half = master.clone(), None, master.clone()
     else:
         ours_master, low, ours_half = master.clone(), None, master.to(half_dtype)
     kernel = torch._fused_adamw_ if flags.decoupled else torch._fused_adam_
@@ -230,7 +276,7 @@ def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
         step_ref += 1
         kernel(
             [ref[0]],
-            [grad.float()],
+            [grad.to(torch.float32, copy=True)],  # torch unscales fp32 gradients in place
             [ref[1]],
             [ref[2]],
             [ref[3]] if flags.amsgrad else [],
@@ -252,9 +298,7 @@ def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
         pieces = NativeSet()
         pieces.add(piece)
         pieces.step([group], [flags], 3.0 if scale else None, zero)
-        if zero and not torch.equal(
-            grad.view(torch.int16), torch.zeros_like(grad, dtype=torch.int16)
-        ):
+        if zero and grad.view(torch.uint8).any():  # zeroed: every bit
             return False
     if kind == "split":
         want_high, want_low = torch.empty_like(high), torch.empty_like(low)
@@ -265,7 +309,7 @@ def _agrees(kind: str, flags: GroupFlags, scale: bool, zero: bool) -> bool:
         assert ours_half is not None
         same = torch.equal(ours_master.view(torch.int32), ref[0].view(torch.int32))
         same = same and torch.equal(
-            ours_half.view(torch.int16), ref[0].to(half_dtype).view(torch.int16)
+            ours_half.view(torch.uint8), ref[0].to(half_dtype).view(torch.uint8)
         )
     moments = [(ours_m, ref[1]), (ours_v, ref[2])] + ([(ours_mx, ref[3])] * flags.amsgrad)
     return same and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in moments)
