@@ -152,6 +152,23 @@ static inline __attribute__((always_inline)) float adam_element(
     }                                                                                        \
     for (; i < n; i++) STEP(i, half[i], __VA_ARGS__)
 
+/* Over [0, n) in blocks of 32: FETCH(k) prefetches the block at element k, STEP(i) steps
+   element i */
+#define BLOCKED_LOOP(FETCH, STEP)                                                            \
+    int64_t i = 0;                                                                           \
+    for (; i + 32 <= n; i += 32) {                                                           \
+        FETCH(i + AHEAD);                                                                    \
+        for (int64_t j = i; j < i + 32; j++) STEP(j);                                        \
+    }                                                                                        \
+    for (; i < n; i++) STEP(i)
+
+/* The 16-bit gradients of the block at element k: written too when they are zeroed */
+#define FETCH_GRAD(k)                                                                        \
+    do {                                                                                     \
+        if (zg) FETCH_W(grad + (k));                                                         \
+        else FETCH_R(grad + (k));                                                            \
+    } while (0)
+
 /* The moments of the block at element k, and the max of their squares with amsgrad */
 #define FETCH_MOMENTS(k)                                                                     \
     do {                                                                                     \
@@ -176,8 +193,7 @@ static inline _Float16 f32_to_f16(float f) { return (_Float16)f; } /* round to n
 
 #define HALF_FETCH(k)                                                                        \
     do {                                                                                     \
-        if (zg) FETCH_W(grad + (k));                                                         \
-        else FETCH_R(grad + (k));                                                            \
+        FETCH_GRAD(k);                                                                       \
         FETCH_F32(master, k);                                                                \
         FETCH_MOMENTS(k);                                                                    \
     } while (0)
@@ -217,21 +233,19 @@ void mixprec_split(const float *restrict master, uint16_t *restrict high,
         store_split(p, high + (i), low + (i));                                               \
     } while (0)
 
+#define SPLIT_FETCH(k)                                                                       \
+    do {                                                                                     \
+        FETCH_W(high + (k));                                                                 \
+        FETCH_W(low + (k));                                                                  \
+        FETCH_GRAD(k);                                                                       \
+        FETCH_MOMENTS(k);                                                                    \
+    } while (0)
+
 static inline __attribute__((always_inline)) void adam_split_impl(
     uint16_t *restrict high, int16_t *restrict low, uint16_t *restrict grad, float *restrict m,
     float *restrict v, float *restrict mx, int64_t n, const adam_args *a, const int l2,
     const int ams, const int hs, const int zg) {
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        const int64_t k = i + AHEAD;
-        FETCH_W(high + k);
-        FETCH_W(low + k);
-        if (zg) FETCH_W(grad + k);
-        else FETCH_R(grad + k);
-        FETCH_MOMENTS(k);
-        for (int64_t j = i; j < i + 32; j++) SPLIT_STEP(j);
-    }
-    for (; i < n; i++) SPLIT_STEP(i);
+    BLOCKED_LOOP(SPLIT_FETCH, SPLIT_STEP);
 }
 
 /* fp32 weights (the norm layers a half model keeps in fp32): fp32 gradients, the master
@@ -245,20 +259,19 @@ static inline __attribute__((always_inline)) void adam_split_impl(
         if (weight) weight[i] = p;                                                           \
     } while (0)
 
+#define F32_FETCH(k)                                                                         \
+    do {                                                                                     \
+        FETCH_F32(grad, k);                                                                  \
+        FETCH_F32(master, k);                                                                \
+        if (weight) FETCH_F32(weight, k);                                                    \
+        FETCH_MOMENTS(k);                                                                    \
+    } while (0)
+
 static inline __attribute__((always_inline)) void adam_f32_impl(
     float *restrict master, float *restrict grad, float *restrict m, float *restrict v,
     float *restrict mx, float *restrict weight, int64_t n, const adam_args *a, const int l2,
     const int ams, const int hs, const int zg) {
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        const int64_t k = i + AHEAD;
-        FETCH_F32(grad, k);
-        FETCH_F32(master, k);
-        if (weight) FETCH_F32(weight, k);
-        FETCH_MOMENTS(k);
-        for (int64_t j = i; j < i + 32; j++) F32_STEP(j);
-    }
-    for (; i < n; i++) F32_STEP(i);
+    BLOCKED_LOOP(F32_FETCH, F32_STEP);
 }
 
 /* One tensor's share of a step: its elements [0, n). */
