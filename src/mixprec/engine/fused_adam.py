@@ -247,43 +247,23 @@ class FusedAdamStep:
     def plan(self, groups: Sequence[Sequence[FusedItem]], cache: bool, clip: bool = False) -> _Plan:
         """The work of a step over items per param group; `clip`: the step takes the global
         norm, over the same chunk pieces whether or not the native kernel could run."""
+        flags = [group_flags(self.optimizer, pg) for pg in self.optimizer.param_groups]
+        use_native = self.use_native and not clip and native.library() is not None
+        grads = [it.grad for items in groups for it in items]
+        head = (use_native, self.count_ties, *flags, *map(len, groups))
+        if cache and self._cache is not None and self._cache[0][0] == head:
+            # The steady state: the states as they are. A cached plan was made over states
+            # _state() had readied, and the key names each of their tensors.
+            opt_state = self.optimizer.state
+            sts = [opt_state.get(it.master) for items in groups for it in items]
+            if all(sts) and self._cache[0][1] == _item_key(groups, sts):
+                plan = self._cache[1]
+                if _repoint_grads(plan, grads):
+                    return plan
         states = [
             [self._state(it.master, bool(pg["amsgrad"])) for it in items]
             for items, pg in zip(groups, self.optimizer.param_groups)
         ]
-        flags = [group_flags(self.optimizer, pg) for pg in self.optimizer.param_groups]
-        use_native = self.use_native and not clip and native.library() is not None
-        key: tuple[Any, ...] = ()
-        grads = [it.grad for items in groups for it in items]
-        if cache:
-            # The chunks' views keep every object named here alive, so no id can be reused;
-            # a parameter given new memory (`p.data = ...`) keeps its id, not its data_ptr.
-            # Gradients are left out: a backward after zero_grad(set_to_none=True) makes new
-            # ones, and the plan only re-points its views of them.
-            key = (
-                use_native,
-                self.count_ties,
-                *flags,
-                *(
-                    x
-                    for items, sts in zip(groups, states)
-                    for it, st in zip(items, sts)
-                    for x in (
-                        id(it.master),
-                        it.master.data_ptr(),
-                        it.offset,
-                        id(it.half),
-                        it.half.data_ptr(),
-                        id(it.low),
-                        it.grad.dtype,
-                        *map(id, st.values()),
-                    )
-                ),
-            )
-            if self._cache is not None and self._cache[0] == key:
-                plan = self._cache[1]
-                if _repoint_grads(plan, grads):
-                    return plan
         plan = _Plan([], [], NativeSet(), flags)
         steps: dict[int, torch.Tensor] = {}
         k = 0
@@ -297,7 +277,10 @@ class FusedAdamStep:
             plan = plan._replace(counters=native.StepCounters(plan.steps))
         # a piece with its own scratch (odd layout) is not kept: it would hold fp32 memory
         whole = any(src[1] is None for c in plan.chunks for src in c.grad_src)
-        self._cache = (key, plan) if cache and not whole else None
+        if cache and not whole:
+            self._cache = ((head, _item_key(groups, [st for sts in states for st in sts])), plan)
+        else:
+            self._cache = None
         return plan
 
     def _native_kind(self, it: FusedItem, flags: GroupFlags) -> str | None:
@@ -539,6 +522,23 @@ class FusedAdamStep:
             self._cache = None
         _release_grads(plan)
         return overflow, norm
+
+
+def _item_key(
+    groups: Sequence[Sequence[FusedItem]], states: Sequence[dict[str, Any]]
+) -> list[tuple[Any, ...]]:
+    """What a cached plan depends on, per item (`states`: each item's optimizer state).
+
+    The plan's views keep every object named here alive, so no id can be reused; a
+    parameter given new memory (`p.data = ...`) keeps its id, not its data_ptr. Gradients
+    are left out: a backward after zero_grad(set_to_none=True) makes new ones, and the plan
+    only re-points its views of them."""
+    items = (it for its in groups for it in its)
+    return [
+        (id(it.master), it.master.data_ptr(), it.offset, id(it.half), it.half.data_ptr(),
+         id(it.low), it.grad.dtype, *map(id, st.values()))
+        for it, st in zip(items, states)
+    ]  # fmt: skip
 
 
 def _release_grads(plan: _Plan) -> None:
