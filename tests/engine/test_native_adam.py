@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from helpers.dispatch import OpRecorder
-from mixprec import MixedPrecisionOptimizer
+from mixprec import AutocastOptimizer, MixedPrecisionOptimizer
 from mixprec.core import native
 from mixprec.engine import native_adam
 
@@ -385,3 +385,29 @@ def test_the_step_tables_check_finds_a_bad_gradient_in_any_piece(kind):
         grads[item][at] = 1.0
     assert not pieces.set_grads([grads[0], grads[1][:-6], grads[2]])  # too short: refused
     assert pieces.pieces[1].grad is not None and pieces.pieces[1].grad.numel() == n
+
+
+def test_an_autocast_optimizers_fp32_parameters_step_natively_in_place_bit_for_bit():
+    runs = []
+    for native_on in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 128), nn.LayerNorm(128), nn.Linear(128, 64))
+        opt = AutocastOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2), dtype=torch.bfloat16
+        )
+        opt.update.kernel.use_native = native_on
+        taken = []
+        for i in range(4):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+            with opt.autocast():
+                loss = model(x).float().square().mean()
+            opt.backward(loss * (float("inf") if i == 2 else 1.0))
+            taken.append(opt.step())
+            opt.zero_grad()
+        natives = opt.update.kernel._cache[1].natives
+        if native_on:  # the parameters are their own masters: no weight to copy into
+            assert {p.kind for p in natives} == {"f32"} and all(p.half is None for p in natives)
+        runs.append((taken, [p.detach().clone() for p in model.parameters()]))
+    (taken_a, a), (taken_b, b) = runs
+    assert taken_a == taken_b == [True, True, False, True]
+    assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
