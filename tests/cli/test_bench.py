@@ -108,6 +108,18 @@ def test_gpu_bench_without_cuda_says_what_to_do(capsys):
 
 
 @pytest.mark.skipif(native.library() is None, reason="no native kernels here")
+def test_subnormal_moments_script_counts_them_per_step_flushed_or_not():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "subnormal_moments.py"), "--tiny",
+         "--steps", "2"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    rows = [line.split() for line in proc.stdout.strip().splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 5 for r in rows)
+    assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(r[4] == "0" for r in rows)  # flushed: none can be subnormal
+
+
 def test_step_parts_script_times_each_part_of_the_native_step():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_parts.py"), "--layers", "1",
