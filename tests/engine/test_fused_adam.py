@@ -253,3 +253,26 @@ def test_a_parameter_given_new_memory_is_stepped_there(master, native):
             opt.zero_grad()
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_state_tensor_replaced_in_place_of_the_dict_is_stepped():
+    """A moment swapped for a new tensor behind the optimizer's back (the old one dropped
+    first) is the one the next step updates: the cached plan is made again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    opt = MixedPrecisionOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, dtype=torch.bfloat16
+    )
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    for _ in range(2):
+        opt.backward(model(x).float().square().mean())
+        opt.step()
+        opt.zero_grad()
+    for state in opt.optimizer.state.values():
+        shape = state["exp_avg"].shape
+        del state["exp_avg"]
+        state["exp_avg"] = torch.full(shape, 0.25)
+    opt.backward(model(x).float().square().mean())
+    opt.step()
+    for state in opt.optimizer.state.values():
+        assert not torch.equal(state["exp_avg"], torch.full_like(state["exp_avg"], 0.25))

@@ -213,7 +213,8 @@ class FusedAdamStep:
         self.ties: dict[torch.device, torch.Tensor] = {}
         # the one-pass CPU kernel (mixprec.engine.native_adam) where it agrees with torch's
         self.use_native = True
-        self._cache: tuple[tuple[Any, ...], _Plan] | None = None
+        # (key, plan, the objects the key names by id, kept alive so no id is reused)
+        self._cache: tuple[tuple[Any, ...], _Plan, list[Any]] | None = None
 
     # -- state ------------------------------------------------------------------------------
     def _state(self, master: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
@@ -278,7 +279,12 @@ class FusedAdamStep:
         # a piece with its own scratch (odd layout) is not kept: it would hold fp32 memory
         whole = any(src[1] is None for c in plan.chunks for src in c.grad_src)
         if cache and not whole:
-            self._cache = ((head, _item_key(groups, [st for sts in states for st in sts])), plan)
+            flat_states = [st for sts in states for st in sts]
+            named = [
+                (it.master, it.half, it.low, *st.values())
+                for it, st in zip((it for its in groups for it in its), flat_states)
+            ]
+            self._cache = ((head, _item_key(groups, flat_states)), plan, named)
         else:
             self._cache = None
         return plan
@@ -529,7 +535,7 @@ def _item_key(
 ) -> list[tuple[Any, ...]]:
     """What a cached plan depends on, per item (`states`: each item's optimizer state).
 
-    The plan's views keep every object named here alive, so no id can be reused; a
+    The cache keeps every object named here by id alive, so no id can be reused; a
     parameter given new memory (`p.data = ...`) keeps its id, not its data_ptr. Gradients
     are left out: a backward after zero_grad(set_to_none=True) makes new ones, and the plan
     only re-points its views of them."""
