@@ -13,6 +13,7 @@ from mixprec import MixedPrecisionOptimizer, model_to_half
 from mixprec.core import native
 from mixprec.core.split import join, join_, join_all_, split, split_, split_all_
 from mixprec.engine import fused_adam
+from mixprec.engine.fused_items import FusedItem
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -264,8 +265,7 @@ def test_the_fused_step_stores_masters_as_split_does_at_every_boundary(count_tie
     step.use_native = False  # the passes of torch's path; the native kernel's own test below
     lows = {p: torch.zeros_like(p, dtype=torch.int16) for p in params if p.dtype != torch.float32}
     items = [
-        fused_adam.FusedItem(p, p.detach(), None, torch.zeros_like(p), p.detach(), lows.get(p))
-        for p in params
+        FusedItem(p, p.detach(), None, torch.zeros_like(p), p.detach(), lows.get(p)) for p in params
     ]
     (chunk,) = step.plan([items], cache=False).chunks
     assert len(chunk.split_masters) == 2

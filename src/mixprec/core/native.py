@@ -163,11 +163,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _cpu_scalar(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1
+
+
 def cpu_scalar_view(t: torch.Tensor) -> ctypes.c_float:
     """The memory of a one-element fp32 CPU tensor as a `ctypes.c_float`, whose `value` reads
     it without a dispatched op (what a device sync would be on a GPU is a load here); valid
     while `t` lives."""
-    if t.device.type != "cpu" or t.dtype != torch.float32 or t.numel() != 1:
+    if not _cpu_scalar(t):
         raise ValueError(f"expected a one-element fp32 CPU tensor; got {t.dtype} {t.device}")
     return ctypes.c_float.from_address(t.data_ptr())
 
@@ -195,9 +199,7 @@ class StepCounters:
     def possible(steps: Sequence[torch.Tensor]) -> bool:
         """Whether `steps` can be counted natively: the kernels are here, every counter is
         one fp32 value on the CPU."""
-        return library() is not None and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1 for t in steps
-        )
+        return library() is not None and all(_cpu_scalar(t) for t in steps)
 
     def advance(self) -> None:
         """Add one to every counter."""

@@ -33,7 +33,7 @@ from mixprec.core.optim_state import (
 )
 from mixprec.core.scaler import LossScale, unscale_and_check_
 from mixprec.engine import forensics
-from mixprec.engine.fused_adam import FusedItem
+from mixprec.engine.fused_items import FusedItem
 from mixprec.engine.step_hooks import enable_step_hooks
 from mixprec.engine.telemetry import NO_TELEMETRY
 from mixprec.engine.updates import choose_update

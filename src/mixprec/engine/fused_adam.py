@@ -37,10 +37,9 @@ import torch
 
 from mixprec.core import native
 from mixprec.core.chunked import chunk_numel
-from mixprec.core.flat_group import FlatGroup
-from mixprec.core.master import ParamGroups
 from mixprec.core.scaler import check_finite_
 from mixprec.core.split import Span, join_all_, split_all_
+from mixprec.engine.fused_items import FusedItem
 from mixprec.engine.native_adam import (
     ALIGN,
     GroupFlags,
@@ -55,31 +54,13 @@ from mixprec.engine.native_adam import (
 __all__ = [
     "FUSED_TYPES",
     "FusedAdamStep",
-    "FusedItem",
     "fused_device_supported",
-    "fused_items",
     "fused_unsupported_reason",
     "step_from_master_grads_",
 ]
 
 FUSED_TYPES: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 """The optimizers the fused step implements (exact types: a subclass may change `step`)."""
-
-
-class FusedItem(NamedTuple):
-    """One block to update: `view` of `master` at element `offset` (None: the whole master),
-    from the half gradient `grad`, rounding the result into the half tensor `half`.
-
-    With `low` (split masters, `mixprec.core.split`), `master` is the bf16 model parameter
-    itself (the optimizer's state key) and the fp32 master is rebuilt from `half` and `low`
-    in a scratch buffer for the update, then stored back into both."""
-
-    master: torch.Tensor
-    view: torch.Tensor
-    offset: int | None
-    grad: torch.Tensor
-    half: torch.Tensor
-    low: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,12 +97,6 @@ class _Plan(NamedTuple):
     flags: list[GroupFlags]
     counters: native.StepCounters | None = None  # `steps`, advanced in one native call
 
-    def grads(self) -> list[torch.Tensor]:
-        """This step's gradient views, every element once."""
-        return [g for c in self.chunks for g in c.grads] + [
-            p.grad for p in self.natives if p.grad is not None
-        ]
-
 
 def fused_unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why the fused step cannot stand in for `optimizer.step()`; None if it can."""
@@ -153,48 +128,6 @@ def fused_device_supported(device: torch.device) -> bool:
 
 def _scalar(x: Any) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
-
-
-def fused_items(
-    model_params: ParamGroups,
-    master_params: ParamGroups,
-    flat_groups: Sequence[FlatGroup],
-    from_master_grads: bool = False,
-) -> list[list[FusedItem]]:
-    """Per param group, the blocks a fused step updates: every flat buffer's slice of the
-    group's master (`flat_groups` given, one per non-empty group), or every master whose
-    parameter has a gradient. `from_master_grads`: the gradients are the (already unscaled)
-    fp32 master gradients, not the model's half ones; a master without one is left out."""
-    if not flat_groups:
-        return [
-            [
-                FusedItem(m, m.detach(), None, g, p)
-                for p, m in zip(ps, ms)
-                for g in ((m.grad if from_master_grads else p.grad),)
-                if g is not None
-            ]
-            for ps, ms in zip(model_params, master_params)
-        ]
-    flat = iter(flat_groups)
-    items: list[list[FusedItem]] = []
-    for params, masters in zip(model_params, master_params):
-        fg = next(flat) if params else None
-        if fg is None or (from_master_grads and masters[0].grad is None):
-            items.append([])
-            continue
-        if from_master_grads:
-            grads = fg.master_grad_slices()
-        else:
-            fg.repair_grads()
-            grads = fg.grads
-        md = masters[0].detach()
-        items.append(
-            [
-                FusedItem(masters[0], md[a:b], a, g, d)
-                for (a, b), g, d in zip(fg.slices, grads, fg.data)
-            ]
-        )
-    return items
 
 
 class FusedAdamStep:
@@ -311,7 +244,8 @@ class FusedAdamStep:
         parts = [it.view, it.grad, it.half, *(m for m in (*moments, it.low) if m is not None)]
         contiguous = all(t.is_contiguous() for t in parts)
         every = (it.view, it.grad, it.half, it.low, *moments)
-        in_place = it.half is it.view  # an fp32 parameter that is its own master
+        # an fp32 parameter that is its own master: nothing to round the new values into
+        in_place = it.half.dtype == it.view.dtype and it.half.data_ptr() == it.view.data_ptr()
         if contiguous:
             flat = [None if t is None else t.view(-1) for t in every]
             kind = self._native_kind(it, plan.flags[g]) if use_native else None
@@ -326,7 +260,7 @@ class FusedAdamStep:
                 plan.natives.add(
                     NativePiece(
                         g, kind, k, native_n, half if low is not None else view, low,
-                        None if low is not None or half.data_ptr() == view.data_ptr() else half,
+                        None if low is not None or in_place else half,
                         exp_avg, exp_avg_sq, max_sq,
                         st["step"], first_elements(it.grad, native_n),
                     )
@@ -381,11 +315,10 @@ class FusedAdamStep:
         2-norm of the (still scaled) gradients instead, non-finite on overflow. No host sync
         on a GPU (on CPU, `check_finite_` reads a sum on the host)."""
         if not want_norm:
-            if plan.natives and not plan.chunks:  # the native table holds every element
-                if plan.natives.any_nonfinite():
-                    found_inf.fill_(1.0)
-            else:
-                check_finite_(plan.grads(), found_inf)
+            if plan.natives and plan.natives.any_nonfinite():  # one call over its table
+                found_inf.fill_(1.0)
+            elif plan.chunks:
+                check_finite_([g for c in plan.chunks for g in c.grads], found_inf)
             return None
         assert not plan.natives  # a clipping step is planned without them
         norms: list[torch.Tensor] = []

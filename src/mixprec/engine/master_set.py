@@ -25,7 +25,7 @@ from mixprec.core.master import (
     unchecked_model_g2master_g,
 )
 from mixprec.core.master_state import move_state_to_masters
-from mixprec.engine.fused_adam import FusedItem, fused_items
+from mixprec.engine.fused_items import FusedItem, fused_items
 from mixprec.engine.split_master import SplitMasters
 
 __all__ = ["MasterSet"]

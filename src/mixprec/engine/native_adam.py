@@ -91,8 +91,8 @@ def kind_of(
     view: torch.Tensor, grad: torch.Tensor, half: torch.Tensor, low: torch.Tensor | None
 ) -> str | None:
     """The native kernel for an item (its master `view`, gradient `grad` and weight `half`),
-    or None if it has none: CPU, contiguous, gradients of the weight's dtype, bf16 or fp16
-    weights of an fp32 master, or an fp32 weight that is its own master."""
+    or None if it has none: CPU, contiguous, gradients of the weight's dtype, and a bf16,
+    fp16 or fp32 weight of an fp32 master (an fp32 weight may be the master itself)."""
     parts = (view, grad, half) if low is None else (view, grad, half, low)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in parts):
         return None

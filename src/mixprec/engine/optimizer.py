@@ -39,7 +39,7 @@ from mixprec.core.policy import PrecisionPolicy, Rule
 from mixprec.core.scaler import LossScale, unscale_and_check_
 from mixprec.engine import forensics
 from mixprec.engine.conversion import conversion
-from mixprec.engine.fused_adam import FusedItem
+from mixprec.engine.fused_items import FusedItem
 from mixprec.engine.holders import check_not_held, hold, let_go
 from mixprec.engine.master_set import MasterSet
 from mixprec.engine.split_master import SplitMasters, check_split_options

@@ -19,7 +19,8 @@ import torch
 
 from mixprec.core.master import ParamGroups
 from mixprec.core.split import join, split_
-from mixprec.engine.fused_adam import FusedItem, fused_unsupported_reason
+from mixprec.engine.fused_adam import fused_unsupported_reason
+from mixprec.engine.fused_items import FusedItem
 
 __all__ = ["SplitMasters", "check_split_options"]
 

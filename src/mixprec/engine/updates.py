@@ -16,11 +16,11 @@ import torch
 
 from mixprec.engine.fused_adam import (
     FusedAdamStep,
-    FusedItem,
     fused_device_supported,
     fused_unsupported_reason,
     step_from_master_grads_,
 )
+from mixprec.engine.fused_items import FusedItem
 from mixprec.engine.step_hooks import step_hooks_registered
 from mixprec.engine.view_step import ViewStep
 

@@ -27,7 +27,7 @@ from mixprec.core.chunked import step_buffers
 from mixprec.core.interrupts import deferred_interrupt
 from mixprec.core.scaler import LossScaler
 from mixprec.engine import forensics
-from mixprec.engine.fused_adam import FusedItem
+from mixprec.engine.fused_items import FusedItem
 from mixprec.engine.telemetry import NoTelemetry, Telemetry
 from mixprec.engine.updates import Update
 from mixprec.parallel.distributed import all_reduce_overflow_
